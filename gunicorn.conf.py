@@ -1,0 +1,23 @@
+"""gunicorn settings for the reference app (command-line flags such as --bind override these).
+
+gunicorn -c gunicorn.conf.py app:app
+"""
+
+from __future__ import annotations
+
+import os
+
+wsgi_app = "app:app"
+bind = [os.environ.get("SSE_BIND", "127.0.0.1:8000")]
+worker_class = "gevent"
+# With the in-process backend, streams live in one worker: keep one unless SSE_REDIS_URL is set.
+workers = int(os.environ.get("SSE_WORKERS", "1"))
+# Each open EventSource is a connection: size for thousands of streams per worker.
+worker_connections = 10_000
+# Seconds a worker may be silent before the arbiter restarts it (gevent workers notify while idle).
+timeout = 30
+# Seconds workers get to finish on SIGTERM/restart before they are killed.
+graceful_timeout = 30
+keepalive = 75
+preload_app = False  # the gevent worker must monkey-patch before the app is imported
+accesslog = "-" if os.environ.get("SSE_ACCESS_LOG") else None

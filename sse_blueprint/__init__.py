@@ -1,0 +1,60 @@
+"""sse-blueprint: resumable Server-Sent Events for Flask, served by gevent.
+
+A producer (an LLM writing a reply, a long job) runs on its own greenlet; its events fan out to
+any number of ``EventSource`` clients, and a client that reconnects with ``Last-Event-ID``
+catches up exactly: no gap, no duplicate.
+
+    from flask import Flask
+    from sse_blueprint import SSE
+
+    sse = SSE()
+
+    @sse.producer("hello")
+    def hello(ctx):
+        for i, word in enumerate(["Hello", ", ", "world"]):
+            ctx.text(0, word)
+            ctx.sleep(0.1)
+
+    app = Flask(__name__)
+    sse.init_app(app)   # POST /api/streams, GET /api/streams/<id>, .../status, .../cancel
+"""
+
+from __future__ import annotations
+
+from ._config import ConfigError, SSEConfig
+from ._engine import (
+    TERMINAL_EVENTS,
+    Event,
+    Producer,
+    ProducerContext,
+    ProducerError,
+    Stream,
+    StreamClosed,
+    StreamLimitReached,
+    StreamRegistry,
+    StreamState,
+    Subscription,
+)
+from ._flask import SSE, InputError
+from ._wire import WireFormatError
+
+__all__ = [
+    "SSE",
+    "TERMINAL_EVENTS",
+    "ConfigError",
+    "Event",
+    "InputError",
+    "Producer",
+    "ProducerContext",
+    "ProducerError",
+    "SSEConfig",
+    "Stream",
+    "StreamClosed",
+    "StreamLimitReached",
+    "StreamRegistry",
+    "StreamState",
+    "Subscription",
+    "WireFormatError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""Configuration: the ``SSE_*`` keys of a Flask app's config, checked once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ConfigError", "SSEConfig"]
+
+
+class ConfigError(ValueError):
+    """An ``SSE_*`` config value is missing its mark; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SSEConfig:
+    """The settings the extension reads. See the README's config table for each key."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    heartbeat_interval: float = 15.0
+    retry_ms: int = 2000
+    buffer_size: int = 1024
+    client_queue: int = 2048
+    stream_timeout: float = 600.0
+    retention: float = 300.0
+    cors_origins: tuple[str, ...] = ()
+    max_streams: int = 1000
+    max_request_bytes: int = 1 << 20
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
+        """Read ``SSE_*`` keys from a Flask config (values may be strings from the environment)."""
+        d = cls()
+        return cls(
+            database_url=_optional_str(config, "SSE_DATABASE_URL"),
+            redis_url=_optional_str(config, "SSE_REDIS_URL"),
+            heartbeat_interval=_number(config, "SSE_HEARTBEAT_INTERVAL", d.heartbeat_interval),
+            retry_ms=_integer(config, "SSE_RETRY_MS", d.retry_ms, minimum=0),
+            buffer_size=_integer(config, "SSE_BUFFER_SIZE", d.buffer_size, minimum=1),
+            client_queue=_integer(config, "SSE_CLIENT_QUEUE", d.client_queue, minimum=1),
+            stream_timeout=_number(config, "SSE_STREAM_TIMEOUT", d.stream_timeout),
+            retention=_number(config, "SSE_RETENTION", d.retention, allow_zero=True),
+            cors_origins=_origins(config.get("SSE_CORS_ORIGINS")),
+            max_streams=_integer(config, "SSE_MAX_STREAMS", d.max_streams, minimum=1),
+            max_request_bytes=_integer(
+                config, "SSE_MAX_REQUEST_BYTES", d.max_request_bytes, minimum=64
+            ),
+        )
+
+
+def _optional_str(config: Mapping[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _number(
+    config: Mapping[str, Any], key: str, default: float, *, allow_zero: bool = False
+) -> float:
+    value = config.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if (
+        isinstance(value, bool)
+        or not math.isfinite(number)
+        or number < 0
+        or (number == 0 and not allow_zero)
+    ):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"{key} must be {kind} number of seconds, got {value!r}")
+    return number
+
+
+def _integer(config: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
+    value = config.get(key, default)
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(o, str) for o in items):
+        raise ConfigError(
+            f"SSE_CORS_ORIGINS must be a comma-separated string or a list of origins, got {value!r}"
+        )
+    return tuple(o.strip().rstrip("/") for o in items if o.strip())

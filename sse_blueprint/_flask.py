@@ -1,0 +1,439 @@
+"""The Flask extension and its blueprint: HTTP in, engine calls, bytes out (via the wire module).
+
+Endpoints (relative to the blueprint's prefix, ``/api`` by default):
+
+* ``POST /streams`` starts a producer: ``201 {"stream_id", "stream_url"}``.
+* ``GET /streams/<id>`` follows a stream as SSE (or NDJSON), resuming after ``Last-Event-ID``.
+* ``GET /streams/<id>/status`` reports its state.
+* ``POST /streams/<id>/cancel`` cancels it.
+
+Bad input never produces a 5xx: every refusal is a 4xx with a JSON body ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import gevent.monkey
+from flask import Blueprint, Flask, Response, current_app, json, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from . import _wire
+from ._config import SSEConfig
+from ._engine import (
+    Producer,
+    Stream,
+    StreamLimitReached,
+    StreamRegistry,
+    Subscription,
+)
+
+if TYPE_CHECKING:
+    from werkzeug.wrappers import Response as BaseResponse
+
+__all__ = ["SSE", "InputError"]
+
+log = logging.getLogger("sse_blueprint")
+
+EXTENSION_KEY = "sse_blueprint"
+SSE_MIMETYPE = "text/event-stream"
+NDJSON_MIMETYPE = "application/x-ndjson"
+
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
+_ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+_HEARTBEAT = _wire.encode_comment("heartbeat")
+
+Validator = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+class InputError(ValueError):
+    """Raise from a producer's ``validate`` function to refuse its input with a 400."""
+
+
+class _ProducerSpec:
+    __slots__ = ("func", "timeout", "validate")
+
+    def __init__(self, func: Producer, validate: Validator | None, timeout: float | None) -> None:
+        self.func = func
+        self.validate = validate
+        self.timeout = timeout
+
+
+class _AppState:
+    """What the extension keeps per app, in ``app.extensions["sse_blueprint"]``."""
+
+    def __init__(self, ext: SSE, config: SSEConfig) -> None:
+        self.ext = ext
+        self.config = config
+        self.registry = StreamRegistry(max_streams=config.max_streams, retention=config.retention)
+        self.retry = _wire.encode_retry(config.retry_ms)
+
+
+class SSE:
+    """Resumable Server-Sent Events for a Flask app.
+
+    ::
+
+        sse = SSE()
+
+        @sse.producer("echo")
+        def echo(ctx):
+            ctx.text(0, ctx.input.get("text", ""))
+
+        app = Flask(__name__)
+        sse.init_app(app)              # endpoints under /api/streams
+
+    Producers run on their own greenlet, detached from the request that started them, so the
+    app must be served by gevent (gunicorn ``-k gevent``, as in ``gunicorn.conf.py``).
+    """
+
+    def __init__(self, app: Flask | None = None, *, url_prefix: str = "/api") -> None:
+        self.url_prefix = url_prefix
+        self._producers: dict[str, _ProducerSpec] = {}
+        self.blueprint = _make_blueprint()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask, *, url_prefix: str | None = None) -> None:
+        """Read the ``SSE_*`` config, set up the stream registry and mount the blueprint."""
+        config = SSEConfig.from_mapping(app.config)
+        if not gevent.monkey.is_module_patched("socket"):
+            log.warning(
+                "sse_blueprint: gevent has not patched this process; serve the app with "
+                "gunicorn's gevent worker (gunicorn -k gevent) or producers will not run "
+                "concurrently with requests"
+            )
+        app.extensions[EXTENSION_KEY] = _AppState(self, config)
+        prefix = self.url_prefix if url_prefix is None else url_prefix
+        app.register_blueprint(self.blueprint, url_prefix=prefix)
+
+    def producer(
+        self,
+        name: str,
+        *,
+        validate: Validator | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[Producer], Producer]:
+        """Register a producer under ``name`` (the ``producer`` of ``POST /streams``).
+
+        ``validate(input)`` returns the input the producer gets, or raises :class:`InputError`
+        (or ``ValueError``/``TypeError``) whose message is sent back with a 400. ``timeout``
+        overrides ``SSE_STREAM_TIMEOUT`` for this producer.
+        """
+
+        def register(func: Producer) -> Producer:
+            if name in self._producers:
+                raise ValueError(f"producer {name!r} is already registered")
+            self._producers[name] = _ProducerSpec(func, validate, timeout)
+            return func
+
+        return register
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return tuple(self._producers)
+
+    def registry(self, app: Flask | None = None) -> StreamRegistry:
+        """The app's stream registry (the current app's by default)."""
+        return _state(app).registry
+
+    def start(
+        self, name: str, input: Mapping[str, Any] | None = None, *, app: Flask | None = None
+    ) -> Stream:
+        """Start a stream from Python (not HTTP): validate ``input`` and run producer ``name``.
+
+        Raises ``KeyError`` for an unknown producer, :class:`InputError` for refused input and
+        :class:`~sse_blueprint.StreamLimitReached` when the registry is full.
+        """
+        state = _state(app)
+        spec = self._producers.get(name)
+        if spec is None:
+            raise KeyError(f"unknown producer {name!r}")
+        checked: Mapping[str, Any] = input or {}
+        if spec.validate is not None:
+            try:
+                checked = spec.validate(checked)
+            except (ValueError, TypeError) as exc:
+                raise InputError(str(exc) or "invalid input") from exc
+        timeout = spec.timeout if spec.timeout is not None else state.config.stream_timeout
+        return state.registry.create(
+            spec.func,
+            checked,
+            producer_name=name,
+            timeout=timeout,
+            client_queue=state.config.client_queue,
+        )
+
+
+# -- the blueprint -----------------------------------------------------------------------------
+
+
+def _state(app: Flask | None = None) -> _AppState:
+    target = app if app is not None else current_app
+    try:
+        state: _AppState = target.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError("SSE is not initialised on this app; call sse.init_app(app)") from None
+    return state
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> NoReturn:
+    """Abort the request with a JSON error body."""
+    response = current_app.response_class(
+        json.dumps({"error": message}) + "\n", status=status, mimetype="application/json"
+    )
+    if headers:
+        response.headers.update(headers)
+    raise _JSONAbort(response)
+
+
+class _JSONAbort(HTTPException):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response=response)
+        self.code = response.status_code
+        self.json_response = response
+
+
+def _make_blueprint() -> Blueprint:
+    bp = Blueprint("sse", __name__)
+
+    def route(rule: str, methods: list[str]) -> Callable[[Callable[..., Any]], Any]:
+        """Register a view, and JSON 405s for the other methods on the same rule."""
+
+        def decorator(view: Callable[..., Any]) -> Any:
+            bp.add_url_rule(rule, view_func=view, methods=methods)
+            others = sorted(_ALL_METHODS - set(methods) - ({"HEAD"} if "GET" in methods else set()))
+            allowed = ", ".join(methods)
+
+            def not_allowed(**_: Any) -> NoReturn:
+                _error(405, f"method not allowed; use {allowed}", {"Allow": allowed})
+
+            bp.add_url_rule(
+                rule,
+                endpoint=f"{view.__name__}_not_allowed",
+                view_func=not_allowed,
+                methods=others,
+                provide_automatic_options=False,
+            )
+            return view
+
+        return decorator
+
+    @route("/streams", ["POST"])
+    def create_stream() -> tuple[dict[str, Any], int, dict[str, str]]:
+        state = _state()
+        body = _json_body(state.config.max_request_bytes)
+        name = body.get("producer")
+        if not isinstance(name, str) or not name:
+            _error(400, '"producer" must be a non-empty string')
+        input = body.get("input", {})
+        if not isinstance(input, dict):
+            _error(400, '"input" must be a JSON object')
+        if name not in state.ext._producers:
+            _error(400, f"unknown producer {name!r}")
+        try:
+            stream = state.ext.start(name, input)
+        except ValueError as exc:  # InputError
+            _error(400, str(exc))
+        except StreamLimitReached as exc:
+            _error(503, f"too many streams: {exc}", {"Retry-After": "5"})
+        url = url_for(".read_stream", stream_id=stream.id)
+        return {"stream_id": stream.id, "stream_url": url}, 201, {"Location": url}
+
+    @route("/streams/<stream_id>", ["GET"])
+    def read_stream(stream_id: str) -> BaseResponse:
+        state = _state()
+        stream = _find(state, stream_id)
+        last_id = _last_event_id()
+        ndjson = _wants_ndjson()
+        terminal = stream.terminal_event
+        if terminal is not None and last_id >= terminal.id:
+            return Response(status=204)  # tells EventSource to stop reconnecting
+        config = state.config
+        sub = stream.subscribe(last_id, on_cut=_connection_closer(request.environ))
+        if ndjson:
+            body = _follow(sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True)
+        else:
+            body = _follow(sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False)
+        response = Response(
+            body, status=200, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE
+        )
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        return response
+
+    @route("/streams/<stream_id>/status", ["GET"])
+    def stream_status(stream_id: str) -> dict[str, Any]:
+        return _status(_find(_state(), stream_id))
+
+    @route("/streams/<stream_id>/cancel", ["POST"])
+    def cancel_stream(stream_id: str) -> tuple[dict[str, Any], int]:
+        stream = _find(_state(), stream_id)
+        cancelled = stream.cancel()
+        return _status(stream), 202 if cancelled else 200
+
+    @bp.route("/streams/<path:rest>", methods=sorted(_ALL_METHODS))
+    def no_such_path(rest: str) -> NoReturn:
+        _error(404, "no such stream endpoint")
+
+    @bp.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> BaseResponse | Response:
+        if isinstance(exc, _JSONAbort):
+            return exc.json_response
+        response = current_app.response_class(
+            json.dumps({"error": exc.description or exc.name}) + "\n",
+            status=exc.code or 500,
+            mimetype="application/json",
+        )
+        return response
+
+    @bp.after_request
+    def cors(response: BaseResponse) -> BaseResponse:
+        _add_cors_headers(response, _state().config.cors_origins)
+        return response
+
+    return bp
+
+
+def _find(state: _AppState, stream_id: str) -> Stream:
+    if not _STREAM_ID.match(stream_id):
+        _error(404, "stream not found")
+    stream = state.registry.get(stream_id)
+    if stream is None:
+        _error(404, "stream not found")
+    return stream
+
+
+def _json_body(limit: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        _error(413, f"request body is larger than {limit} bytes")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        _error(413, f"request body is larger than {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        _error(400, "request body must be a JSON object")
+    if not isinstance(body, dict):
+        _error(400, "request body must be a JSON object")
+    return body
+
+
+def _last_event_id() -> int:
+    """The client's position: ``Last-Event-ID`` header, else ``last_event_id`` query parameter.
+
+    The header wins: a page passes the id it stored in the query string of the URL it opens, and
+    EventSource then reconnects to that same URL with the newer id in the header.
+    """
+    raw = request.headers.get("Last-Event-ID", "")
+    if raw.strip() == "":
+        raw = request.args.get("last_event_id", "")
+    raw = raw.strip()
+    if raw == "":
+        return 0
+    if not _EVENT_ID.match(raw):
+        _error(400, "Last-Event-ID must be a non-negative integer event id of this stream")
+    return int(raw)
+
+
+def _wants_ndjson() -> bool:
+    fmt = request.args.get("format")
+    if fmt is not None:
+        if fmt not in ("sse", "ndjson"):
+            _error(400, 'format must be "sse" or "ndjson"')
+        return fmt == "ndjson"
+    best = request.accept_mimetypes.best_match([SSE_MIMETYPE, NDJSON_MIMETYPE])
+    return best == NDJSON_MIMETYPE
+
+
+def _status(stream: Stream) -> dict[str, Any]:
+    return {
+        "stream_id": stream.id,
+        "state": stream.state.value,
+        "last_event_id": stream.last_event_id,
+        "producer": stream.producer_name,
+        "created_at": stream.created_at,
+        "finished_at": stream.finished_at,
+        "subscribers": stream.subscriber_count,
+    }
+
+
+def _connection_closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
+    """A function that shuts the client's connection (gunicorn exposes its socket), or None.
+
+    Used when a subscriber is cut while blocked writing to a client that stopped reading: the
+    write fails at once (EPIPE, which gunicorn treats as a client that went away), the server
+    closes the response and the greenlet is free. The shutdown goes through a duplicate of the
+    descriptor: gevent's own ``shutdown`` would cancel the blocked write with EBADF, which
+    gunicorn logs as an error.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def close() -> None:
+        with contextlib.suppress(OSError):
+            dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            try:
+                dup.shutdown(socket.SHUT_RDWR)
+            finally:
+                dup.close()
+
+    return close
+
+
+def _follow(
+    sub: Subscription,
+    heartbeat_interval: float,
+    preamble: bytes,
+    heartbeat: bytes,
+    ndjson: bool,
+) -> Iterator[bytes]:
+    """The response body: catch-up, then live events, heartbeats while idle.
+
+    It runs in the WSGI server's greenlet for this connection, outside any request context.
+    A client that goes away is noticed at the next write (heartbeats make that timely); the
+    server then closes this generator and ``finally`` releases the subscription. The producer
+    carries on.
+    """
+    try:
+        if preamble:
+            yield preamble
+        while True:
+            events = sub.poll(heartbeat_interval)
+            if events:
+                if ndjson:
+                    yield b"".join(e.ndjson for e in events)
+                else:
+                    yield b"".join(e.sse for e in events)
+            if sub.done:
+                # After the terminal event; or cut for lagging: the client resumes from its id.
+                return
+            if not events:
+                yield heartbeat
+    finally:
+        sub.close()
+
+
+def _add_cors_headers(response: BaseResponse, allowed: tuple[str, ...]) -> None:
+    origin = request.headers.get("Origin")
+    if not allowed or not origin:
+        return
+    response.vary.add("Origin")
+    if "*" in allowed:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    elif origin.rstrip("/") in allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+    else:
+        return
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Last-Event-ID"
+        response.headers["Access-Control-Max-Age"] = "600"

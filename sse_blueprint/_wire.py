@@ -1,0 +1,100 @@
+"""Wire format: the only place that turns events into bytes.
+
+Two encodings of the same event:
+
+* **SSE** (``text/event-stream``), per the WHATWG HTML "Server-sent events" section. Data that
+  spans several lines (split on CRLF, CR or LF, as the parser does) becomes several ``data:``
+  lines, which a conforming parser joins back with LF. ``id`` and ``event`` values are single
+  fields, so CR, LF (which would end the field) and NUL (which makes a parser ignore an ``id``)
+  are refused with :class:`WireFormatError` instead of being silently mangled.
+* **NDJSON** (``application/x-ndjson``): one JSON object per line,
+  ``{"id": INT, "event": STR, "data": {...}}``.
+
+Intentional choices, so nobody "fixes" them:
+
+* Every field is written as ``name: value`` (one space). The parser strips exactly one leading
+  space, so values that themselves start with a space survive.
+* Data is always written, even when empty (``data: ``): a parser dispatches only events that
+  had at least one ``data`` line, so an empty string still arrives as an (empty) event.
+* NDJSON has no comments: a keep-alive is an empty line, which NDJSON readers skip.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "WireFormatError",
+    "dumps",
+    "encode_comment",
+    "encode_event",
+    "encode_ndjson",
+    "encode_retry",
+    "NDJSON_KEEPALIVE",
+]
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
+
+#: An NDJSON keep-alive: an empty line.
+NDJSON_KEEPALIVE = b"\n"
+
+
+class WireFormatError(ValueError):
+    """A value cannot be written as the SSE field it was meant for (CR, LF or NUL in it)."""
+
+
+def dumps(data: Any) -> str:
+    """Serialize event data as compact JSON (UTF-8 text, no ASCII escaping)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def check_field(name: str, value: str) -> str:
+    """Return ``value`` if it can be the value of SSE field ``name``; raise otherwise."""
+    if not isinstance(value, str):
+        raise WireFormatError(f"SSE {name} must be a string, not {type(value).__name__}")
+    bad = _FORBIDDEN_IN_FIELD.search(value)
+    if bad is not None:
+        raise WireFormatError(
+            f"SSE {name} {value!r} contains {bad.group()!r}; CR, LF and NUL are not allowed"
+        )
+    return value
+
+
+def encode_event(data: str, *, id: str | int | None = None, event: str | None = None) -> bytes:
+    """Encode one SSE event.
+
+    >>> encode_event('{"a":1}', id=3, event="text_delta")
+    b'id: 3\\nevent: text_delta\\ndata: {"a":1}\\n\\n'
+    """
+    parts: list[str] = []
+    if id is not None:
+        parts.append("id: " + check_field("id", str(id)) + "\n")
+    if event is not None:
+        parts.append("event: " + check_field("event", event) + "\n")
+    for line in _LINE_BREAK.split(data):
+        parts.append("data: " + line + "\n")
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+def encode_comment(text: str = "") -> bytes:
+    """Encode a comment (ignored by parsers; used as a heartbeat). Each line gets its own ``:``."""
+    lines = _LINE_BREAK.split(text)
+    return ("".join(": " + line + "\n" if line else ":\n" for line in lines) + "\n").encode("utf-8")
+
+
+def encode_retry(milliseconds: int) -> bytes:
+    """Encode the reconnection-time hint ``retry: N`` (a non-negative integer)."""
+    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
+        raise WireFormatError(f"retry must be a non-negative integer, not {milliseconds!r}")
+    return b"retry: %d\n\n" % milliseconds
+
+
+def encode_ndjson(id: int, event: str, data: Mapping[str, Any] | str) -> bytes:
+    """Encode one event as an NDJSON line. ``data`` may be pre-serialized JSON text."""
+    body = data if isinstance(data, str) else dumps(data)
+    return ('{"id":%d,"event":%s,"data":%s}\n' % (id, dumps(event), body)).encode("utf-8")

@@ -1,0 +1,222 @@
+"""Fixtures: a real gunicorn (gevent worker) on a loopback port, and HTTP helpers.
+
+The listening socket is made here and handed to gunicorn (``--bind fd://N``), so there is no race
+for a free port. Every server's log is checked when it stops: a traceback or a gevent blocking
+report that points into our code fails the test that used it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.sse_parser import ParsedEvent, SSEParser, Transcript
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DEMO_TEXT = (
+    "Streams outlive requests. A producer writes on its own greenlet,\n"
+    "and every reader follows the same buffer.\n\n"
+    "Reconnect with Last-Event-ID and you catch up exactly: no gap, no duplicate.\n\n"
+    "Unicode too: héllo wörld — 你好, мир, 🙂🚀.\n\n\n"
+    "  Leading spaces, a trailing one \n"
+    "and a last line without newline"
+)
+
+
+class LiveServer:
+    """gunicorn serving ``app`` with ``config`` (as ``FLASK_*`` environment variables)."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        app: str = "app:app",
+        workers: int = 1,
+    ) -> None:
+        self.log_path = log_path
+        self.config = dict(config or {})
+        self.app = app
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> LiveServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(2048)
+        port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ)
+        env["GEVENT_MONITOR_THREAD_ENABLE"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        for key, value in self.config.items():
+            env[f"FLASK_{key}"] = value if isinstance(value, str) else json.dumps(value)
+        cmd = [
+            sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+            "--bind", f"fd://{sock.fileno()}", "--workers", str(self.workers), self.app,
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=[sock.fileno()], start_new_session=True,
+            )  # fmt: skip
+        sock.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn did not come up:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def problems(self) -> list[str]:
+        """Tracebacks and gevent blocking reports in the log that involve our code."""
+        text = self.log()
+        found = []
+        for match in re.finditer(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*.*", text):
+            if "deliberate test failure" not in match.group():
+                found.append(match.group())
+        for report in re.split(r"\n(?==+\n)", text):
+            if "appears to be blocked" in report and re.search(
+                r"sse_blueprint/|/app\.py|tests/", report
+            ):
+                found.append(report)
+        return found
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Start servers with custom config; all are stopped and their logs checked at the end."""
+    servers: list[LiveServer] = []
+
+    def make(config: Mapping[str, Any] | None = None, **kwargs: Any) -> LiveServer:
+        log_path = tmp_path_factory.mktemp("gunicorn") / "server.log"
+        server = LiveServer(log_path, config, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    problems = []
+    for server in servers:
+        server.stop()
+        problems += server.problems()
+    assert not problems, "server log shows problems:\n\n" + "\n\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Any) -> LiveServer:
+    """The reference app plus test producers, heartbeat 0.5 s, a small client queue."""
+    server: LiveServer = server_factory(
+        {"SSE_HEARTBEAT_INTERVAL": 0.5, "SSE_CLIENT_QUEUE": 32, "SSE_RETRY_MS": 1500},
+        app="tests.live_app:app",
+    )
+    return server
+
+
+# -- HTTP helpers ------------------------------------------------------------------------------
+
+
+def start_stream(base: str, producer: str = "demo", **input: Any) -> str:
+    response = httpx.post(f"{base}/api/streams", json={"producer": producer, "input": input})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["stream_url"] == f"/api/streams/{body['stream_id']}"
+    stream_id: str = body["stream_id"]
+    return stream_id
+
+
+def start_demo(base: str, text: str = DEMO_TEXT, chunk_size: int = 7, interval_ms: int = 5) -> str:
+    return start_stream(base, "demo", text=text, chunk_size=chunk_size, interval_ms=interval_ms)
+
+
+@dataclasses.dataclass
+class ReadResult:
+    status: int
+    headers: httpx.Headers
+    raw: bytes
+    events: list[ParsedEvent]
+    parser: SSEParser
+    transcript: Transcript
+
+
+def read_stream(
+    base: str,
+    stream_id: str,
+    last_event_id: int | str | None = None,
+    *,
+    params: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    stop_after: int | None = None,
+    timeout: float = 30,
+) -> ReadResult:
+    """Read a stream as SSE until the server ends it (or ``stop_after`` events, then hang up)."""
+    hdrs = dict(headers or {})
+    if last_event_id is not None:
+        hdrs["Last-Event-ID"] = str(last_event_id)
+    parser = SSEParser()
+    transcript = Transcript()
+    events: list[ParsedEvent] = []
+    raw = b""
+    url = f"{base}/api/streams/{stream_id}"
+    with httpx.stream("GET", url, params=params, headers=hdrs, timeout=timeout) as response:
+        for chunk in response.iter_raw():
+            raw += chunk
+            for event in parser.feed(chunk):
+                events.append(event)
+                transcript.apply(event.id, event.type, event.json())
+                if stop_after is not None and len(events) >= stop_after:
+                    return ReadResult(
+                        response.status_code, response.headers, raw, events, parser, transcript
+                    )
+        events += parser.feed(b"", final=True)
+        return ReadResult(response.status_code, response.headers, raw, events, parser, transcript)
+
+
+def read_ndjson(base: str, stream_id: str, **kwargs: Any) -> tuple[httpx.Response, list[Any]]:
+    response = httpx.get(f"{base}/api/streams/{stream_id}", timeout=30, **kwargs)
+    lines = response.text.split("\n")
+    return response, [json.loads(line) for line in lines if line.strip()]
+
+
+def wait_done(base: str, stream_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = httpx.get(f"{base}/api/streams/{stream_id}/status").json()
+        if status["state"] != "running":
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"stream {stream_id} still running after {timeout}s")

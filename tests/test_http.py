@@ -1,0 +1,454 @@
+"""The HTTP and event contract (../shared/CONTRACT.md) against a real gunicorn gevent worker."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    DEMO_TEXT,
+    LiveServer,
+    read_ndjson,
+    read_stream,
+    start_demo,
+    start_stream,
+    wait_done,
+)
+from tests.sse_parser import SSEParser, Transcript
+
+
+def test_response_starts_with_retry_and_has_sse_headers(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    result = read_stream(server.url, stream_id)
+    assert result.status == 200
+    assert result.raw.startswith(b"retry: 1500\n\n")
+    assert result.parser.retry == 1500
+    assert result.headers["content-type"] == "text/event-stream"
+    assert result.headers["cache-control"] == "no-cache"
+    assert result.headers["x-accel-buffering"] == "no"
+    assert "access-control-allow-origin" not in result.headers  # CORS is off by default
+    events = result.events
+    assert events[0].type == "start"
+    assert events[0].json()["stream_id"] == stream_id
+    assert events[-1].type == "done"
+    ids = [e.id for e in events]
+    assert ids == sorted(set(ids))  # strictly increasing
+    assert result.transcript.text() == DEMO_TEXT
+
+
+def test_concurrent_clients_all_rebuild_the_text(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, chunk_size=3, interval_ms=10)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: read_stream(server.url, stream_id), range(8)))
+    for result in results:
+        assert result.transcript.text() == DEMO_TEXT
+        assert result.transcript.terminal == "done"
+        assert len(set(result.transcript.delta_ids)) == len(result.transcript.delta_ids)
+    assert len({tuple(r.transcript.ids) for r in results}) == 1  # everyone saw the same events
+
+
+def test_resume_from_every_event_id_rebuilds_the_text(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, chunk_size=9, interval_ms=0)
+    full = read_stream(server.url, stream_id).events
+    terminal_id = full[-1].id
+    for k in range(terminal_id):
+        resumed = read_stream(server.url, stream_id, last_event_id=k)
+        assert resumed.status == 200
+        client = Transcript()  # what the client had applied up to k, then what it receives
+        for event in full:
+            if event.id <= k:
+                client.apply(event.id, event.type, event.json())
+        for event in resumed.events:
+            assert event.id > k
+            client.apply(event.id, event.type, event.json())
+        assert [(e.id, e.type, e.data) for e in resumed.events] == [
+            (e.id, e.type, e.data) for e in full if e.id > k
+        ]
+        assert client.text() == DEMO_TEXT, k
+        assert len(client.delta_ids) == len(set(client.delta_ids)), k
+
+
+def test_reconnect_mid_stream_many_times_rebuilds_the_text(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, chunk_size=2, interval_ms=8)
+
+    def reader(seed: int) -> tuple[Transcript, int]:
+        rng = random.Random(seed)
+        client = Transcript()
+        reconnects = 0
+        while client.terminal is None:
+            result = read_stream(
+                server.url, stream_id, client.last_id or None, stop_after=rng.randint(1, 12)
+            )
+            for event in result.events:
+                client.apply(event.id, event.type, event.json())
+            reconnects += 1
+        return client, reconnects
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(reader, range(4)))
+    for client, reconnects in outcomes:
+        assert reconnects > 5
+        assert client.text() == DEMO_TEXT
+        assert len(client.delta_ids) == len(set(client.delta_ids))
+        assert client.ids == sorted(set(client.ids))
+
+
+def test_heartbeat_comments_on_an_idle_stream(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, text="slow", chunk_size=1, interval_ms=1400)
+    result = read_stream(server.url, stream_id, stop_after=3, timeout=10)  # start, "s", "l"
+    assert result.parser.comments.count(" heartbeat") >= 2  # every 0.5 s between 1.4 s events
+    httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+
+
+def test_204_once_the_client_holds_the_terminal_event(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    events = read_stream(server.url, stream_id).events
+    terminal_id = events[-1].id
+    for last in (terminal_id, terminal_id + 1, 10**15):
+        response = httpx.get(
+            f"{server.url}/api/streams/{stream_id}", headers={"Last-Event-ID": str(last)}
+        )
+        assert response.status_code == 204
+        assert response.content == b""
+    via_query = httpx.get(
+        f"{server.url}/api/streams/{stream_id}", params={"last_event_id": terminal_id}
+    )
+    assert via_query.status_code == 204
+    # One before the terminal: exactly the terminal event.
+    tail = read_stream(server.url, stream_id, terminal_id - 1)
+    assert [(e.id, e.type) for e in tail.events] == [(terminal_id, "done")]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/streams/AAAAAAAAAAAAAAAAAAAAAA",
+        "/api/streams/AAAAAAAAAAAAAAAAAAAAAA/status",
+        "/api/streams/AAAAAAAAAAAAAAAAAAAAAA/cancel",
+        "/api/streams/..%2F..%2Fetc%2Fpasswd",
+        "/api/streams/../../etc/passwd",
+        "/api/streams/" + "x" * 300,
+        "/api/streams/a.b",
+        "/api/streams/x/y/z",
+    ],
+)
+def test_unknown_streams_are_404_json(server: LiveServer, path: str) -> None:
+    method = "POST" if path.endswith("/cancel") else "GET"
+    response = httpx.request(method, server.url + path)
+    if path == "/api/streams/../../etc/passwd":
+        assert response.status_code == 404  # normalized away by the client: not our route
+        return
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert "error" in response.json()
+
+
+def raw_get(server: LiveServer, path: str, header_bytes: bytes = b"") -> tuple[int, bytes]:
+    """Send a hand-made request (bytes httpx would refuse) and return the status and body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + header_bytes + b"\r\n"
+        )  # fmt: skip
+        sock.settimeout(3)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data) < 4096:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass  # a live stream: headers arrived, the body goes on
+    status = int(data.split(b" ", 2)[1])
+    return status, data
+
+
+HOSTILE_IDS = ["abc", "-1", "9" * 200, "1e5", "0x10", "١٢", "1.5", "+3", "99999999999999999"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_IDS)
+def test_hostile_last_event_id_never_5xx(server: LiveServer, value: str) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    wait_done(server.url, stream_id)
+    url = f"{server.url}/api/streams/{stream_id}"
+    for response in (
+        httpx.get(url, headers={b"Last-Event-ID": value.encode()}),
+        httpx.get(url, params={"last_event_id": value}),
+    ):
+        assert response.status_code < 500
+        if response.status_code >= 400:
+            assert response.status_code == 400
+            assert "error" in response.json()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Last-Event-ID: \x00",
+        b"Last-Event-ID: 1\x002",
+        b"Last-Event-ID:",
+        b"Last-Event-ID:   ",
+        b"",
+    ],
+)
+def test_raw_hostile_headers_never_5xx(server: LiveServer, header: bytes) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    wait_done(server.url, stream_id)
+    status, _ = raw_get(server, f"/api/streams/{stream_id}", header + b"\r\n" if header else b"")
+    assert status < 500
+    status, _ = raw_get(server, f"/api/streams/{stream_id}?last_event_id=%00")
+    assert status == 400
+
+
+def test_empty_last_event_id_means_from_the_start(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    result = read_stream(server.url, stream_id, "")
+    assert result.events[0].type == "start"
+    assert result.transcript.text() == DEMO_TEXT
+
+
+def test_future_last_event_id_on_a_running_stream(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, chunk_size=50, interval_ms=100)
+    result = read_stream(server.url, stream_id, 10**6, timeout=20)
+    assert result.status == 200
+    assert result.events == []  # nothing after the claimed id; the response ends with the stream
+    response = httpx.get(
+        f"{server.url}/api/streams/{stream_id}", headers={"Last-Event-ID": str(10**6)}
+    )
+    assert response.status_code == 204
+
+
+def test_header_wins_over_query_parameter(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    wait_done(server.url, stream_id)
+    result = read_stream(server.url, stream_id, 5, params={"last_event_id": "2"})
+    assert result.events[0].id == 6
+
+
+def test_cancel_gives_every_reader_cancelled(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, chunk_size=1, interval_ms=50)
+    with ThreadPoolExecutor(4) as pool:
+        readers = [pool.submit(read_stream, server.url, stream_id) for _ in range(4)]
+        time.sleep(0.5)
+        response = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+        assert response.status_code == 202
+        assert response.json()["state"] == "cancelled"
+        for reader in readers:
+            result = reader.result(timeout=10)
+            assert result.events[-1].type == "cancelled"
+            assert result.transcript.terminal == "cancelled"
+    status = httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()
+    assert status["state"] == "cancelled"
+    assert status["finished_at"] is not None
+    again = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+    assert again.status_code == 200
+    assert again.json()["state"] == "cancelled"
+
+
+def test_cancel_after_done_is_200_and_keeps_done(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    wait_done(server.url, stream_id)
+    response = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+    assert response.status_code == 200
+    assert response.json()["state"] == "done"
+
+
+def test_status_reports_state_and_last_event_id(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    status = wait_done(server.url, stream_id)
+    events = read_stream(server.url, stream_id).events
+    assert status["stream_id"] == stream_id
+    assert status["state"] == "done"
+    assert status["last_event_id"] == events[-1].id
+    assert status["producer"] == "demo"
+
+
+@pytest.mark.parametrize(
+    "how", [{"headers": {"Accept": "application/x-ndjson"}}, {"params": {"format": "ndjson"}}]
+)
+def test_ndjson_rebuilds_the_same_text(server: LiveServer, how: dict[str, Any]) -> None:
+    stream_id = start_demo(server.url, chunk_size=4, interval_ms=2)
+    response, lines = read_ndjson(server.url, stream_id, **how)
+    assert response.headers["content-type"] == "application/x-ndjson"
+    transcript = Transcript()
+    for line in lines:
+        assert set(line) == {"id", "event", "data"}
+        transcript.apply(line["id"], line["event"], line["data"])
+    assert transcript.text() == DEMO_TEXT
+    sse = read_stream(server.url, stream_id).events
+    assert [(e.id, e.type, e.json()) for e in sse] == [
+        (x["id"], x["event"], x["data"]) for x in lines
+    ]
+    _, tail = read_ndjson(server.url, stream_id, params={"format": "ndjson", "last_event_id": "3"})
+    assert [x["id"] for x in tail] == [x["id"] for x in lines if x["id"] > 3]
+
+
+def test_unknown_format_is_400(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    response = httpx.get(f"{server.url}/api/streams/{stream_id}", params={"format": "xml"})
+    assert response.status_code == 400
+    assert "format" in response.json()["error"]
+
+
+def test_frozen_client_is_cut_while_a_normal_client_gets_everything(server: LiveServer) -> None:
+    """SSE_CLIENT_QUEUE is 32 on this server; 400 events of 20 kB overflow any socket buffer."""
+    stream_id = start_stream(server.url, "flood", count=400, size=20_000, interval_ms=2)
+    host, port = server.url.removeprefix("http://").split(":")
+    frozen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    frozen.connect((host, int(port)))
+    frozen.sendall(f"GET /api/streams/{stream_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    normal = read_stream(server.url, stream_id, timeout=60)  # reads while the other one sleeps
+    assert [e.type for e in normal.events].count("text_delta") == 400
+    assert normal.events[-1].type == "done"
+    # The frozen client was cut: its connection ends without the terminal event...
+    frozen.settimeout(10)
+    raw = b""
+    try:
+        while chunk := frozen.recv(1 << 20):
+            raw += chunk
+    except ConnectionResetError:
+        pass
+    frozen.close()
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    parser = SSEParser()
+    got = parser.feed(_dechunk(body))
+    assert got, "the frozen client should have received a first part"
+    assert got[-1].type not in ("done", "error", "cancelled")
+    assert [e.id for e in got] == list(range(1, len(got) + 1))
+    # ...and it resumes from its last id with nothing lost.
+    rest = read_stream(server.url, stream_id, got[-1].id)
+    assert [e.id for e in got + rest.events] == [e.id for e in normal.events]
+    assert httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()["subscribers"] == 0
+
+
+def _dechunk(body: bytes) -> bytes:
+    """Decode as much of an HTTP/1.1 chunked body as arrived."""
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        try:
+            size = int(size_line, 16)
+        except ValueError:
+            break
+        if size == 0 or len(rest) < size:
+            out += rest[:size]
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+def test_producer_errors_end_with_an_error_event(server: LiveServer) -> None:
+    hidden = read_stream(server.url, start_stream(server.url, "fail"))
+    assert [e.type for e in hidden.events] == ["start", "text_delta", "error"]
+    assert hidden.events[-1].json()["message"] == "producer failed"  # no internals leak
+    shown = read_stream(server.url, start_stream(server.url, "fail", visible=True))
+    assert shown.events[-1].json()["message"] == "the model refused"
+
+
+BAD_CREATES: list[tuple[Any, str | None]] = [
+    (b"{not json", None),
+    (b"", None),
+    (b"[1, 2]", None),
+    (b'"demo"', None),
+    ({"input": {}}, "producer"),
+    ({"producer": 5}, "producer"),
+    ({"producer": "nope"}, "unknown producer"),
+    ({"producer": "demo", "input": []}, "input"),
+    ({"producer": "demo", "input": {"text": 5}}, "text"),
+    ({"producer": "demo", "input": {"text": "x", "chunk_size": 0}}, "chunk_size"),
+    ({"producer": "demo", "input": {"text": "x", "chunk_size": True}}, "chunk_size"),
+    ({"producer": "demo", "input": {"text": "x", "chunk_size": "3"}}, "chunk_size"),
+    ({"producer": "demo", "input": {"text": "x", "interval_ms": -1}}, "interval_ms"),
+    ({"producer": "demo", "input": {"text": "x", "interval_ms": 1.5}}, "interval_ms"),
+    (b'{"producer": "demo", "input": {"text": "\\ud800"}}', "Unicode"),
+]
+
+
+@pytest.mark.parametrize(("body", "needle"), BAD_CREATES)
+def test_bad_create_requests_are_400_json(
+    server: LiveServer, body: Any, needle: str | None
+) -> None:
+    url = f"{server.url}/api/streams"
+    if isinstance(body, bytes):
+        response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = httpx.post(url, json=body)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    if needle:
+        assert needle in error
+
+
+def test_oversized_create_body_is_413_json(server: LiveServer) -> None:
+    text = "x" * (2 << 20)
+    response = httpx.post(
+        f"{server.url}/api/streams", json={"producer": "demo", "input": {"text": text}}
+    )
+    assert response.status_code == 413
+    assert "error" in response.json()
+
+
+def test_wrong_methods_are_405_json(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    for method, path in [
+        ("GET", "/api/streams"),
+        ("DELETE", f"/api/streams/{stream_id}"),
+        ("POST", f"/api/streams/{stream_id}"),
+        ("GET", f"/api/streams/{stream_id}/cancel"),
+        ("PUT", f"/api/streams/{stream_id}/status"),
+    ]:
+        response = httpx.request(method, server.url + path)
+        assert response.status_code == 405, (method, path)
+        assert "error" in response.json()
+        assert response.headers["allow"]
+
+
+def test_cors_headers_only_for_configured_origins(server_factory: Any) -> None:
+    cors = server_factory(
+        {"SSE_CORS_ORIGINS": "https://app.example, https://other.example/"},
+        app="tests.live_app:app",
+    )
+    stream_id = start_demo(cors.url, interval_ms=0)
+    url = f"{cors.url}/api/streams/{stream_id}/status"
+    allowed = httpx.get(url, headers={"Origin": "https://app.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert "Origin" in allowed.headers["vary"]
+    refused = httpx.get(url, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in refused.headers
+    preflight = httpx.request(
+        "OPTIONS",
+        f"{cors.url}/api/streams",
+        headers={
+            "Origin": "https://other.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://other.example"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "Content-Type" in preflight.headers["access-control-allow-headers"]
+    stream = read_stream(cors.url, stream_id, headers={"Origin": "https://app.example"})
+    assert stream.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_no_hop_by_hop_headers_from_the_app(server: LiveServer) -> None:
+    stream_id = start_demo(server.url, interval_ms=0)
+    status, raw = raw_get(server, f"/api/streams/{stream_id}")
+    head = raw.split(b"\r\n\r\n", 1)[0].decode().lower()
+    assert status == 200
+    # gunicorn adds its own Connection/Transfer-Encoding; the app sets none of them twice.
+    assert head.count("connection:") <= 1
+    assert "keep-alive:" not in head
