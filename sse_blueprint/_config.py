@@ -29,6 +29,7 @@ class SSEConfig:
     cors_origins: tuple[str, ...] = ()
     max_streams: int = 1000
     max_request_bytes: int = 1 << 20
+    create_tables: bool = True
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -48,6 +49,7 @@ class SSEConfig:
             max_request_bytes=_integer(
                 config, "SSE_MAX_REQUEST_BYTES", d.max_request_bytes, minimum=64
             ),
+            create_tables=_boolean(config, "SSE_CREATE_TABLES", d.create_tables),
         )
 
 
@@ -88,6 +90,15 @@ def _integer(config: Mapping[str, Any], key: str, default: int, *, minimum: int)
     if number is None or number < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return number
+
+
+def _boolean(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "0", "true", "false", "yes", "no"):
+        return value.lower() in ("1", "true", "yes")
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 def _origins(value: Any) -> tuple[str, ...]:

@@ -10,14 +10,24 @@ write to its socket). A subscriber that falls more than ``client_queue`` events 
 stops being a subscriber, its response ends, and the client resumes with ``Last-Event-ID``.
 Nothing is ever dropped for a subscriber that stays.
 
+Persistence (two tiers): ``text_delta`` events are aggregated per block as they arrive. A
+persister greenlet per stream writes the blocks that changed, and the stream record, to a
+:class:`~sse_blueprint.BlockStore` when a block ends, when more than ``buffer_size`` events are
+unsaved, and at the end. It notes the last event id *before* writing and, once the write
+succeeded, trims the live buffer only up to that id (and never past a connected reader), so events
+sent while the write was in flight always stay. A failed write keeps everything and is retried.
+A reader whose position is older than the buffer gets the blocks from the store, merged with the
+buffer into one exact snapshot, then the live events.
+
 Everything here runs on one OS thread under gevent. Greenlets switch only at blocking calls, so a
 method that does not block is atomic: :meth:`Stream.subscribe` takes its snapshot and registers
-the cursor without a lock, and no event can slip in between (see DESIGN notes in ARCHITECTURE.md).
+the cursor without a lock, and no event can slip in between (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import logging
 import secrets
@@ -30,6 +40,7 @@ import gevent.event
 from gevent import Greenlet
 
 from . import _wire
+from ._records import BlockStore, StreamRecord, TurnBlock
 
 __all__ = [
     "Event",
@@ -43,12 +54,21 @@ __all__ = [
     "StreamState",
     "Subscription",
     "TERMINAL_EVENTS",
+    "lost",
     "new_stream_id",
+    "replay",
 ]
 
 log = logging.getLogger("sse_blueprint")
 
 TERMINAL_EVENTS = frozenset({"done", "error", "cancelled"})
+#: Names only the engine sends.
+RESERVED_EVENTS = TERMINAL_EVENTS | {"start", "turnblock_catchup"}
+#: A stream found "running" in the store with no live producer ends with an ``error`` event whose
+#: id is this far past the last persisted id: past any event the lost producer could have sent.
+LOST_ID_GAP = 1_000_000_000
+PERSIST_RETRY_MIN = 0.1
+PERSIST_RETRY_MAX = 5.0
 
 
 class StreamState(enum.StrEnum):
@@ -163,9 +183,9 @@ class ProducerContext:
         Raises :class:`StreamClosed` if the stream is already over, and ``ValueError`` for an
         event name that cannot be sent (terminal names, CR/LF/NUL) or data that is not JSON.
         """
-        if event in TERMINAL_EVENTS:
+        if event in RESERVED_EVENTS:
             raise ValueError(
-                f"{event!r} is a terminal event; return from the producer (done), raise "
+                f"{event!r} is sent by the engine; return from the producer (done), raise "
                 "ProducerError (error), or cancel the stream instead"
             )
         return self._stream._append(event, data).id
@@ -180,8 +200,20 @@ class ProducerContext:
             raise StreamClosed(self._stream.id)
 
     def end_block(self, block: int) -> None:
-        """Mark block ``block`` finished. The buffer may now persist and trim it."""
-        self._stream._end_block(block)
+        """Block ``block`` is finished: persist it (in the background) and trim the buffer."""
+        self._stream._request_flush()
+
+    def snapshot(self) -> list[Event]:
+        """The events in the live buffer now (oldest first)."""
+        return list(self._stream._log)
+
+    def trim(self, up_to_id: int) -> int:
+        """Drop buffered events up to ``up_to_id``, for producers that persist their own way.
+
+        Only call it once the stream's store can serve catch-up for those events. Events that a
+        connected reader has not taken yet, and the newest event, stay. Returns how many went.
+        """
+        return self._stream._trim(up_to_id)
 
 
 Producer = Callable[[ProducerContext], "Mapping[str, Any] | None"]
@@ -200,7 +232,7 @@ class Subscription:
     to shut that connection, which frees the greenlet stuck in the write.
     """
 
-    __slots__ = ("_after", "_pos", "_stream", "_waiting", "closed", "cut", "on_cut")
+    __slots__ = ("_after", "_catchup", "_pos", "_stream", "_waiting", "closed", "cut", "on_cut")
 
     def __init__(
         self, stream: Stream, pos: int, after: int, on_cut: Callable[[], None] | None = None
@@ -208,6 +240,7 @@ class Subscription:
         self._stream = stream
         self._pos = pos  # absolute index in the stream's log of the next event to deliver
         self._after = after  # deliver only ids greater than this (the client's Last-Event-ID)
+        self._catchup = False  # True: the buffer no longer covers ``after``; ask the store first
         self._waiting = False
         self.cut = False
         self.closed = False
@@ -230,6 +263,9 @@ class Subscription:
     def poll(self, timeout: float | None) -> list[Event]:
         """Return pending events, waiting up to ``timeout`` seconds for some."""
         stream = self._stream
+        if self._catchup:
+            self._catchup = False
+            return stream._catch_up(self)
         if self._pos >= stream._end and not self.done:
             self._waiting = True
             try:
@@ -252,10 +288,30 @@ class Subscription:
             self._stream._subscribers.discard(self)
 
 
+class _Block:
+    """A block's text as it is being streamed, and how much of it the store has."""
+
+    __slots__ = ("first_id", "kind", "last_id", "parts", "saved_id")
+
+    def __init__(self, kind: str, first_id: int) -> None:
+        self.kind = kind
+        self.parts: list[str] = []
+        self.first_id = first_id
+        self.last_id = first_id
+        self.saved_id = 0
+
+    def content(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+
 class Stream:
     """One producer run and its live buffer. See the module docstring.
 
     Construct through :meth:`StreamRegistry.create`; call :meth:`start` to run the producer.
+    With a ``store``, blocks are persisted and the buffer is trimmed (see the module docstring);
+    without one the buffer keeps every event until the stream is forgotten.
     """
 
     def __init__(
@@ -267,6 +323,8 @@ class Stream:
         producer_name: str = "",
         timeout: float | None = None,
         client_queue: int = 2048,
+        buffer_size: int = 1024,
+        store: BlockStore | None = None,
         metadata: Mapping[str, Any] | None = None,
         on_complete: Callable[[Stream], None] | None = None,
     ) -> None:
@@ -278,6 +336,7 @@ class Stream:
         self.created_at = time.time()
         self.finished_at: float | None = None
         self.client_queue = client_queue
+        self.buffer_size = buffer_size
         self.timeout = timeout
         self._producer = producer
         self._on_complete = on_complete
@@ -293,7 +352,21 @@ class Stream:
         # Lower bound of every subscriber's position, refreshed when a lag scan runs.
         self._min_pos_hint = 0
         self._news: gevent.event.Event | None = None
+        self.start_event: Event | None = None
         self.terminal_event: Event | None = None
+        # Persistence.
+        self._store = store
+        self._blocks: dict[int, _Block] = {}
+        self._dirty: set[int] = set()  # blocks with text the store does not have yet
+        self._persisted_id = 0  # every event up to this id is covered by the store
+        self._persisted_pos = 0  # absolute log index just past _persisted_id
+        self._trimmed_id = 0  # id of the newest event dropped from the buffer (0: none)
+        self._flush_wanted = gevent.event.Event()
+        self._persister: Greenlet | None = None
+        self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
+        self.persist_failures = 0
+        if store is None:
+            self.saved.set()
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -301,7 +374,10 @@ class Stream:
         """Run the producer on its own greenlet (once)."""
         if self._greenlet is not None:
             raise RuntimeError("stream already started")
-        self._append("start", {"stream_id": self.id, "producer": self.producer_name})
+        self.start_event = self._append(
+            "start", {"stream_id": self.id, "producer": self.producer_name}
+        )
+        self._request_flush()  # the record exists in the store from the start
         self._greenlet = gevent.spawn(self._run)
         if self.timeout:
             self._timer = gevent.spawn_later(self.timeout, self._expire)
@@ -350,10 +426,25 @@ class Stream:
     def _append(self, event: str, data: Mapping[str, Any]) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
+        delta = event == "text_delta"
+        if delta:
+            block, text = data.get("block"), data.get("text")
+            if type(block) is not int or block < 0 or not isinstance(text, str):
+                raise ValueError('text_delta data must be {"block": int >= 0, "text": str}')
         ev = Event(self._last_id + 1, event, data)
         self._last_id = ev.id
         self._log.append(ev)
         self._end += 1
+        if delta:
+            index: int = data["block"]
+            state = self._blocks.get(index)
+            if state is None:
+                state = self._blocks[index] = _Block("text", ev.id)
+            state.parts.append(data["text"])
+            state.last_id = ev.id
+            self._dirty.add(index)
+            if self._end - self._persisted_pos > self.buffer_size:
+                self._request_flush()
         if self._end - self._min_pos_hint > self.client_queue:
             self._cut_laggards()
         news = self._news
@@ -374,6 +465,7 @@ class Stream:
         self.state = state
         self.finished_at = time.time()
         self._closed.set()
+        self._request_flush()
         if self._timer is not None:
             self._timer.kill(block=False)
             self._timer = None
@@ -384,8 +476,138 @@ class Stream:
                 log.exception("on_complete hook of stream %s failed", self.id)
         return True
 
-    def _end_block(self, block: int) -> None:
-        """Hook for persistence; the in-memory buffer keeps everything."""
+    # -- persistence ---------------------------------------------------------------------------
+
+    def record(self) -> StreamRecord:
+        """The stream's durable state now."""
+        terminal = self.terminal_event
+        return StreamRecord(
+            stream_id=self.id,
+            producer=self.producer_name,
+            state=self.state.value,
+            last_event_id=self._last_id,
+            created_at=self.created_at,
+            metadata=self.metadata,
+            finished_at=self.finished_at,
+            terminal=terminal.event if terminal else None,
+            terminal_id=terminal.id if terminal else None,
+            terminal_data=terminal.data if terminal else None,
+        )
+
+    def _request_flush(self) -> None:
+        if self._store is None:
+            return
+        self._flush_wanted.set()
+        if self._persister is None or self._persister.dead:
+            self._persister = gevent.spawn(self._persist_loop)
+
+    def _persist_loop(self) -> None:
+        """Write what changed, then trim; on failure keep everything and retry with backoff."""
+        store = self._store
+        assert store is not None
+        delay = PERSIST_RETRY_MIN
+        while True:
+            self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            # Snapshot (no blocking call until the write): everything up to last_id is in it.
+            end_pos, last_id = self._end, self._last_id
+            record = self.record()
+            blocks = [
+                TurnBlock(self.id, i, b.kind, b.content(), b.first_id, b.last_id)
+                for i in sorted(self._dirty)
+                for b in (self._blocks[i],)
+            ]
+            try:
+                store.save(record, blocks)
+            except Exception as exc:
+                self.persist_failures += 1
+                log.warning(
+                    "stream %s: persisting %d block(s) failed (%s); retrying in %.1fs, the "
+                    "buffer keeps every event meanwhile",
+                    self.id,
+                    len(blocks),
+                    exc,
+                    delay,
+                )
+                self._flush_wanted.set()
+                gevent.sleep(delay)
+                delay = min(delay * 2, PERSIST_RETRY_MAX)
+                continue
+            delay = PERSIST_RETRY_MIN
+            for saved in blocks:
+                state = self._blocks[saved.block]
+                state.saved_id = max(state.saved_id, saved.last_event_id)
+                if state.last_id <= state.saved_id:
+                    self._dirty.discard(saved.block)
+            if last_id > self._persisted_id:
+                self._persisted_id, self._persisted_pos = last_id, end_pos
+            self._trim(self._persisted_id)
+            if self.finished and self._persisted_id >= self._last_id:
+                if not self.saved.is_set():
+                    log.debug("stream %s: saved", self.id)
+                self.saved.set()
+                if not self._flush_wanted.is_set():
+                    return
+
+    def _trim(self, up_to_id: int) -> int:
+        """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest."""
+        keep_from = self._end - 1  # the newest event always stays (a finished stream's terminal)
+        for sub in self._subscribers:
+            keep_from = min(keep_from, sub._pos)
+        count = min(self._index_after(up_to_id), keep_from - self._base)
+        if count <= 0:
+            return 0
+        self._trimmed_id = self._log[count - 1].id
+        del self._log[:count]
+        self._base += count
+        self._min_pos_hint = max(self._min_pos_hint, self._base)
+        return count
+
+    def _catch_up(self, sub: Subscription) -> list[Event]:
+        """Blocks from the store merged with the buffer: an exact snapshot, then live events.
+
+        ``sub`` was registered at the start of the buffer, which pins it (nothing after that is
+        trimmed) while the store is read. Every delta the store does not cover is newer than
+        what was trimmed, so it is in the pinned buffer. The merge below does not block, so the
+        snapshot and the switch to live events are one step.
+        """
+        after = sub._after
+        store = self._store
+        assert store is not None
+        try:
+            rows = store.load_blocks(self.id, after)
+        except Exception as exc:
+            log.warning(
+                "stream %s: catch-up from the store failed (%s); cutting reader", self.id, exc
+            )
+            sub.cut = True
+            self._subscribers.discard(sub)
+            return []
+        if sub.done:
+            return []
+        blocks: dict[int, _Block] = {}
+        for row in rows:
+            merged = blocks[row.block] = _Block(row.kind, row.first_event_id)
+            merged.parts.append(row.content)
+            merged.last_id = row.last_event_id
+        out: list[Event] = []
+        for ev in self._log[sub._pos - self._base :]:
+            found = blocks.get(ev.data["block"]) if ev.event == "text_delta" else None
+            if found is not None:
+                if ev.id > found.last_id:
+                    found.parts.append(ev.data["text"])
+                    found.last_id = ev.id
+            elif ev.id > after:
+                out.append(ev)
+        for index, merged in blocks.items():
+            data = {"block": index, "kind": merged.kind, "content": merged.content()}
+            out.append(Event(merged.last_id, "turnblock_catchup", data))
+        start = self.start_event
+        if start is not None and after < start.id <= self._trimmed_id:
+            out.append(start)
+        out.sort(key=_event_id)
+        sub._pos = self._end
+        return out
 
     # -- reader side ---------------------------------------------------------------------------
 
@@ -401,6 +623,11 @@ class Stream:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def buffered(self) -> int:
+        """Events in the live buffer now."""
+        return len(self._log)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stream has ended; True if it has."""
         return bool(self._closed.wait(timeout))
@@ -413,13 +640,19 @@ class Stream:
         The snapshot (which events are already there) and the registration (which events will
         be delivered live) happen in one step with no blocking call in between, so under gevent
         no event can be missed or delivered twice, however busy the producer is. An id ahead of
-        the stream delivers only later ids.
+        the stream delivers only later ids. An id older than the buffer is caught up from the
+        store on the first :meth:`Subscription.poll`.
         """
-        pos = self._base + self._index_after(last_event_id)
-        sub = Subscription(self, pos, last_event_id, on_cut)
-        if not (self.finished and pos >= self._end):
+        if last_event_id < self._trimmed_id:
+            sub = Subscription(self, self._base, last_event_id, on_cut)
+            sub._catchup = True
+        else:
+            sub = Subscription(
+                self, self._base + self._index_after(last_event_id), last_event_id, on_cut
+            )
+        if not (self.finished and sub._pos >= self._end and not sub._catchup):
             self._subscribers.add(sub)
-            self._min_pos_hint = min(self._min_pos_hint, pos)
+            self._min_pos_hint = min(self._min_pos_hint, sub._pos)
         return sub
 
     def events_after(self, last_event_id: int) -> list[Event]:
@@ -467,12 +700,56 @@ class Stream:
             news.set()
 
 
-class StreamRegistry:
-    """Finds streams by id, limits how many run at once, forgets finished ones after a while."""
+def replay(record: StreamRecord, blocks: list[TurnBlock], after: int) -> list[Event]:
+    """The catch-up of a stream that lives only in the store: start, blocks, terminal event."""
+    out = [
+        Event(
+            b.last_event_id,
+            "turnblock_catchup",
+            {"block": b.block, "kind": b.kind, "content": b.content},
+        )
+        for b in blocks
+        if b.last_event_id > after
+    ]
+    if after < 1:
+        out.append(Event(1, "start", {"stream_id": record.stream_id, "producer": record.producer}))
+    if record.terminal and record.terminal_id is not None and record.terminal_id > after:
+        out.append(Event(record.terminal_id, record.terminal, record.terminal_data or {}))
+    out.sort(key=_event_id)
+    return out
 
-    def __init__(self, *, max_streams: int = 1000, retention: float = 300.0) -> None:
+
+def lost(record: StreamRecord) -> StreamRecord:
+    """The record of a stream whose producer is gone: ended with ``error: producer lost``."""
+    terminal_id = record.last_event_id + LOST_ID_GAP
+    return dataclasses.replace(
+        record,
+        state=StreamState.ERROR.value,
+        last_event_id=terminal_id,
+        finished_at=time.time(),
+        terminal="error",
+        terminal_id=terminal_id,
+        terminal_data={"stream_id": record.stream_id, "message": "producer lost"},
+    )
+
+
+class StreamRegistry:
+    """Finds streams by id, limits how many run at once, forgets finished ones after a while.
+
+    With a ``store``, a stream that is not in memory (finished and forgotten, or from before a
+    restart) is found in the store: :meth:`find` returns its :class:`StreamRecord`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_streams: int = 1000,
+        retention: float = 300.0,
+        store: BlockStore | None = None,
+    ) -> None:
         self.max_streams = max_streams
         self.retention = retention
+        self.store = store
         self._streams: dict[str, Stream] = {}
         self._running = 0
 
@@ -484,7 +761,29 @@ class StreamRegistry:
         return self._running
 
     def get(self, stream_id: str) -> Stream | None:
+        """The live (in-memory) stream with this id, or None."""
         return self._streams.get(stream_id)
+
+    def find(self, stream_id: str) -> Stream | StreamRecord | None:
+        """The live stream, else its record from the store, else None.
+
+        A record still "running" here has no producer left (this backend runs producers only in
+        this process): it is ended with ``error: producer lost`` in the store, first writer wins.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is not None or self.store is None:
+            return stream
+        record = self.store.load_stream(stream_id)
+        if record is None or record.state != StreamState.RUNNING.value:
+            return record
+        log.warning("stream %s: no producer runs it any more; ending it as lost", stream_id)
+        self.store.save(lost(record), [])
+        return self.store.load_stream(stream_id)
+
+    def replay(self, record: StreamRecord, after: int) -> list[Event]:
+        """The events a reader at ``after`` gets from a stream that lives only in the store."""
+        assert self.store is not None
+        return replay(record, self.store.load_blocks(record.stream_id, after), after)
 
     def create(
         self,
@@ -507,7 +806,7 @@ class StreamRegistry:
             if on_complete is not None:
                 on_complete(stream)
 
-        stream = Stream(producer, input, on_complete=completed, **options)
+        stream = Stream(producer, input, on_complete=completed, store=self.store, **options)
         self._streams[stream.id] = stream
         self._running += 1
         if start:
@@ -515,6 +814,10 @@ class StreamRegistry:
         return stream
 
     def _forget(self, stream: Stream) -> None:
+        if not stream.saved.is_set():
+            # The store does not have all of it yet: keep serving it from memory meanwhile.
+            gevent.spawn_later(max(self.retention, 1.0), self._forget, stream)
+            return
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
 

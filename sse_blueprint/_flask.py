@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import gevent.monkey
 from flask import Blueprint, Flask, Response, current_app, json, request, url_for
@@ -26,12 +27,15 @@ from werkzeug.exceptions import HTTPException
 from . import _wire
 from ._config import SSEConfig
 from ._engine import (
+    Event,
     Producer,
     Stream,
     StreamLimitReached,
     StreamRegistry,
     Subscription,
 )
+from ._records import StreamRecord
+from ._storage import SQLStore
 
 if TYPE_CHECKING:
     from werkzeug.wrappers import Response as BaseResponse
@@ -49,6 +53,8 @@ _EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
 _ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _HEARTBEAT = _wire.encode_comment("heartbeat")
 
+P = ParamSpec("P")
+T = TypeVar("T")
 Validator = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
@@ -68,10 +74,13 @@ class _ProducerSpec:
 class _AppState:
     """What the extension keeps per app, in ``app.extensions["sse_blueprint"]``."""
 
-    def __init__(self, ext: SSE, config: SSEConfig) -> None:
+    def __init__(self, ext: SSE, config: SSEConfig, store: SQLStore) -> None:
         self.ext = ext
         self.config = config
-        self.registry = StreamRegistry(max_streams=config.max_streams, retention=config.retention)
+        self.store = store
+        self.registry = StreamRegistry(
+            max_streams=config.max_streams, retention=config.retention, store=store
+        )
         self.retry = _wire.encode_retry(config.retry_ms)
 
 
@@ -109,7 +118,12 @@ class SSE:
                 "gunicorn's gevent worker (gunicorn -k gevent) or producers will not run "
                 "concurrently with requests"
             )
-        app.extensions[EXTENSION_KEY] = _AppState(self, config)
+        url = config.database_url
+        if url is None:
+            os.makedirs(app.instance_path, exist_ok=True)
+            url = "sqlite:///" + os.path.join(app.instance_path, "sse_blueprint.sqlite3")
+        store = SQLStore(url, create_tables=config.create_tables)
+        app.extensions[EXTENSION_KEY] = _AppState(self, config, store)
         prefix = self.url_prefix if url_prefix is None else url_prefix
         app.register_blueprint(self.blueprint, url_prefix=prefix)
 
@@ -168,6 +182,7 @@ class SSE:
             producer_name=name,
             timeout=timeout,
             client_queue=state.config.client_queue,
+            buffer_size=state.config.buffer_size,
         )
 
 
@@ -249,18 +264,24 @@ def _make_blueprint() -> Blueprint:
     @route("/streams/<stream_id>", ["GET"])
     def read_stream(stream_id: str) -> BaseResponse:
         state = _state()
-        stream = _find(state, stream_id)
+        found = _find(state, stream_id)
         last_id = _last_event_id()
         ndjson = _wants_ndjson()
-        terminal = stream.terminal_event
-        if terminal is not None and last_id >= terminal.id:
-            return Response(status=204)  # tells EventSource to stop reconnecting
         config = state.config
-        sub = stream.subscribe(last_id, on_cut=_connection_closer(request.environ))
-        if ndjson:
-            body = _follow(sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True)
-        else:
-            body = _follow(sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False)
+        if isinstance(found, Stream):
+            terminal = found.terminal_event
+            if terminal is not None and last_id >= terminal.id:
+                return Response(status=204)  # tells EventSource to stop reconnecting
+            sub = found.subscribe(last_id, on_cut=_connection_closer(request.environ))
+            if ndjson:
+                body = _follow(sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True)
+            else:
+                body = _follow(sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False)
+        else:  # only in the store: it has ended
+            if found.terminal_id is not None and last_id >= found.terminal_id:
+                return Response(status=204)
+            events = _store_call(state.registry.replay, found, last_id)
+            body = iter([_encode(events, ndjson, b"" if ndjson else state.retry)])
         response = Response(
             body, status=200, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE
         )
@@ -274,9 +295,9 @@ def _make_blueprint() -> Blueprint:
 
     @route("/streams/<stream_id>/cancel", ["POST"])
     def cancel_stream(stream_id: str) -> tuple[dict[str, Any], int]:
-        stream = _find(_state(), stream_id)
-        cancelled = stream.cancel()
-        return _status(stream), 202 if cancelled else 200
+        found = _find(_state(), stream_id)
+        cancelled = isinstance(found, Stream) and found.cancel()
+        return _status(found), 202 if cancelled else 200
 
     @bp.route("/streams/<path:rest>", methods=sorted(_ALL_METHODS))
     def no_such_path(rest: str) -> NoReturn:
@@ -301,13 +322,22 @@ def _make_blueprint() -> Blueprint:
     return bp
 
 
-def _find(state: _AppState, stream_id: str) -> Stream:
+def _find(state: _AppState, stream_id: str) -> Stream | StreamRecord:
     if not _STREAM_ID.match(stream_id):
         _error(404, "stream not found")
-    stream = state.registry.get(stream_id)
-    if stream is None:
+    found = _store_call(state.registry.find, stream_id)
+    if found is None:
         _error(404, "stream not found")
-    return stream
+    return found
+
+
+def _store_call(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call something that may read the store; an unreachable store is a 503, not a 500."""
+    try:
+        return func(*args, **kwargs)
+    except Exception:
+        log.exception("stream store unavailable")
+        _error(503, "stream storage is unavailable; retry shortly", {"Retry-After": "2"})
 
 
 def _json_body(limit: int) -> dict[str, Any]:
@@ -352,16 +382,32 @@ def _wants_ndjson() -> bool:
     return best == NDJSON_MIMETYPE
 
 
-def _status(stream: Stream) -> dict[str, Any]:
+def _status(found: Stream | StreamRecord) -> dict[str, Any]:
+    if isinstance(found, StreamRecord):
+        return {
+            "stream_id": found.stream_id,
+            "state": found.state,
+            "last_event_id": found.terminal_id or found.last_event_id,
+            "producer": found.producer,
+            "created_at": found.created_at,
+            "finished_at": found.finished_at,
+            "subscribers": 0,
+        }
     return {
-        "stream_id": stream.id,
-        "state": stream.state.value,
-        "last_event_id": stream.last_event_id,
-        "producer": stream.producer_name,
-        "created_at": stream.created_at,
-        "finished_at": stream.finished_at,
-        "subscribers": stream.subscriber_count,
+        "stream_id": found.id,
+        "state": found.state.value,
+        "last_event_id": found.last_event_id,
+        "producer": found.producer_name,
+        "created_at": found.created_at,
+        "finished_at": found.finished_at,
+        "subscribers": found.subscriber_count,
     }
+
+
+def _encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
+    if ndjson:
+        return preamble + b"".join(e.ndjson for e in events)
+    return preamble + b"".join(e.sse for e in events)
 
 
 def _connection_closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
@@ -408,10 +454,7 @@ def _follow(
         while True:
             events = sub.poll(heartbeat_interval)
             if events:
-                if ndjson:
-                    yield b"".join(e.ndjson for e in events)
-                else:
-                    yield b"".join(e.sse for e in events)
+                yield _encode(events, ndjson, b"")
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
                 return

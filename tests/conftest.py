@@ -51,6 +51,8 @@ class LiveServer:
     ) -> None:
         self.log_path = log_path
         self.config = dict(config or {})
+        # Each server gets its own database unless the test shares one on purpose.
+        self.config.setdefault("SSE_DATABASE_URL", f"sqlite:///{log_path.parent / 'sse.sqlite3'}")
         self.app = app
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None

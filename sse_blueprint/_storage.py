@@ -1,0 +1,287 @@
+"""Turn blocks and stream records in SQLAlchemy (SQLite or PostgreSQL).
+
+Tables (``sse_streams``, ``sse_turn_blocks``) are defined on this module's own :data:`metadata`,
+which a host app can hand to Alembic next to its own (see the README). Every call is one short
+transaction; nothing is held while a response streams.
+
+gevent: PostgreSQL goes through psycopg 3, which cooperates with gevent by itself (3.1.14+).
+SQLite is a C library that blocks its thread, so each SQLite call runs in gevent's threadpool and
+only the calling greenlet waits. A file database uses a fresh connection per call (cheap for SQLite,
+and no pool lock shared between threads); ``sqlite://`` (in memory) keeps one connection and runs
+on the calling greenlet, which is fine for tests and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import gevent
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool, StaticPool
+
+from ._records import StreamRecord, TurnBlock
+
+__all__ = ["SQLStore", "StreamRow", "TurnBlockRow", "metadata"]
+
+T = TypeVar("T")
+
+#: The library's tables. Include it in your Alembic ``target_metadata`` (a list is allowed).
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_BigInt = BigInteger().with_variant(Integer, "sqlite")
+
+
+class _Base(DeclarativeBase):
+    metadata = metadata
+
+
+class StreamRow(_Base):
+    """One row per stream: its state, position and terminal event."""
+
+    __tablename__ = "sse_streams"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    producer: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    terminal_event: Mapped[str | None] = mapped_column(String(32))
+    terminal_event_id: Mapped[int | None] = mapped_column(BigInteger)
+    terminal_data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TurnBlockRow(_Base):
+    """One row per block of a stream: its content as of ``last_event_id``."""
+
+    __tablename__ = "sse_turn_blocks"
+    __table_args__ = (
+        UniqueConstraint("stream_id", "block_index"),
+        # Catch-up asks for the blocks of a stream whose last covered id is past a position.
+        Index(None, "stream_id", "last_event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigInt, primary_key=True, autoincrement=True)
+    stream_id: Mapped[str] = mapped_column(ForeignKey("sse_streams.id", ondelete="CASCADE"))
+    block_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    content: Mapped[str] = mapped_column(Text)
+    first_event_id: Mapped[int] = mapped_column(BigInteger)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+_streams = metadata.tables["sse_streams"]
+_blocks = metadata.tables["sse_turn_blocks"]
+
+
+def _to_datetime(timestamp: float | None) -> dt.datetime | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
+def _to_timestamp(value: dt.datetime | None) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite returns naive datetimes; we store UTC
+        value = value.replace(tzinfo=dt.UTC)
+    return value.timestamp()
+
+
+class SQLStore:
+    """A :class:`~sse_blueprint.BlockStore` on SQLAlchemy: SQLite (default) or PostgreSQL.
+
+    ``url`` is a SQLAlchemy URL (``sqlite:////path/db.sqlite3``,
+    ``postgresql+psycopg://user@host/db``) or an :class:`~sqlalchemy.Engine` of your own.
+    """
+
+    def __init__(self, url: str | Engine, *, create_tables: bool = True) -> None:
+        self.engine = url if isinstance(url, Engine) else _make_engine(url)
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"SSE_DATABASE_URL: {dialect} is not supported; use SQLite or PostgreSQL"
+            )
+        # Both dialects have INSERT ... ON CONFLICT DO UPDATE ... WHERE, with the same API.
+        self._insert: Callable[[Table], Any] = (
+            sqlite.insert if dialect == "sqlite" else postgresql.insert
+        )
+        memory = dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
+        self._threaded = dialect == "sqlite" and not memory
+        if create_tables:
+            self._call(metadata.create_all, self.engine)
+
+    def _call(self, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool)."""
+        if self._threaded:
+            result: T = gevent.get_hub().threadpool.apply(func, args)
+            return result
+        return func(*args)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- the BlockStore interface ------------------------------------------------------------
+
+    def save(self, record: StreamRecord, blocks: Sequence[TurnBlock]) -> None:
+        self._call(self._save, record, blocks)
+
+    def load_stream(self, stream_id: str) -> StreamRecord | None:
+        return self._call(self._load_stream, stream_id)
+
+    def load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
+        return self._call(self._load_blocks, stream_id, after_id)
+
+    # -- the work, on whatever thread _call picked --------------------------------------------
+
+    def _save(self, record: StreamRecord, blocks: Sequence[TurnBlock]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        row = {
+            "id": record.stream_id,
+            "producer": record.producer,
+            "state": record.state,
+            "metadata": dict(record.metadata),
+            "last_event_id": record.last_event_id,
+            "terminal_event": record.terminal,
+            "terminal_event_id": record.terminal_id,
+            "terminal_data": None if record.terminal_data is None else dict(record.terminal_data),
+            "created_at": _to_datetime(record.created_at),
+            "updated_at": now,
+            "finished_at": _to_datetime(record.finished_at),
+        }
+        insert_stream = self._insert(_streams).values(row)
+        upsert_stream = insert_stream.on_conflict_do_update(
+            index_elements=[_streams.c.id],
+            set_={
+                key: insert_stream.excluded[key]
+                for key in row
+                if key not in ("id", "producer", "created_at")
+            },
+            # Forward only: a stream that ended stays as it ended (the first terminal wins).
+            where=(_streams.c.state == "running")
+            & (_streams.c.last_event_id <= insert_stream.excluded.last_event_id),
+        )
+        with self.engine.begin() as conn:
+            conn.execute(upsert_stream)
+            if blocks:
+                insert_blocks = self._insert(_blocks).values(
+                    [
+                        {
+                            "stream_id": b.stream_id,
+                            "block_index": b.block,
+                            "kind": b.kind,
+                            "content": b.content,
+                            "first_event_id": b.first_event_id,
+                            "last_event_id": b.last_event_id,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                        for b in blocks
+                    ]
+                )
+                conn.execute(
+                    insert_blocks.on_conflict_do_update(
+                        index_elements=[_blocks.c.stream_id, _blocks.c.block_index],
+                        set_={
+                            "kind": insert_blocks.excluded.kind,
+                            "content": insert_blocks.excluded.content,
+                            "last_event_id": insert_blocks.excluded.last_event_id,
+                            "updated_at": insert_blocks.excluded.updated_at,
+                        },
+                        # Forward only: never replace a block with an older version of itself.
+                        where=_blocks.c.last_event_id < insert_blocks.excluded.last_event_id,
+                    )
+                )
+
+    def _load_stream(self, stream_id: str) -> StreamRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_streams).where(_streams.c.id == stream_id)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        created = _to_timestamp(m["created_at"])
+        return StreamRecord(
+            stream_id=m["id"],
+            producer=m["producer"],
+            state=m["state"],
+            last_event_id=m["last_event_id"],
+            created_at=created if created is not None else 0.0,
+            metadata=m["metadata"] or {},
+            finished_at=_to_timestamp(m["finished_at"]),
+            terminal=m["terminal_event"],
+            terminal_id=m["terminal_event_id"],
+            terminal_data=m["terminal_data"],
+        )
+
+    def _load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
+        query = (
+            select(_blocks)
+            .where(_blocks.c.stream_id == stream_id, _blocks.c.last_event_id > after_id)
+            .order_by(_blocks.c.last_event_id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            TurnBlock(
+                stream_id=r.stream_id,
+                block=r.block_index,
+                kind=r.kind,
+                content=r.content,
+                first_event_id=r.first_event_id,
+                last_event_id=r.last_event_id,
+            )
+            for r in rows
+        ]
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url,
+            poolclass=StaticPool if memory else NullPool,
+            connect_args={"check_same_thread": False, "timeout": 5},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    # PostgreSQL (psycopg 3): a pool sized for greenlets, short waits, dead connections dropped.
+    return create_engine(
+        url, pool_size=10, max_overflow=20, pool_timeout=10, pool_pre_ping=True, pool_recycle=1800
+    )
