@@ -1,0 +1,383 @@
+"""Persist-and-trim and two-tier catch-up in the engine, on a real SQLStore (SQLite in memory).
+
+The store is wrapped to fail or to be slow on demand; everything else is the real thing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import gevent
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sse_blueprint import _engine
+from sse_blueprint._engine import (
+    LOST_ID_GAP,
+    Event,
+    ProducerContext,
+    Stream,
+    StreamRegistry,
+    lost,
+    replay,
+)
+from sse_blueprint._records import StreamRecord, TurnBlock
+from sse_blueprint._storage import SQLStore
+from tests.sse_parser import Transcript
+
+
+class FlakyStore:
+    """A real store whose writes can fail or take time, on demand."""
+
+    def __init__(self, rng: random.Random | None = None, failure_rate: float = 0.0) -> None:
+        self.inner = SQLStore("sqlite://")
+        self.rng = rng or random.Random(0)
+        self.failure_rate = failure_rate
+        self.fail_next = 0
+        self.write_delay = 0.0
+        self.saves = 0
+        self.failures = 0
+
+    def save(self, record: StreamRecord, blocks: Sequence[TurnBlock]) -> None:
+        if self.write_delay and blocks:
+            gevent.sleep(self.write_delay)  # the producer keeps sending meanwhile
+        if self.fail_next > 0 or self.rng.random() < self.failure_rate:
+            self.fail_next = max(0, self.fail_next - 1)
+            self.failures += 1
+            raise OSError("injected database failure")
+        self.saves += 1
+        self.inner.save(record, blocks)
+
+    def load_stream(self, stream_id: str) -> StreamRecord | None:
+        return self.inner.load_stream(stream_id)
+
+    def load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
+        return self.inner.load_blocks(stream_id, after_id)
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine, "PERSIST_RETRY_MIN", 0.001)
+    monkeypatch.setattr(_engine, "PERSIST_RETRY_MAX", 0.005)
+
+
+def apply_all(client: Transcript, events: list[Event]) -> None:
+    for e in events:
+        client.apply(e.id, e.event, e.data)
+
+
+def read_session(stream: Stream, client: Transcript, budget: int) -> None:
+    """One connection: subscribe at the client's last id, take up to ``budget`` events."""
+    sub = stream.subscribe(client.last_id)
+    try:
+        with gevent.Timeout(10):
+            taken = 0
+            while not sub.done and taken < budget:
+                events = sub.poll(0.5)
+                ids = [e.id for e in events]
+                assert ids == sorted(set(ids)), "ids must strictly increase within a response"
+                assert all(i > client.last_id for i in ids), "nothing at or before the position"
+                apply_all(client, events)
+                taken += len(events)
+    finally:
+        sub.close()
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("delta"), st.integers(0, 3), st.text(min_size=1, max_size=4)),
+        st.tuples(st.just("end"), st.integers(0, 3), st.just("")),
+        st.tuples(st.just("yield"), st.just(0), st.just("")),
+        st.tuples(st.just("note"), st.just(0), st.just("")),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    script=ops,
+    buffer_size=st.sampled_from([1, 2, 5, 12, 1000]),
+    failure_rate=st.sampled_from([0.0, 0.3]),
+    write_delay=st.sampled_from([0.0, 0.003, 0.01]),
+    clients=st.lists(st.lists(st.integers(1, 15), min_size=1, max_size=8), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32),
+)
+def test_resume_invariant_under_random_persist_trim_and_reconnects(
+    script: list[tuple[str, int, str]],
+    buffer_size: int,
+    failure_rate: float,
+    write_delay: float,
+    clients: list[list[int]],
+    seed: int,
+) -> None:
+    """Whatever the persist/trim schedule, failures and reconnect points, clients end exact."""
+    rng = random.Random(seed)
+    store = FlakyStore(rng, failure_rate)
+    store.write_delay = write_delay
+    expected: dict[int, str] = {}
+
+    def producer(ctx: ProducerContext) -> None:
+        for op, block, text in script:
+            if op == "delta":
+                sent.append((ctx.text(block, text), block, text))
+                expected[block] = expected.get(block, "") + text
+            elif op == "end":
+                ctx.end_block(block)
+            elif op == "note":
+                ctx.send("note", {"n": 1})
+            else:
+                gevent.sleep(rng.choice([0, 0.001, 0.004]))
+
+    stream = Stream(producer, buffer_size=buffer_size, store=store, client_queue=10_000)
+
+    sent: list[tuple[int, int, str]] = []  # (id, block, text) of every delta, as sent
+
+    def text_at(position: int) -> str:
+        """The exact text of the stream as of event ``position``."""
+        blocks: dict[int, str] = {}
+        for event_id, block, text in sent:
+            if event_id <= position:
+                blocks[block] = blocks.get(block, "") + text
+        return "".join(blocks[k] for k in sorted(blocks))
+
+    def client_run(budgets: list[int]) -> Transcript:
+        client = Transcript()
+        for budget in budgets:
+            read_session(stream, client, budget)
+            assert client.text() == text_at(client.last_id), "inexact after a session"
+            gevent.sleep(rng.choice([0, 0.001, 0.003, 0.02]))  # writes and trims happen meanwhile
+            if client.terminal:
+                return client
+        while client.terminal is None:
+            read_session(stream, client, 10**6)
+        return client
+
+    def coverage_monitor() -> int:
+        """The invariant catch-up stands on: store row + buffered deltas after it = the block."""
+        checks = 0
+        while not (stream.finished and stream.saved.is_set()):
+            rows = {r.block: r for r in store.inner.load_blocks(stream.id, 0)}
+            buffered = list(stream._log)  # no blocking call between this and the rows' use
+            for index, block in stream._blocks.items():
+                row = rows.get(index)
+                rebuilt = row.content if row else ""
+                after = row.last_event_id if row else 0
+                for e in buffered:
+                    if e.event == "text_delta" and e.data["block"] == index and e.id > after:
+                        rebuilt += e.data["text"]
+                assert rebuilt == "".join(block.parts), f"block {index} not covered"
+            checks += 1
+            gevent.sleep(0.0005)
+        return checks
+
+    stream.start()
+    monitor = gevent.spawn(coverage_monitor)
+    readers = [gevent.spawn(client_run, budgets) for budgets in clients]
+    gevent.joinall([*readers, monitor], raise_error=True, timeout=30)
+    assert monitor.value > 0
+    want = "".join(expected[k] for k in sorted(expected))
+    for reader in readers:
+        client = reader.value
+        assert client.text() == want
+        assert len(client.delta_ids) == len(set(client.delta_ids))
+        assert client.ids == sorted(set(client.ids))
+        assert client.terminal == "done"
+    # Everything reaches the store in the end, despite failures: a restart would serve it.
+    assert stream.saved.wait(10)
+    record = store.load_stream(stream.id)
+    assert record is not None
+    assert record.state == "done"
+    assert record.terminal_id == stream.last_event_id
+    from_store = Transcript()
+    apply_all(from_store, replay(record, store.load_blocks(stream.id, 0), 0))
+    assert from_store.text() == want
+    assert from_store.terminal == "done"
+
+
+def test_resume_after_trim_when_persist_races_send() -> None:
+    """A slow write must not trim events sent while it was in flight (the peers' bug)."""
+    store = FlakyStore()
+    store.write_delay = 0.05
+    release = gevent.event.Event()
+
+    def producer(ctx: ProducerContext) -> None:
+        for i in range(5):
+            ctx.text(0, f"a{i} ")
+        ctx.end_block(0)
+        gevent.sleep(0)  # the persister takes its snapshot (up to id 6); the write takes 50 ms...
+        for i in range(5):
+            ctx.text(1, f"b{i} ")  # ...while these are sent
+            gevent.sleep(0.001)
+        release.wait()
+
+    stream = Stream(producer, store=store, buffer_size=1000)
+    stream.start()
+    gevent.sleep(0.2)  # the write of block 0 is done and the buffer trimmed up to it
+    assert stream._trimmed_id == 6  # start (1) and block 0 (2..6); nothing of block 1
+    assert [e.id for e in stream._log] == [7, 8, 9, 10, 11]  # sent during the write: kept
+    late = Transcript()
+    sub = stream.subscribe(3)  # had seen "a0 a1" only: older than the buffer
+    apply_all(late, sub.poll(1))
+    assert late.events[0][1] == "turnblock_catchup"
+    assert late.events[0][2]["content"] == "a0 a1 a2 a3 a4 "
+    assert [e[2]["text"] for e in late.events[1:]] == [f"b{i} " for i in range(5)]
+    release.set()
+    stream.wait(2)
+
+
+def test_failed_persist_keeps_everything_then_persists() -> None:
+    store = FlakyStore()
+    store.fail_next = 5
+
+    def producer(ctx: ProducerContext) -> None:
+        for block in range(3):
+            for i in range(4):
+                ctx.text(block, f"{block}.{i} ")
+            ctx.end_block(block)
+            gevent.sleep(0)
+
+    stream = Stream(producer, store=store)
+    stream.start()
+    stream.wait(2)
+    # Whatever failed so far, a late reader from the start still gets the whole text.
+    reader = Transcript()
+    read_session(stream, reader, 10**6)
+    want = "".join(f"{b}.{i} " for b in range(3) for i in range(4))
+    assert reader.text() == want
+    assert stream.saved.wait(5)
+    assert store.failures == 5
+    assert stream.persist_failures == 5
+    record = store.load_stream(stream.id)
+    assert record is not None
+    blocks = store.load_blocks(stream.id, 0)
+    assert "".join(b.content for b in blocks) == want
+    assert stream.buffered == 1  # trimmed up to the terminal event, which always stays
+
+
+def test_buffer_overflow_persists_a_partial_block() -> None:
+    store = FlakyStore()
+    pause = gevent.event.Event()
+
+    def producer(ctx: ProducerContext) -> None:
+        for i in range(50):  # one long block, never ended
+            ctx.text(0, f"{i},")
+        pause.wait()
+
+    stream = Stream(producer, store=store, buffer_size=10)
+    stream.start()
+    gevent.sleep(0.05)
+    rows = store.load_blocks(stream.id, 0)
+    assert len(rows) == 1
+    assert rows[0].content == "".join(f"{i}," for i in range(50))[: len(rows[0].content)]
+    assert stream.buffered <= 11
+    late = Transcript()
+    sub = stream.subscribe(2)
+    apply_all(late, sub.poll(1))
+    assert late.text() == "".join(f"{i}," for i in range(50))
+    pause.set()
+    stream.wait(1)
+
+
+def test_reader_pins_the_buffer_until_it_has_read() -> None:
+    store = FlakyStore()
+    go = gevent.event.Event()
+
+    def producer(ctx: ProducerContext) -> None:
+        for i in range(10):
+            ctx.text(0, str(i))
+        go.wait()
+        ctx.end_block(0)
+        go.clear()
+        go.wait()
+
+    stream = Stream(producer, store=store)
+    slow = stream.subscribe(0)
+    stream.start()
+    gevent.sleep(0.01)
+    go.set()
+    gevent.sleep(0.05)
+    assert stream.buffered == 11  # persisted, but the reader has not taken them: kept
+    events = slow.poll(0)
+    assert [e.id for e in events] == list(range(1, 12))
+    stream._trim(stream._persisted_id)
+    assert stream.buffered == 1
+    go.set()
+    stream.wait(1)
+
+
+def test_catch_up_when_the_store_fails_cuts_the_reader() -> None:
+    store = FlakyStore()
+
+    def producer(ctx: ProducerContext) -> None:
+        ctx.text(0, "x")
+        ctx.end_block(0)
+        ctx.sleep(10)
+
+    stream = Stream(producer, store=store)
+    stream.start()
+    gevent.sleep(0.05)
+
+    def broken(stream_id: str, after_id: int) -> list[TurnBlock]:
+        raise OSError("down")
+
+    store.load_blocks = broken  # type: ignore[method-assign]
+    sub = stream.subscribe(0)
+    assert sub.poll(1) == []
+    assert sub.cut
+    assert sub.done
+    stream.cancel()
+
+
+def test_registry_serves_forgotten_streams_from_the_store_and_ends_lost_ones() -> None:
+    store = FlakyStore()
+    registry = StreamRegistry(store=store.inner, retention=0.01)
+
+    def producer(ctx: ProducerContext) -> dict[str, Any]:
+        ctx.text(0, "hello ")
+        ctx.text(1, "world")
+        return {"ok": True}
+
+    stream = registry.create(producer, producer_name="p")
+    stream.wait(1)
+    assert stream.saved.wait(2)
+    gevent.sleep(0.05)
+    assert registry.get(stream.id) is None  # forgotten from memory...
+    found = registry.find(stream.id)  # ...but found in the store
+    assert isinstance(found, StreamRecord)
+    client = Transcript()
+    apply_all(client, registry.replay(found, 0))
+    assert client.text() == "hello world"
+    assert client.events[0][1] == "start"
+    assert client.terminal == "done"
+    assert client.events[-1][2] == {"stream_id": stream.id, "ok": True}
+    # A record left "running" by a dead process ends as lost, past any id it could have sent.
+    orphan = StreamRecord("orphan", "p", "running", last_event_id=7, created_at=1.0)
+    store.inner.save(orphan, [TurnBlock("orphan", 0, "text", "par", 2, 7)])
+    ended = registry.find("orphan")
+    assert isinstance(ended, StreamRecord)
+    assert ended.state == "error"
+    assert ended.terminal_id == 7 + LOST_ID_GAP
+    assert ended.terminal_data == {"stream_id": "orphan", "message": "producer lost"}
+    # The first terminal wins: a late "done" from the old owner changes nothing.
+    store.inner.save(
+        StreamRecord("orphan", "p", "done", 9, 1.0, terminal="done", terminal_id=9), []
+    )
+    again = store.inner.load_stream("orphan")
+    assert again is not None
+    assert again.state == "error"
+    assert lost(orphan).terminal == "error"
+
+
+def test_block_rows_only_move_forward() -> None:
+    store = SQLStore("sqlite://")
+    record = StreamRecord("s", "p", "running", 10, 1.0)
+    store.save(record, [TurnBlock("s", 0, "text", "new content", 2, 10)])
+    store.save(record, [TurnBlock("s", 0, "text", "old", 2, 5)])  # a late, older write
+    assert store.load_blocks("s", 0)[0].content == "new content"
+    assert store.load_blocks("s", 10) == []
+    assert [b.block for b in store.load_blocks("s", 9)] == [0]
