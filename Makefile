@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+system-deps:
+	bash scripts/system-deps.sh
+
+test: lint typecheck system-deps
 	GEVENT_MONITOR_THREAD_ENABLE=1 $(BIN)/python -m pytest
 
 clean:

@@ -74,7 +74,7 @@ class StreamRow(_Base):
     last_event_id: Mapped[int] = mapped_column(BigInteger)
     terminal_event: Mapped[str | None] = mapped_column(String(32))
     terminal_event_id: Mapped[int | None] = mapped_column(BigInteger)
-    terminal_data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    terminal_data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -142,10 +142,14 @@ class SQLStore:
 
     def _call(self, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool)."""
-        if self._threaded:
-            result: T = gevent.get_hub().threadpool.apply(func, args)
-            return result
-        return func(*args)
+        if not self._threaded:
+            return func(*args)
+        # The exception travels back as a value: gevent would print it from the worker thread.
+        ok, value = gevent.get_hub().threadpool.apply(_capture, (func, args))
+        if not ok:
+            raise value
+        result: T = value
+        return result
 
     def close(self) -> None:
         self.engine.dispose()
@@ -261,6 +265,13 @@ class SQLStore:
             )
             for r in rows
         ]
+
+
+def _capture(func: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    try:
+        return True, func(*args)
+    except Exception as exc:
+        return False, exc
 
 
 def _make_engine(url: str) -> Engine:
