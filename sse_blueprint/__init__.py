@@ -36,25 +36,32 @@ from ._engine import (
     Subscription,
 )
 from ._flask import SSE, InputError
+from ._records import BlockStore, StreamRecord, TurnBlock
+from ._storage import SQLStore, metadata
 from ._wire import WireFormatError
 
 __all__ = [
     "SSE",
     "TERMINAL_EVENTS",
+    "BlockStore",
     "ConfigError",
     "Event",
     "InputError",
     "Producer",
     "ProducerContext",
     "ProducerError",
+    "SQLStore",
     "SSEConfig",
     "Stream",
     "StreamClosed",
     "StreamLimitReached",
+    "StreamRecord",
     "StreamRegistry",
     "StreamState",
     "Subscription",
+    "TurnBlock",
     "WireFormatError",
+    "metadata",
 ]
 
 __version__ = "0.1.0"

@@ -34,7 +34,7 @@ from ._engine import (
     StreamRegistry,
     Subscription,
 )
-from ._records import StreamRecord
+from ._records import BlockStore, StreamRecord
 from ._storage import SQLStore
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class _ProducerSpec:
 class _AppState:
     """What the extension keeps per app, in ``app.extensions["sse_blueprint"]``."""
 
-    def __init__(self, ext: SSE, config: SSEConfig, store: SQLStore) -> None:
+    def __init__(self, ext: SSE, config: SSEConfig, store: BlockStore) -> None:
         self.ext = ext
         self.config = config
         self.store = store
@@ -109,8 +109,14 @@ class SSE:
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask, *, url_prefix: str | None = None) -> None:
-        """Read the ``SSE_*`` config, set up the stream registry and mount the blueprint."""
+    def init_app(
+        self, app: Flask, *, url_prefix: str | None = None, store: BlockStore | None = None
+    ) -> None:
+        """Read the ``SSE_*`` config, set up the stream registry and mount the blueprint.
+
+        Turn blocks go to ``SSE_DATABASE_URL`` (an :class:`~sse_blueprint.SQLStore`), or to
+        ``store`` if you pass one of your own.
+        """
         config = SSEConfig.from_mapping(app.config)
         if not gevent.monkey.is_module_patched("socket"):
             log.warning(
@@ -118,11 +124,12 @@ class SSE:
                 "gunicorn's gevent worker (gunicorn -k gevent) or producers will not run "
                 "concurrently with requests"
             )
-        url = config.database_url
-        if url is None:
-            os.makedirs(app.instance_path, exist_ok=True)
-            url = "sqlite:///" + os.path.join(app.instance_path, "sse_blueprint.sqlite3")
-        store = SQLStore(url, create_tables=config.create_tables)
+        if store is None:
+            url = config.database_url
+            if url is None:
+                os.makedirs(app.instance_path, exist_ok=True)
+                url = "sqlite:///" + os.path.join(app.instance_path, "sse_blueprint.sqlite3")
+            store = SQLStore(url, create_tables=config.create_tables)
         app.extensions[EXTENSION_KEY] = _AppState(self, config, store)
         prefix = self.url_prefix if url_prefix is None else url_prefix
         app.register_blueprint(self.blueprint, url_prefix=prefix)
