@@ -30,7 +30,7 @@ system-deps:
 	bash scripts/system-deps.sh
 
 test: lint typecheck system-deps
-	GEVENT_MONITOR_THREAD_ENABLE=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -285,7 +285,10 @@ class Subscription:
         """Stop following the stream. Idempotent."""
         if not self.closed:
             self.closed = True
-            self._stream._subscribers.discard(self)
+            stream = self._stream
+            stream._subscribers.discard(self)
+            if stream._persisted_id > stream._trimmed_id:
+                stream._trim(stream._persisted_id)  # this reader may have been holding it back
 
 
 class _Block:
@@ -541,7 +544,10 @@ class Stream:
                     self._dirty.discard(saved.block)
             if last_id > self._persisted_id:
                 self._persisted_id, self._persisted_pos = last_id, end_pos
-            self._trim(self._persisted_id)
+            if blocks or len(self._log) > self.buffer_size:
+                # (A write of the record alone trims nothing: that would only send new readers
+                # to the store for the ``start`` event.)
+                self._trim(self._persisted_id)
             if self.finished and self._persisted_id >= self._last_id:
                 if not self.saved.is_set():
                     log.debug("stream %s: saved", self.id)

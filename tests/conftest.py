@@ -1,8 +1,9 @@
 """Fixtures: a real gunicorn (gevent worker) on a loopback port, and HTTP helpers.
 
 The listening socket is made here and handed to gunicorn (``--bind fd://N``), so there is no race
-for a free port. Every server's log is checked when it stops: a traceback or a gevent blocking
-report that points into our code fails the test that used it.
+for a free port. Every server runs with ``GEVENT_MONITOR_THREAD_ENABLE=1`` and its log is checked
+when it stops: a traceback, or a gevent blocking report that points into our code, fails the run.
+(The pytest process itself is not monitored: it is not a gevent server and blocks as it likes.)
 """
 
 from __future__ import annotations
