@@ -382,3 +382,35 @@ def test_block_rows_only_move_forward() -> None:
     assert store.load_blocks("s", 0)[0].content == "new content"
     assert store.load_blocks("s", 10) == []
     assert [b.block for b in store.load_blocks("s", 9)] == [0]
+
+
+def test_producer_that_persists_its_own_way_uses_snapshot_and_trim() -> None:
+    """A producer with its own store: it saves blocks itself, then trims what it saved."""
+    own = SQLStore("sqlite://")
+    trimmed: list[int] = []
+
+    def producer(ctx: ProducerContext) -> None:
+        for i in range(4):
+            ctx.text(0, f"w{i} ")
+        events = ctx.snapshot()
+        assert [e.event for e in events] == ["start"] + ["text_delta"] * 4
+        last = events[-1].id
+        content = "".join(e.data["text"] for e in events if e.event == "text_delta")
+        own.save(
+            ctx_record(ctx.stream_id, last), [TurnBlock(ctx.stream_id, 0, "text", content, 2, last)]
+        )
+        trimmed.append(ctx.trim(last))
+        ctx.text(1, "tail")
+
+    def ctx_record(stream_id: str, last: int) -> StreamRecord:
+        return StreamRecord(stream_id, "own", "running", last, 1.0)
+
+    stream = Stream(producer, store=own)
+    stream.start()
+    stream.wait(1)
+    assert trimmed == [4]  # start and the 4 deltas went; the newest event always stays
+    client = Transcript()
+    read_session(stream, client, 100)
+    assert client.text() == "w0 w1 w2 w3 tail"
+    assert client.events[0][1] == "start"
+    assert client.events[1][1] == "turnblock_catchup"
