@@ -65,3 +65,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """The client lives in ``sse_blueprint.client`` (needs the ``client`` extra: httpx)."""
+    if name in ("StreamClient", "StreamReader", "CircuitBreaker"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'sse_blueprint' has no attribute {name!r}")

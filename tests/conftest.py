@@ -52,6 +52,7 @@ class LiveServer:
         *,
         app: str = "app:app",
         workers: int = 1,
+        port: int = 0,
     ) -> None:
         self.log_path = log_path
         self.config = dict(config or {})
@@ -59,13 +60,14 @@ class LiveServer:
         self.config.setdefault("SSE_DATABASE_URL", f"sqlite:///{log_path.parent / 'sse.sqlite3'}")
         self.app = app
         self.workers = workers
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
     def start(self) -> LiveServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", self.port))
         sock.listen(2048)
         port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
