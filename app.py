@@ -1,19 +1,23 @@
-"""Reference app: the sse_blueprint extension mounted at ``/api`` with the ``demo`` producer.
+"""Reference app: a small chat and a job page on sse_blueprint, mounted at ``/api``.
 
+Producers: ``demo`` (the contract's stand-in for an LLM), ``chat`` (the same, writing an assistant
+reply and saving it when the stream ends) and ``progress`` (a long job reporting progress).
 Serve it with ``make run`` (gunicorn, gevent worker, ``gunicorn.conf.py``). Every ``SSE_*`` key
 can be set from the environment as ``FLASK_SSE_*``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import gevent
-from flask import Flask
+from flask import Flask, abort, render_template, request
 
-from sse_blueprint import SSE, InputError, ProducerContext
+from models import ChatStore
+from sse_blueprint import SSE, InputError, ProducerContext, StreamClosed, StreamLimitReached
 
 sse = SSE()
 
@@ -52,24 +56,100 @@ def validate_demo(input: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def stream_text(
+    ctx: ProducerContext, text: str, size: int, interval_ms: int, sent: list[str] | None = None
+) -> int:
+    """Stream ``text`` block by block as ``text_delta`` events; return the blocks sent.
+
+    Each chunk is appended to ``sent`` once it is in the stream.
+    """
+    interval = interval_ms / 1000
+    blocks = split_blocks(text)
+    count = 0
+    for index, block in enumerate(blocks):
+        for start in range(0, len(block), size):
+            chunk = block[start : start + size]
+            ctx.text(index, chunk)
+            if sent is not None:
+                sent.append(chunk)
+            count += 1
+            if interval:
+                ctx.sleep(interval)
+            elif count % 64 == 0:
+                gevent.sleep(0)  # let readers run during a long burst
+        ctx.end_block(index)
+    return len(blocks)
+
+
 @sse.producer("demo", validate=validate_demo)
 def demo(ctx: ProducerContext) -> dict[str, Any]:
     """A stand-in for an LLM: stream ``text`` block by block as ``text_delta`` events."""
     text: str = ctx.input["text"]
-    size: int = ctx.input["chunk_size"]
-    interval = ctx.input["interval_ms"] / 1000
-    blocks = split_blocks(text)
-    sent = 0
-    for index, block in enumerate(blocks):
-        for start in range(0, len(block), size):
-            ctx.text(index, block[start : start + size])
-            sent += 1
-            if interval:
-                ctx.sleep(interval)
-            elif sent % 64 == 0:
-                gevent.sleep(0)  # let readers run during a long burst
-        ctx.end_block(index)
-    return {"blocks": len(blocks), "characters": len(text)}
+    blocks = stream_text(ctx, text, ctx.input["chunk_size"], ctx.input["interval_ms"])
+    return {"blocks": blocks, "characters": len(text)}
+
+
+def compose_reply(prompt: str) -> str:
+    """The stand-in LLM's answer: deterministic, a few paragraphs, so tests can check it."""
+    topic = " ".join(prompt.split()[:8]) or "that"
+    return (
+        f"You asked: \u201c{topic}\u201d. Here is how I would think about it.\n\n"
+        "A reply like this one is written by a producer that runs on its own greenlet, "
+        "detached from the request that started it. Every reader follows the same buffer.\n\n"
+        "If your connection drops, the browser reconnects with the id of the last event it "
+        "saw and catches up exactly: finished paragraphs arrive whole, the rest as deltas.\n\n"
+        "When the stream ends, the app saves this message, so it is here after a reload too."
+    )
+
+
+def validate_chat(input: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not isinstance(input.get("store"), ChatStore) or not isinstance(
+        input.get("message_id"), int
+    ):
+        raise InputError("chat replies are started by POST /chat/conversations/<id>/messages")
+    return {
+        **input,
+        "chunk_size": _int_field(input, "chunk_size", 4, 1, 1000),
+        "interval_ms": _int_field(input, "interval_ms", 25, 0, 10_000),
+    }
+
+
+@sse.producer("chat", validate=validate_chat)
+def chat(ctx: ProducerContext) -> dict[str, Any]:
+    """Write the assistant's reply to ``prompt`` and save it as message ``message_id``."""
+    reply = compose_reply(str(ctx.input.get("prompt", "")))
+    store: ChatStore = ctx.input["store"]
+    message_id: int = ctx.input["message_id"]
+    size, interval = ctx.input["chunk_size"], ctx.input["interval_ms"]
+    sent: list[str] = []
+    state = "error"
+    try:
+        stream_text(ctx, reply, size, interval, sent)
+        state = "done"
+    except StreamClosed:
+        state = "cancelled"
+        raise
+    finally:  # saved when the stream ends, however it ends; no transaction held meanwhile
+        store.update_message(message_id, content="".join(sent), state=state)
+    return {"message_id": message_id}
+
+
+def validate_progress(input: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "steps": _int_field(input, "steps", 20, 1, 1000),
+        "interval_ms": _int_field(input, "interval_ms", 100, 0, 60_000),
+    }
+
+
+@sse.producer("progress", validate=validate_progress)
+def progress(ctx: ProducerContext) -> dict[str, Any]:
+    """A long job: ``progress`` events with a percentage, then ``done`` with a result."""
+    steps: int = ctx.input["steps"]
+    for step in range(1, steps + 1):
+        ctx.sleep(ctx.input["interval_ms"] / 1000)
+        percent = round(100 * step / steps)
+        ctx.send("progress", {"percent": percent, "message": f"step {step} of {steps}"})
+    return {"result": f"processed {steps} items"}
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -78,15 +158,69 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env()
     if config:
         app.config.update(config)
+    if not app.config.get("SSE_DATABASE_URL"):
+        # One database for the app's tables and the library's, as a real app would have.
+        os.makedirs(app.instance_path, exist_ok=True)
+        app.config["SSE_DATABASE_URL"] = "sqlite:///" + os.path.join(
+            app.instance_path, "app.sqlite3"
+        )
     sse.init_app(app, url_prefix="/api")
+    store = app.extensions["chat_store"] = ChatStore(app.config["SSE_DATABASE_URL"])
 
     @app.get("/")
-    def index() -> dict[str, Any]:
+    def index() -> str:
+        return render_template("index.html", conversations=store.conversations())
+
+    @app.get("/chat/conversations")
+    def list_conversations() -> dict[str, Any]:
+        return {"conversations": store.conversations()}
+
+    @app.post("/chat/conversations")
+    def create_conversation() -> tuple[dict[str, Any], int]:
+        body = request.get_json(silent=True) or {}
+        title = body.get("title") if isinstance(body, dict) else None
+        return store.create_conversation(title if isinstance(title, str) else "New chat"), 201
+
+    @app.get("/chat/conversations/<int:conversation_id>")
+    def show_conversation(conversation_id: int) -> dict[str, Any]:
+        conversation = store.conversation(conversation_id)
+        if conversation is None:
+            abort(404)
+        return conversation
+
+    @app.post("/chat/conversations/<int:conversation_id>/messages")
+    def post_message(conversation_id: int) -> tuple[dict[str, Any], int]:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            body = {}
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip() or len(text) > 10_000:
+            return {"error": '"text" must be a non-empty string (at most 10000 characters)'}, 400
+        saved = store.add_exchange(conversation_id, text.strip())
+        if saved is None:
+            return {"error": "conversation not found"}, 404
+        user, reply_id = saved
+        options = {k: body[k] for k in ("chunk_size", "interval_ms") if k in body}
+        try:
+            stream = sse.start(
+                "chat", {"prompt": text, "message_id": reply_id, "store": store, **options}
+            )
+        except InputError as exc:
+            store.update_message(reply_id, state="error")
+            return {"error": str(exc)}, 400
+        except StreamLimitReached:
+            store.update_message(reply_id, state="error")
+            return {"error": "too many replies in progress; retry shortly"}, 503
+        store.update_message(reply_id, stream_id=stream.id)
         return {
-            "name": "sse-blueprint reference app",
-            "producers": list(sse.producers),
-            "create": "POST /api/streams",
-        }
+            "user": user,
+            "reply": {"id": reply_id, "stream_id": stream.id},
+            "stream_url": f"/api/streams/{stream.id}",
+        }, 201
+
+    @app.errorhandler(404)
+    def not_found(error: Exception) -> tuple[dict[str, str], int]:
+        return {"error": "not found"}, 404
 
     return app
 

@@ -37,7 +37,7 @@ from ._engine import (
 )
 from ._flask import SSE, InputError
 from ._records import BlockStore, StreamRecord, TurnBlock
-from ._storage import SQLStore, metadata
+from ._storage import SQLStore, metadata, run_blocking
 from ._wire import WireFormatError
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "TurnBlock",
     "WireFormatError",
     "metadata",
+    "run_blocking",
 ]
 
 __version__ = "0.1.0"

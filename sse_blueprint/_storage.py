@@ -41,7 +41,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from ._records import StreamRecord, TurnBlock
 
-__all__ = ["SQLStore", "StreamRow", "TurnBlockRow", "metadata"]
+__all__ = ["SQLStore", "StreamRow", "TurnBlockRow", "metadata", "run_blocking"]
 
 T = TypeVar("T")
 
@@ -142,14 +142,7 @@ class SQLStore:
 
     def _call(self, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool)."""
-        if not self._threaded:
-            return func(*args)
-        # The exception travels back as a value: gevent would print it from the worker thread.
-        ok, value = gevent.get_hub().threadpool.apply(_capture, (func, args))
-        if not ok:
-            raise value
-        result: T = value
-        return result
+        return run_blocking(func, *args) if self._threaded else func(*args)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -265,6 +258,19 @@ class SQLStore:
             )
             for r in rows
         ]
+
+
+def run_blocking(func: Callable[..., T], *args: Any) -> T:
+    """Call ``func(*args)`` in gevent's threadpool; only the calling greenlet waits.
+
+    For blocking C libraries such as SQLite. Exceptions are raised in the caller (and not also
+    printed by gevent from the worker thread).
+    """
+    ok, value = gevent.get_hub().threadpool.apply(_capture, (func, args))
+    if not ok:
+        raise value
+    result: T = value
+    return result
 
 
 def _capture(func: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:

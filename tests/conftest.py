@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -217,6 +219,82 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+# -- a loopback proxy that cuts connections ------------------------------------------------------
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that cuts connections after a random number of response bytes.
+
+    With ``only`` set, a connection is cut only once it carries a request whose line starts with
+    those bytes (keep-alive connections carry several), counted from that request on.
+    """
+
+    def __init__(
+        self, upstream: str, seed: int, max_bytes: int = 3000, only: bytes | None = None
+    ) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.rng = random.Random(seed)
+        self.max_bytes = max_bytes
+        self.only = only
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(self.upstream)
+            armed = {"limit": None if self.only else self.rng.randint(1, self.max_bytes)}
+            threading.Thread(
+                target=self._pump, args=(client, upstream, armed, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, armed, False), daemon=True
+            ).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, armed: dict[str, Any], up: bool
+    ) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if up:
+                    if self.only and armed["limit"] is None and b"\n" + self.only in b"\n" + data:
+                        armed["limit"] = self.rng.randint(1, self.max_bytes)
+                        armed["from"] = True
+                    dst.sendall(data)
+                    continue
+                limit = armed["limit"]
+                if armed.pop("from", False):
+                    sent = 0
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[: limit - sent])
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 # -- HTTP helpers ------------------------------------------------------------------------------

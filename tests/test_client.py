@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -25,7 +23,7 @@ from sse_blueprint.client import (
     StreamFinished,
     StreamNotFound,
 )
-from tests.conftest import DEMO_TEXT, LiveServer, start_demo, wait_done
+from tests.conftest import DEMO_TEXT, CuttingProxy, LiveServer, start_demo, wait_done
 
 
 @pytest.fixture(autouse=True)
@@ -42,59 +40,6 @@ def close_clients(monkeypatch: pytest.MonkeyPatch) -> Any:
     yield
     for client in made:
         client.close()
-
-
-class CuttingProxy:
-    """A loopback TCP proxy that cuts each connection after a random number of response bytes."""
-
-    def __init__(self, upstream: str, seed: int, max_bytes: int = 3000) -> None:
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream = (host, int(port))
-        self.rng = random.Random(seed)
-        self.max_bytes = max_bytes
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections = 0
-        self.cuts = 0
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            limit = self.rng.randint(1, self.max_bytes)
-            upstream = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, limit), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        sent = 0
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if limit is not None and sent + len(data) >= limit:
-                    dst.sendall(data[: limit - sent])
-                    self.cuts += 1
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self.listener.close()
 
 
 @pytest.mark.parametrize("seed", range(10))
