@@ -21,3 +21,13 @@ graceful_timeout = 30
 keepalive = 75
 preload_app = False  # the gevent worker must monkey-patch before the app is imported
 accesslog = "-" if os.environ.get("SSE_ACCESS_LOG") else None
+
+
+def on_starting(server: object) -> None:
+    """Refuse several workers without Redis: each would hold only its own streams."""
+    workers = getattr(getattr(server, "cfg", None), "workers", 1)
+    if workers > 1 and not os.environ.get("FLASK_SSE_REDIS_URL"):
+        raise SystemExit(
+            f"sse-blueprint: {workers} workers need a shared backend. Set FLASK_SSE_REDIS_URL "
+            "(e.g. redis://127.0.0.1:6379/0) or run one gevent worker (--workers 1)."
+        )

@@ -30,6 +30,7 @@ class SSEConfig:
     max_streams: int = 1000
     max_request_bytes: int = 1 << 20
     create_tables: bool = True
+    redis_lease: float = 10.0
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -50,6 +51,7 @@ class SSEConfig:
                 config, "SSE_MAX_REQUEST_BYTES", d.max_request_bytes, minimum=64
             ),
             create_tables=_boolean(config, "SSE_CREATE_TABLES", d.create_tables),
+            redis_lease=_number(config, "SSE_REDIS_LEASE", d.redis_lease),
         )
 
 

@@ -33,7 +33,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -142,6 +142,32 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event(id={self.id}, event={self.event!r}, data={self.json})"
+
+
+class SharedBackend(Protocol):
+    """What the registry needs of a backend shared between workers (``RedisBackend``)."""
+
+    def claim(self, stream: Stream) -> None: ...
+
+    def append(self, stream: Stream, event: Event) -> None: ...
+
+    def persisted(self, stream: Stream, up_to_id: int) -> None: ...
+
+    def mirror(self, stream_id: str) -> Stream | None:
+        """This worker's follower of a stream run elsewhere, or None if unknown."""
+
+
+class StreamBackend(Protocol):
+    """Where a stream's events go besides this worker's memory (``RedisBackend``)."""
+
+    def claim(self, stream: Stream) -> None:
+        """Become the stream's one producer (before its first event)."""
+
+    def append(self, stream: Stream, event: Event) -> None:
+        """Write ``event`` for every worker, or raise :class:`StreamClosed` (ended elsewhere)."""
+
+    def persisted(self, stream: Stream, up_to_id: int) -> None:
+        """Events up to ``up_to_id`` are in the store: the shared copy may drop them."""
 
 
 def _event_id(event: Event) -> int:
@@ -330,6 +356,8 @@ class Stream:
         store: BlockStore | None = None,
         metadata: Mapping[str, Any] | None = None,
         on_complete: Callable[[Stream], None] | None = None,
+        backend: StreamBackend | None = None,
+        mirror: bool = False,
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.producer_name = producer_name
@@ -368,15 +396,22 @@ class Stream:
         self._persister: Greenlet | None = None
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
         self.persist_failures = 0
-        if store is None:
+        # A shared backend (Redis) sees every event first; a mirror only follows another
+        # worker's stream (no producer, no writes) for this worker's readers.
+        self._backend = backend
+        self.mirror = mirror
+        self._writes = store is not None and not mirror
+        if not self._writes:
             self.saved.set()
 
     # -- producer side -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Run the producer on its own greenlet (once)."""
-        if self._greenlet is not None:
-            raise RuntimeError("stream already started")
+        if self._greenlet is not None or self.mirror:
+            raise RuntimeError("stream already started" if not self.mirror else "a mirror")
+        if self._backend is not None:
+            self._backend.claim(self)
         self.start_event = self._append(
             "start", {"stream_id": self.id, "producer": self.producer_name}
         )
@@ -429,16 +464,23 @@ class Stream:
     def _append(self, event: str, data: Mapping[str, Any]) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
-        delta = event == "text_delta"
-        if delta:
+        if event == "text_delta":
             block, text = data.get("block"), data.get("text")
             if type(block) is not int or block < 0 or not isinstance(text, str):
                 raise ValueError('text_delta data must be {"block": int >= 0, "text": str}')
         ev = Event(self._last_id + 1, event, data)
+        if self._backend is not None:
+            self._backend.append(self, ev)  # raises StreamClosed if it ended elsewhere
+        self._log_append(ev)
+        return ev
+
+    def _log_append(self, ev: Event) -> None:
+        """Put an event (already numbered) in the live buffer and wake the readers."""
         self._last_id = ev.id
         self._log.append(ev)
         self._end += 1
-        if delta:
+        if ev.event == "text_delta":
+            data = ev.data
             index: int = data["block"]
             state = self._blocks.get(index)
             if state is None:
@@ -454,18 +496,37 @@ class Stream:
         if news is not None:
             self._news = None
             news.set()
-        return ev
+
+    def _ingest(self, ev: Event) -> None:
+        """A mirror's feed: an event written by the owner (on another worker)."""
+        if ev.id <= self._last_id or self.terminal_event is not None:
+            return
+        self._log_append(ev)
+        if ev.terminal:
+            self._ended(ev)
+
+    def _adopt_terminal(self, ev: Event) -> None:
+        """The owner learns that its stream ended elsewhere (a cancel, a lease lost)."""
+        if self.terminal_event is not None or ev.id <= self._last_id:
+            return
+        self._log_append(ev)
+        self._ended(ev)
+        self._stop_producer()
 
     def _finish(self, state: StreamState, data: Mapping[str, Any]) -> bool:
         if self.terminal_event is not None:
             return False
-        name = {
-            StreamState.DONE: "done",
-            StreamState.ERROR: "error",
-            StreamState.CANCELLED: "cancelled",
-        }[state]
-        self.terminal_event = self._append(name, {"stream_id": self.id, **data})
-        self.state = state
+        try:
+            ev = self._append(state.value, {"stream_id": self.id, **data})
+        except StreamClosed:
+            return False  # it ended elsewhere first (the backend adopted that terminal event)
+        self._ended(ev)
+        return True
+
+    def _ended(self, ev: Event) -> None:
+        """Bookkeeping once the terminal event ``ev`` is in the buffer."""
+        self.terminal_event = ev
+        self.state = StreamState(ev.event)
         self.finished_at = time.time()
         self._closed.set()
         self._request_flush()
@@ -477,7 +538,6 @@ class Stream:
                 self._on_complete(self)
             except Exception:
                 log.exception("on_complete hook of stream %s failed", self.id)
-        return True
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -498,7 +558,7 @@ class Stream:
         )
 
     def _request_flush(self) -> None:
-        if self._store is None:
+        if not self._writes:
             return
         self._flush_wanted.set()
         if self._persister is None or self._persister.dead:
@@ -548,6 +608,8 @@ class Stream:
                 # (A write of the record alone trims nothing: that would only send new readers
                 # to the store for the ``start`` event.)
                 self._trim(self._persisted_id)
+                if self._backend is not None:
+                    self._backend.persisted(self, self._persisted_id)
             if self.finished and self._persisted_id >= self._last_id:
                 if not self.saved.is_set():
                     log.debug("stream %s: saved", self.id)
@@ -752,10 +814,12 @@ class StreamRegistry:
         max_streams: int = 1000,
         retention: float = 300.0,
         store: BlockStore | None = None,
+        backend: SharedBackend | None = None,
     ) -> None:
         self.max_streams = max_streams
         self.retention = retention
         self.store = store
+        self.backend = backend
         self._streams: dict[str, Stream] = {}
         self._running = 0
 
@@ -777,8 +841,14 @@ class StreamRegistry:
         this process): it is ended with ``error: producer lost`` in the store, first writer wins.
         """
         stream = self._streams.get(stream_id)
-        if stream is not None or self.store is None:
+        if stream is not None:
             return stream
+        if self.backend is not None:
+            mirror = self.backend.mirror(stream_id)  # run by another worker or instance
+            if mirror is not None:
+                return mirror
+        if self.store is None:
+            return None
         record = self.store.load_stream(stream_id)
         if record is None or record.state != StreamState.RUNNING.value:
             return record
@@ -812,11 +882,23 @@ class StreamRegistry:
             if on_complete is not None:
                 on_complete(stream)
 
-        stream = Stream(producer, input, on_complete=completed, store=self.store, **options)
+        stream = Stream(
+            producer,
+            input,
+            on_complete=completed,
+            store=self.store,
+            backend=self.backend,
+            **options,
+        )
         self._streams[stream.id] = stream
         self._running += 1
         if start:
-            stream.start()
+            try:
+                stream.start()
+            except BaseException:
+                self._running -= 1
+                del self._streams[stream.id]
+                raise
         return stream
 
     def _forget(self, stream: Stream) -> None:

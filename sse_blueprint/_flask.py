@@ -40,6 +40,8 @@ from ._storage import SQLStore
 if TYPE_CHECKING:
     from werkzeug.wrappers import Response as BaseResponse
 
+    from ._redis import RedisBackend
+
 __all__ = ["SSE", "InputError"]
 
 log = logging.getLogger("sse_blueprint")
@@ -78,10 +80,37 @@ class _AppState:
         self.ext = ext
         self.config = config
         self.store = store
+        self.backend: RedisBackend | None = None
+        if config.redis_url:
+            from ._redis import RedisBackend  # redis is needed only with SSE_REDIS_URL
+
+            self.backend = RedisBackend(
+                config.redis_url,
+                lease=config.redis_lease,
+                retention=config.retention,
+                make_mirror=self._mirror,
+            )
         self.registry = StreamRegistry(
-            max_streams=config.max_streams, retention=config.retention, store=store
+            max_streams=config.max_streams,
+            retention=config.retention,
+            store=store,
+            backend=self.backend,
         )
         self.retry = _wire.encode_retry(config.retry_ms)
+
+    def _mirror(self, stream_id: str) -> Stream:
+        return Stream(
+            _no_producer,
+            stream_id=stream_id,
+            store=self.store,
+            mirror=True,
+            client_queue=self.config.client_queue,
+            buffer_size=self.config.buffer_size,
+        )
+
+
+def _no_producer(ctx: Any) -> None:
+    raise RuntimeError("a mirror has no producer")
 
 
 class SSE:
@@ -265,6 +294,9 @@ def _make_blueprint() -> Blueprint:
             _error(400, str(exc))
         except StreamLimitReached as exc:
             _error(503, f"too many streams: {exc}", {"Retry-After": "5"})
+        except Exception:
+            log.exception("could not start a stream (backend unavailable?)")
+            _error(503, "the stream backend is unavailable; retry shortly", {"Retry-After": "2"})
         url = url_for(".read_stream", stream_id=stream.id)
         return {"stream_id": stream.id, "stream_url": url}, 201, {"Location": url}
 
@@ -298,11 +330,23 @@ def _make_blueprint() -> Blueprint:
 
     @route("/streams/<stream_id>/status", ["GET"])
     def stream_status(stream_id: str) -> dict[str, Any]:
-        return _status(_find(_state(), stream_id))
+        state = _state()
+        found = _find(state, stream_id)
+        if isinstance(found, Stream) and found.mirror and state.backend is not None:
+            shared = _store_call(state.backend.status, stream_id)
+            if shared is not None:
+                return {**shared, "subscribers": found.subscriber_count}
+        return _status(found)
 
     @route("/streams/<stream_id>/cancel", ["POST"])
     def cancel_stream(stream_id: str) -> tuple[dict[str, Any], int]:
-        found = _find(_state(), stream_id)
+        state = _state()
+        found = _find(state, stream_id)
+        if isinstance(found, Stream) and found.mirror and state.backend is not None:
+            # Run elsewhere: end it in Redis; its owner hears of it and stops its producer.
+            data = {"stream_id": stream_id}
+            ended = _store_call(state.backend.end, stream_id, "cancelled", data) == "ok"
+            return _status(found), 202 if ended else 200
         cancelled = isinstance(found, Stream) and found.cancel()
         return _status(found), 202 if cancelled else 200
 

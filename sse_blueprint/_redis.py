@@ -1,0 +1,466 @@
+"""Redis backend: one stream, many workers and instances (``SSE_REDIS_URL``).
+
+Redis is the distributed engine; there is no broker of our own. Per stream (keys hash-tagged
+``{id}`` so that one stream's keys share a Redis Cluster slot):
+
+* ``sse:{id}:events``: a Redis Stream of the events, entry id ``<event id>-0``;
+* ``sse:{id}:meta``: a hash: producer, state, generation, last id, times;
+* ``sse:{id}:lease``: the owner's lease (its generation, with a TTL);
+* channel ``sse:{id}``: every event, published in the same Lua call that appends it.
+
+**One producer per stream.** The worker that starts a stream writes a random generation into
+``meta``; every append is a Lua script that checks the generation and that the stream is still
+running, then ``XADD``\\ s and ``PUBLISH``\\ es atomically. A stale or fenced-out writer is refused.
+The owner renews its lease; if the owner dies, the lease expires and any worker that follows the
+stream appends ``error: producer lost`` (atomically, once) so readers everywhere end.
+
+**One reader per stream per worker.** A worker has one Pub/Sub connection. A stream with
+readers on a worker other than its owner gets one *mirror* there: a :class:`Stream` without a
+producer, filled from ``XRANGE`` once its channel subscription is confirmed, then fed by the
+published events (a gap in ids is filled with ``XRANGE``). All of that worker's readers follow the
+mirror with the engine's usual cursors: the commands per event do not grow with the clients.
+
+**Cancel from anywhere.** A Lua script appends ``cancelled`` itself (if the stream still runs)
+and publishes it; the owner adopts that terminal event and stops its producer. The state in
+``meta`` is the durable flag, re-read when the owner renews its lease, so a lost message only
+delays the stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+import redis
+
+from ._engine import Event, Stream, StreamClosed, StreamState
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger("sse_blueprint")
+
+# KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return redis.error_reply('FENCED') end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
+redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
+redis.call('HSET', KEYS[1], 'last_id', ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', ARGV[7])
+  redis.call('DEL', KEYS[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+local payload = '{"id":' .. ARGV[2] .. ',"e":"' .. ARGV[3] .. '","d":' .. ARGV[4] .. '}'
+redis.call('PUBLISH', ARGV[8], payload)
+return 1
+"""
+
+# End a running stream from any worker. KEYS: meta, events, lease.
+# ARGV: state ("cancelled" or "error"), data json, ttl, now, channel, only_if_lease_gone ("1"/"0")
+_END = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return nil end
+if state ~= 'running' then return state end
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'running' end
+local id = tonumber(redis.call('HGET', KEYS[1], 'last_id')) + 1
+redis.call('XADD', KEYS[2], id .. '-0', 'e', ARGV[1], 'd', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'last_id', id, 'finished_at', ARGV[4])
+redis.call('DEL', KEYS[3])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[5], '{"id":' .. id .. ',"e":"' .. ARGV[1] .. '","d":' .. ARGV[2] .. '}')
+return 'ok'
+"""
+
+# KEYS: meta, lease. ARGV: gen, lease ms. Returns the state (the owner stops if not running).
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 'fenced' end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+return state
+"""
+
+
+def _keys(stream_id: str) -> tuple[str, str, str, str]:
+    tag = "{" + stream_id + "}"
+    return f"sse:{tag}:meta", f"sse:{tag}:events", f"sse:{tag}:lease", f"sse:{tag}"
+
+
+def _event_from_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+    """An event from a Redis Stream entry (``<id>-0``, fields ``e`` and ``d``)."""
+    return Event(int(entry_id.split(b"-")[0]), fields[b"e"].decode(), json.loads(fields[b"d"]))
+
+
+class RedisBackend:
+    """Streams shared through Redis. One per app per worker; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease: float = 10.0,
+        retention: float = 300.0,
+        make_mirror: Callable[[str], Stream] | None = None,
+    ) -> None:
+        # A bounded pool (greenlets wait for a connection rather than open more); blocking reads
+        # stay shorter than the socket timeout; dead connections are noticed by health checks.
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=16,
+            timeout=10,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+        )
+        self.redis = redis.Redis(connection_pool=pool)
+        self.url = url
+        self.lease = lease
+        self.retention = retention
+        self.make_mirror = make_mirror
+        self._append = self.redis.register_script(_APPEND)
+        self._end = self.redis.register_script(_END)
+        self._renew = self.redis.register_script(_RENEW)
+        self.owned: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
+        self.mirrors: dict[str, Stream] = {}
+        self._ready: dict[str, gevent.event.Event] = {}  # mirror -> filled and following
+        self._early: dict[str, list[Event]] = {}  # events that came before the first fill
+        self._channels: dict[str, Stream] = {}  # channel -> stream followed on this worker
+        self._confirmed: dict[str, gevent.event.Event] = {}
+        self._pending: list[tuple[str, str]] = []  # ("subscribe"|"unsubscribe", channel)
+        self._pubsub: Any = None
+        self._listener: gevent.Greenlet | None = None
+        self._watchdog: gevent.Greenlet | None = None
+        self.commands = 0  # Redis calls made by this worker for stream traffic (for the report)
+
+    # -- owner side --------------------------------------------------------------------------
+
+    def claim(self, stream: Stream) -> None:
+        meta, _, lease, channel = _keys(stream.id)
+        gen = secrets.token_hex(8)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            meta,
+            mapping={
+                "gen": gen,
+                "state": "running",
+                "producer": stream.producer_name,
+                "created_at": repr(stream.created_at),
+                "last_id": 0,
+            },
+        )
+        pipe.set(lease, gen, px=int(self.lease * 1000))
+        self._retrying(pipe.execute)
+        self.owned[stream.id] = (stream, gen)
+        self._follow(channel, stream)  # to hear of a cancel made elsewhere
+        self._start_greenlets()
+        gevent.spawn(self._renew_loop, stream, gen)
+
+    def append(self, stream: Stream, event: Event) -> None:
+        meta, events, lease, channel = _keys(stream.id)
+        gen = self.owned[stream.id][1]
+        terminal = event.event if event.terminal else ""
+        args = [
+            gen,
+            event.id,
+            event.event,
+            event.json,
+            terminal,
+            int(self.retention),
+            time.time(),
+            channel,
+        ]
+        try:
+            self._retrying(self._append, keys=[meta, events, lease], args=args)
+        except redis.ResponseError as exc:
+            # Ended elsewhere (cancelled, or lost while we could not renew): adopt that end.
+            self._adopt_remote_end(stream)
+            raise StreamClosed(stream.id) from exc
+
+    def persisted(self, stream: Stream, up_to_id: int) -> None:
+        _, events, _, channel = _keys(stream.id)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xtrim(events, minid=f"{up_to_id}-0")  # keeps up_to_id itself: never empty
+            pipe.publish(channel, json.dumps({"persisted": up_to_id}))
+            pipe.execute()
+            self.commands += 2
+        except redis.RedisError as exc:
+            log.warning(
+                "stream %s: trimming Redis failed (%s); it will be trimmed later", stream.id, exc
+            )
+
+    def _adopt_remote_end(self, stream: Stream) -> None:
+        _, events, _, _ = _keys(stream.id)
+        entries = self._retrying(self.redis.xrevrange, events, count=1)
+        if entries:
+            event = _event_from_entry(*entries[0])
+            if event.terminal:
+                stream._adopt_terminal(event)
+
+    def _renew_loop(self, stream: Stream, gen: str) -> None:
+        meta, _, lease, _ = _keys(stream.id)
+        while True:
+            gevent.sleep(self.lease / 3)
+            if stream.finished:
+                break
+            try:
+                state = self._renew(keys=[meta, lease], args=[gen, int(self.lease * 1000)])
+                self.commands += 1
+            except redis.RedisError as exc:
+                log.warning("stream %s: lease renewal failed (%s)", stream.id, exc)
+                continue
+            state = state.decode() if isinstance(state, bytes) else state
+            if state != StreamState.RUNNING.value:
+                self._adopt_remote_end(stream)  # the durable flag says it ended (a lost message)
+        self.owned.pop(stream.id, None)
+
+    # -- from any worker ----------------------------------------------------------------------
+
+    def end(
+        self, stream_id: str, state: str, data: dict[str, Any], *, if_lease_gone: bool = False
+    ) -> str | None:
+        """End a running stream (``cancelled``, or ``error`` when its owner is gone).
+
+        Returns ``"ok"`` if this call ended it, else its state (``running`` if its lease is still
+        held and ``if_lease_gone``), or None if Redis does not know the stream.
+        """
+        meta, events, lease, channel = _keys(stream_id)
+        result = self._retrying(
+            self._end,
+            keys=[meta, events, lease],
+            args=[
+                state,
+                json.dumps(data),
+                int(self.retention),
+                time.time(),
+                channel,
+                "1" if if_lease_gone else "0",
+            ],
+        )
+        return result.decode() if isinstance(result, bytes) else result
+
+    def status(self, stream_id: str) -> dict[str, Any] | None:
+        meta = _keys(stream_id)[0]
+        raw = self._retrying(self.redis.hgetall, meta)
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if fields.get("state") == "running" and not self._retrying(
+            self.redis.exists, _keys(stream_id)[2]
+        ):
+            lost = {"stream_id": stream_id, "message": "producer lost"}
+            if self.end(stream_id, "error", lost, if_lease_gone=True) == "ok":
+                return self.status(stream_id)
+        finished = fields.get("finished_at")
+        return {
+            "stream_id": stream_id,
+            "state": fields.get("state", "running"),
+            "last_event_id": int(fields.get("last_id", 0)),
+            "producer": fields.get("producer", ""),
+            "created_at": float(fields.get("created_at", 0)),
+            "finished_at": float(finished) if finished else None,
+        }
+
+    def active(self, stream_ids: list[str]) -> dict[str, bool]:
+        """Which of these streams are running, on any worker or instance."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream_id in stream_ids:
+            pipe.hget(_keys(stream_id)[0], "state")
+        states = self._retrying(pipe.execute)
+        return {sid: st == b"running" for sid, st in zip(stream_ids, states, strict=True)}
+
+    def mirror(self, stream_id: str) -> Stream | None:
+        """This worker's mirror of a stream that another worker runs, or None if unknown.
+
+        The mirror is handed out only once it is filled and following: the subscription is
+        confirmed first, then the Redis Stream is read, then what was published meanwhile is
+        applied, so it misses nothing and holds nothing twice.
+        """
+        ready = self._ready.get(stream_id)
+        if ready is not None:
+            found = self.mirrors.get(stream_id) if ready.wait(15) else None
+            if found is None:
+                raise redis.ConnectionError("could not follow this stream through Redis")
+            return found
+        meta, _, _, channel = _keys(stream_id)
+        producer = self._retrying(self.redis.hget, meta, "producer")
+        if self.make_mirror is None or producer is None:
+            return None
+        ready = self._ready[stream_id] = gevent.event.Event()
+        stream = self.make_mirror(stream_id)
+        stream.producer_name = producer.decode()
+        self.mirrors[stream_id] = stream
+        self._early[stream_id] = []
+        self._start_greenlets()
+        try:
+            if not self._follow(channel, stream).wait(10):
+                raise redis.TimeoutError("Redis did not confirm the subscription in time")
+            self._fill(stream, first=True)
+        except BaseException:
+            self._unfollow(channel)
+            self.mirrors.pop(stream_id, None)
+            self._early.pop(stream_id, None)
+            self._ready.pop(stream_id, None)
+            ready.set()  # waiters wake, find no mirror and try again
+            raise
+        for event in self._early.pop(stream_id, []):
+            self._deliver(stream, event)
+        ready.set()
+        return stream
+
+    def _fill(self, stream: Stream, *, first: bool = False) -> None:
+        """Bring a mirror up to date from the Redis Stream (first, after a gap, a reconnect)."""
+        _, events, _, _ = _keys(stream.id)
+        start = f"{stream.last_event_id + 1}-0"
+        entries = self._retrying(self.redis.xrange, events, min=start)
+        if first and entries:
+            # Everything before the first entry was trimmed after being persisted: a reader
+            # older than that is caught up from the store (the engine's usual two tiers).
+            first_id = _event_from_entry(*entries[0]).id
+            stream._trimmed_id = stream._persisted_id = first_id - 1
+            stream._last_id = first_id - 1
+            if first_id > 1:
+                start_data = {"stream_id": stream.id, "producer": stream.producer_name}
+                stream.start_event = Event(1, "start", start_data)
+        for entry in entries:
+            stream._ingest(_event_from_entry(*entry))
+
+    def _deliver(self, stream: Stream, event: Event) -> None:
+        if event.id > stream.last_event_id + 1:
+            gevent.spawn(self._fill, stream)  # a gap: read it from the Redis Stream
+        else:
+            stream._ingest(event)
+
+    # -- the worker's Pub/Sub connection -------------------------------------------------------
+
+    def _follow(self, channel: str, stream: Stream) -> gevent.event.Event:
+        self._channels[channel] = stream
+        confirmed = self._confirmed.setdefault(channel, gevent.event.Event())
+        self._pending.append(("subscribe", channel))
+        return confirmed
+
+    def _unfollow(self, channel: str) -> None:
+        self._channels.pop(channel, None)
+        self._confirmed.pop(channel, None)
+        self._pending.append(("unsubscribe", channel))
+
+    def _start_greenlets(self) -> None:
+        if self._listener is None or self._listener.dead:
+            self._listener = gevent.spawn(self._listen)
+        if self._watchdog is None or self._watchdog.dead:
+            self._watchdog = gevent.spawn(self._watch)
+
+    def _listen(self) -> None:
+        """The one Pub/Sub reader of this worker; reconnects with backoff when Redis goes away."""
+        delay = 0.1
+        while True:
+            try:
+                self._pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]
+                channels = list(self._channels)
+                self._pending.clear()
+                if channels:
+                    self._pubsub.subscribe(*channels)
+                while True:
+                    while self._pending:
+                        action, channel = self._pending.pop(0)
+                        getattr(self._pubsub, action)(channel)
+                    message = self._pubsub.get_message(timeout=0.05)
+                    if message is not None:
+                        self._on_message(message)
+                    delay = 0.1
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("Redis Pub/Sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+                for event in self._confirmed.values():
+                    event.clear()
+                with _suppress():
+                    self._pubsub.close()
+                gevent.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        channel = message["channel"].decode()
+        if message["type"] == "subscribe":
+            confirmed = self._confirmed.get(channel)
+            if confirmed is not None and not confirmed.is_set():
+                confirmed.set()
+                stream = self._channels.get(channel)
+                if stream is not None and stream.mirror and stream.id not in self._early:
+                    gevent.spawn(self._fill, stream)  # resubscribed after a reconnect
+            return
+        if message["type"] != "message":
+            return
+        stream = self._channels.get(channel)
+        if stream is None:
+            return
+        payload = json.loads(message["data"])
+        if "persisted" in payload:
+            if stream.mirror:
+                stream._persisted_id = max(stream._persisted_id, payload["persisted"])
+                stream._trim(stream._persisted_id)
+            return
+        event = Event(payload["id"], payload["e"], payload["d"])
+        if not stream.mirror:
+            if event.terminal and event.id > stream.last_event_id:
+                stream._adopt_terminal(event)  # written by another worker: cancel, lost
+            return
+        early = self._early.get(stream.id)
+        if early is not None:
+            early.append(event)  # the mirror is still being filled
+            return
+        self._deliver(stream, event)
+
+    def _watch(self) -> None:
+        """Lease watchdog and mirror housekeeping for the streams this worker follows."""
+        idle: dict[str, float] = {}
+        while True:
+            gevent.sleep(max(self.lease / 2, 0.2))
+            now = time.monotonic()
+            for stream_id, stream in list(self.mirrors.items()):
+                if not stream.finished:
+                    try:
+                        lease = _keys(stream_id)[2]
+                        if not self.redis.exists(lease):
+                            self.commands += 1
+                            self.end(
+                                stream_id,
+                                "error",
+                                {"stream_id": stream_id, "message": "producer lost"},
+                                if_lease_gone=True,
+                            )
+                    except redis.RedisError:
+                        continue
+                if stream.subscriber_count:
+                    idle.pop(stream_id, None)
+                elif now - idle.setdefault(stream_id, now) > max(30.0, self.lease):
+                    idle.pop(stream_id, None)
+                    self.mirrors.pop(stream_id, None)
+                    self._ready.pop(stream_id, None)
+                    self._unfollow(_keys(stream_id)[3])
+
+    def _retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call Redis; on a connection error retry with backoff for a while, then raise."""
+        delay, deadline = 0.05, time.monotonic() + max(self.lease, 5.0)
+        while True:
+            try:
+                self.commands += 1
+                return func(*args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                gevent.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
