@@ -15,7 +15,7 @@ from sqlalchemy import ForeignKey, String, Text, create_engine, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.pool import NullPool
 
-from sse_blueprint import run_blocking
+from sse_blueprint import create_all, run_blocking
 
 __all__ = ["Base", "ChatStore", "Conversation", "Message"]
 
@@ -78,7 +78,7 @@ class ChatStore:
             ),
         )
         self._threaded = sqlite
-        self._call(Base.metadata.create_all, self.engine)
+        self._call(create_all, Base.metadata, self.engine)
 
     def _call(self, func: Callable[..., T], *args: Any) -> T:
         return run_blocking(func, *args) if self._threaded else func(*args)

@@ -37,7 +37,7 @@ from ._engine import (
 )
 from ._flask import SSE, InputError
 from ._records import BlockStore, StreamRecord, TurnBlock
-from ._storage import SQLStore, metadata, run_blocking
+from ._storage import SQLStore, create_all, metadata, run_blocking
 from ._wire import WireFormatError
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "Subscription",
     "TurnBlock",
     "WireFormatError",
+    "create_all",
     "metadata",
     "run_blocking",
 ]

@@ -509,6 +509,10 @@ class Stream:
         """The owner learns that its stream ended elsewhere (a cancel, a lease lost)."""
         if self.terminal_event is not None or ev.id <= self._last_id:
             return
+        if ev.id > self._last_id + 1:
+            # Our own appends before it are still on their way back: take it after them.
+            gevent.spawn_later(0.005, self._adopt_terminal, ev)
+            return
         self._log_append(ev)
         self._ended(ev)
         self._stop_producer()

@@ -193,6 +193,14 @@ class SSE:
         """The app's stream registry (the current app's by default)."""
         return _state(app).registry
 
+    def active(self, stream_ids: list[str], *, app: Flask | None = None) -> dict[str, bool]:
+        """Which of these streams are running, on any worker or instance sharing the backend."""
+        state = _state(app)
+        if state.backend is not None:
+            return state.backend.active(stream_ids)
+        found = {sid: state.registry.get(sid) for sid in stream_ids}
+        return {sid: s is not None and not s.finished for sid, s in found.items()}
+
     def start(
         self, name: str, input: Mapping[str, Any] | None = None, *, app: Flask | None = None
     ) -> Stream:
@@ -346,7 +354,9 @@ def _make_blueprint() -> Blueprint:
             # Run elsewhere: end it in Redis; its owner hears of it and stops its producer.
             data = {"stream_id": stream_id}
             ended = _store_call(state.backend.end, stream_id, "cancelled", data) == "ok"
-            return _status(found), 202 if ended else 200
+            shared = _store_call(state.backend.status, stream_id)
+            body = {**shared, "subscribers": found.subscriber_count} if shared else _status(found)
+            return body, 202 if ended else 200
         cancelled = isinstance(found, Stream) and found.cancel()
         return _status(found), 202 if cancelled else 200
 

@@ -6,7 +6,8 @@ Redis is the distributed engine; there is no broker of our own. Per stream (keys
 * ``sse:{id}:events``: a Redis Stream of the events, entry id ``<event id>-0``;
 * ``sse:{id}:meta``: a hash: producer, state, generation, last id, times;
 * ``sse:{id}:lease``: the owner's lease (its generation, with a TTL);
-* channel ``sse:{id}``: every event, published in the same Lua call that appends it.
+* channel ``sse:{id}``: every event, published in the same Lua call that appends it (``"o": 1``
+  marks the owner's own appends, which the owner itself ignores).
 
 **One producer per stream.** The worker that starts a stream writes a random generation into
 ``meta``; every append is a Lua script that checks the generation and that the stream is still
@@ -57,7 +58,7 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-local payload = '{"id":' .. ARGV[2] .. ',"e":"' .. ARGV[3] .. '","d":' .. ARGV[4] .. '}'
+local payload = '{"id":' .. ARGV[2] .. ',"o":1,"e":"' .. ARGV[3] .. '","d":' .. ARGV[4] .. '}'
 redis.call('PUBLISH', ARGV[8], payload)
 return 1
 """
@@ -129,7 +130,7 @@ class RedisBackend:
         self._renew = self.redis.register_script(_RENEW)
         self.owned: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
         self.mirrors: dict[str, Stream] = {}
-        self._ready: dict[str, gevent.event.Event] = {}  # mirror -> filled and following
+        self._making: dict[str, gevent.event.AsyncResult] = {}  # mirrors being made
         self._early: dict[str, list[Event]] = {}  # events that came before the first fill
         self._channels: dict[str, Stream] = {}  # channel -> stream followed on this worker
         self._confirmed: dict[str, gevent.event.Event] = {}
@@ -281,22 +282,36 @@ class RedisBackend:
 
         The mirror is handed out only once it is filled and following: the subscription is
         confirmed first, then the Redis Stream is read, then what was published meanwhile is
-        applied, so it misses nothing and holds nothing twice.
+        applied, so it misses nothing and holds nothing twice. Readers that ask while it is
+        being made wait for that one mirror (the pending result is registered before the first
+        call to Redis, so two readers can never make two).
         """
-        ready = self._ready.get(stream_id)
-        if ready is not None:
-            found = self.mirrors.get(stream_id) if ready.wait(15) else None
-            if found is None:
-                raise redis.ConnectionError("could not follow this stream through Redis")
+        pending = self._making.get(stream_id)
+        if pending is not None:
+            found: Stream | None = pending.get(timeout=15)
             return found
+        mirror = self.mirrors.get(stream_id)
+        if mirror is not None:
+            return mirror
+        pending = self._making[stream_id] = gevent.event.AsyncResult()
+        try:
+            mirror = self._make_mirror(stream_id)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set(mirror)
+            return mirror
+        finally:
+            del self._making[stream_id]
+
+    def _make_mirror(self, stream_id: str) -> Stream | None:
         meta, _, _, channel = _keys(stream_id)
         producer = self._retrying(self.redis.hget, meta, "producer")
         if self.make_mirror is None or producer is None:
             return None
-        ready = self._ready[stream_id] = gevent.event.Event()
         stream = self.make_mirror(stream_id)
         stream.producer_name = producer.decode()
-        self.mirrors[stream_id] = stream
         self._early[stream_id] = []
         self._start_greenlets()
         try:
@@ -305,14 +320,11 @@ class RedisBackend:
             self._fill(stream, first=True)
         except BaseException:
             self._unfollow(channel)
-            self.mirrors.pop(stream_id, None)
             self._early.pop(stream_id, None)
-            self._ready.pop(stream_id, None)
-            ready.set()  # waiters wake, find no mirror and try again
             raise
         for event in self._early.pop(stream_id, []):
             self._deliver(stream, event)
-        ready.set()
+        self.mirrors[stream_id] = stream
         return stream
 
     def _fill(self, stream: Stream, *, first: bool = False) -> None:
@@ -388,11 +400,13 @@ class RedisBackend:
         channel = message["channel"].decode()
         if message["type"] == "subscribe":
             confirmed = self._confirmed.get(channel)
-            if confirmed is not None and not confirmed.is_set():
+            if confirmed is not None:
                 confirmed.set()
-                stream = self._channels.get(channel)
-                if stream is not None and stream.mirror and stream.id not in self._early:
-                    gevent.spawn(self._fill, stream)  # resubscribed after a reconnect
+            stream = self._channels.get(channel)
+            if stream is not None and stream.mirror and stream.id not in self._early:
+                # (Re)subscribed after a reconnect, ours or redis-py's own: what was published
+                # meanwhile is in the Redis Stream.
+                gevent.spawn(self._fill, stream)
             return
         if message["type"] != "message":
             return
@@ -407,8 +421,10 @@ class RedisBackend:
             return
         event = Event(payload["id"], payload["e"], payload["d"])
         if not stream.mirror:
-            if event.terminal and event.id > stream.last_event_id:
-                stream._adopt_terminal(event)  # written by another worker: cancel, lost
+            # The owner hears its own appends too ("o"); only an end written elsewhere (a cancel,
+            # a lost lease) is news to it.
+            if event.terminal and not payload.get("o"):
+                stream._adopt_terminal(event)
             return
         early = self._early.get(stream.id)
         if early is not None:
@@ -423,17 +439,15 @@ class RedisBackend:
             gevent.sleep(max(self.lease / 2, 0.2))
             now = time.monotonic()
             for stream_id, stream in list(self.mirrors.items()):
-                if not stream.finished:
+                if not stream.finished and stream_id not in self._early:
                     try:
                         lease = _keys(stream_id)[2]
+                        self.commands += 1
                         if not self.redis.exists(lease):
-                            self.commands += 1
-                            self.end(
-                                stream_id,
-                                "error",
-                                {"stream_id": stream_id, "message": "producer lost"},
-                                if_lease_gone=True,
-                            )
+                            lost = {"stream_id": stream_id, "message": "producer lost"}
+                            if self.end(stream_id, "error", lost, if_lease_gone=True) != "running":
+                                # Ended (now, or while we were not listening): take the end.
+                                self._fill(stream)
                     except redis.RedisError:
                         continue
                 if stream.subscriber_count:
@@ -441,7 +455,6 @@ class RedisBackend:
                 elif now - idle.setdefault(stream_id, now) > max(30.0, self.lease):
                     idle.pop(stream_id, None)
                     self.mirrors.pop(stream_id, None)
-                    self._ready.pop(stream_id, None)
                     self._unfollow(_keys(stream_id)[3])
 
     def _retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

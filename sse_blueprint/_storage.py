@@ -14,6 +14,7 @@ on the calling greenlet, which is fine for tests and nothing else.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -36,12 +37,13 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool, StaticPool
 
 from ._records import StreamRecord, TurnBlock
 
-__all__ = ["SQLStore", "StreamRow", "TurnBlockRow", "metadata", "run_blocking"]
+__all__ = ["SQLStore", "StreamRow", "TurnBlockRow", "create_all", "metadata", "run_blocking"]
 
 T = TypeVar("T")
 
@@ -138,7 +140,7 @@ class SQLStore:
         memory = dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
         self._threaded = dialect == "sqlite" and not memory
         if create_tables:
-            self._call(metadata.create_all, self.engine)
+            self._call(create_all, metadata, self.engine)
 
     def _call(self, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool)."""
@@ -258,6 +260,23 @@ class SQLStore:
             )
             for r in rows
         ]
+
+
+def create_all(meta: MetaData, engine: Engine) -> None:
+    """``meta.create_all`` that tolerates other processes doing the same at the same moment.
+
+    Several gunicorn workers boot at once: each checks that a table is missing and creates it,
+    and all but one fail with "already exists". A failure is retried after a pause; once the
+    tables exist the check finds them and nothing is created.
+    """
+    for attempt in range(5):
+        try:
+            meta.create_all(engine)
+            return
+        except DatabaseError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def run_blocking(func: Callable[..., T], *args: Any) -> T:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import request
+
 from app import create_app, sse
 from sse_blueprint import ProducerContext, ProducerError
 
@@ -28,3 +30,8 @@ def fail(ctx: ProducerContext) -> None:
 
 
 app = create_app()
+
+
+@app.get("/test/active")
+def active() -> dict[str, bool]:
+    return sse.active(request.args.getlist("id"))

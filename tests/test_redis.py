@@ -1,0 +1,274 @@
+"""The Redis backend: streams shared by several gunicorn instances of 3 gevent workers each.
+
+Real redis-server (append-only file, fsync always), real PostgreSQL, real gunicorn. Connections
+land on random workers of either instance, so most reads go through another worker's mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import types
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from sse_blueprint.client import CircuitBreaker, StreamClient
+from tests.conftest import (
+    DEMO_TEXT,
+    ROOT,
+    LiveServer,
+    PostgresServer,
+    RedisServer,
+    read_stream,
+    start_stream,
+    wait_done,
+)
+from tests.sse_parser import Transcript
+
+LEASE = 2.0
+PARAGRAPHS = "".join(f"Part {i}: " + "streams and blocks " * 4 + "\n\n" for i in range(6)) + "End."
+
+
+@pytest.fixture(scope="module")
+def shared(server_factory: Any, redis_server: RedisServer, postgres: PostgresServer) -> Any:
+    name = "r_" + uuid.uuid4().hex[:12]
+    postgres.psql(f"CREATE DATABASE {name}")
+    config = {
+        "SSE_REDIS_URL": redis_server.url,
+        "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
+        "SSE_REDIS_LEASE": LEASE,
+        "SSE_HEARTBEAT_INTERVAL": 1,
+        "SSE_RETRY_MS": 200,
+    }
+
+    def instance() -> LiveServer:
+        server: LiveServer = server_factory(config, app="tests.live_app:app", workers=3)
+        return server
+
+    return types.SimpleNamespace(a=instance(), b=instance(), instance=instance, redis=redis_server)
+
+
+def demo(base: str, text: str = DEMO_TEXT, chunk: int = 5, interval: int = 10) -> str:
+    return start_stream(base, "demo", text=text, chunk_size=chunk, interval_ms=interval)
+
+
+def test_streams_started_on_one_instance_are_read_everywhere(shared: Any) -> None:
+    stream_ids = [demo(shared.a.url) for _ in range(3)]
+    jobs = [(sid, base) for sid in stream_ids for base in [shared.b.url] * 4 + [shared.a.url] * 2]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: read_stream(job[1], job[0]), jobs))
+    for result in results:
+        assert result.transcript.text() == DEMO_TEXT
+        assert result.transcript.terminal == "done"
+        ids = result.transcript.ids
+        assert ids == sorted(set(ids)), [(e.id, e.type, e.data) for e in result.events][-4:]
+    for sid in stream_ids:
+        for base in (shared.a.url, shared.b.url):
+            status = httpx.get(f"{base}/api/streams/{sid}/status").json()
+            assert status["state"] == "done"
+            assert status["producer"] == "demo"
+
+
+def test_resume_alternating_instances_is_exact(shared: Any) -> None:
+    stream_id = demo(shared.b.url, chunk=2, interval=8)
+
+    def reader(seed: int) -> Transcript:
+        rng = random.Random(seed)
+        client = Transcript()
+        hops = 0
+        while client.terminal is None:
+            base = (shared.a.url, shared.b.url)[hops % 2]
+            result = read_stream(
+                base, stream_id, client.last_id or None, stop_after=rng.randint(1, 9)
+            )
+            for event in result.events:
+                client.apply(event.id, event.type, event.json())
+            hops += 1
+        assert hops > 4
+        return client
+
+    with ThreadPoolExecutor(4) as pool:
+        for client in pool.map(reader, range(4)):
+            assert client.text() == DEMO_TEXT
+            assert len(client.delta_ids) == len(set(client.delta_ids))
+
+
+def test_late_joiner_elsewhere_catches_up_from_database_and_redis(shared: Any) -> None:
+    stream_id = demo(shared.a.url, PARAGRAPHS, chunk=4, interval=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until some blocks are persisted and trimmed from Redis
+        first = shared.redis_client.xrange(f"sse:{{{stream_id}}}:events", count=1)
+        if first and int(first[0][0].split(b"-")[0]) > 30:
+            break
+        time.sleep(0.05)
+    status = httpx.get(f"{shared.b.url}/api/streams/{stream_id}/status").json()
+    assert status["state"] == "running"  # the late joiner comes while it still streams
+    late = read_stream(shared.b.url, stream_id, 1)
+    kinds = [e.type for e in late.events]
+    assert kinds[0] == "turnblock_catchup"
+    assert "text_delta" in kinds
+    assert late.transcript.text() == PARAGRAPHS
+    fresh = read_stream(shared.b.url, stream_id)
+    assert fresh.events[0].type == "start"
+    assert fresh.transcript.text() == PARAGRAPHS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def redis_client(shared: Any) -> Any:
+    shared.redis_client = redis.Redis.from_url(shared.redis.url)
+    return shared.redis_client
+
+
+def test_cancel_from_another_instance(shared: Any) -> None:
+    stream_id = demo(shared.a.url, chunk=1, interval=40)
+    with ThreadPoolExecutor(4) as pool:
+        readers = [
+            pool.submit(read_stream, base, stream_id)
+            for base in (shared.a.url, shared.a.url, shared.b.url, shared.b.url)
+        ]
+        time.sleep(0.8)
+        response = httpx.post(f"{shared.b.url}/api/streams/{stream_id}/cancel")
+        assert response.status_code == 202
+        assert response.json()["state"] == "cancelled"
+        for reader in readers:
+            result = reader.result(timeout=20)
+            assert result.events[-1].type == "cancelled"
+            assert DEMO_TEXT.startswith(result.transcript.text())
+    assert (
+        httpx.get(f"{shared.a.url}/api/streams/{stream_id}/status").json()["state"] == "cancelled"
+    )
+    again = httpx.post(f"{shared.a.url}/api/streams/{stream_id}/cancel")
+    assert again.status_code == 200
+    # The producer on the owner stopped: nothing follows the terminal event in Redis.
+    time.sleep(0.3)
+    last = shared.redis_client.xrevrange(f"sse:{{{stream_id}}}:events", count=1)[0]
+    assert last[1][b"e"] == b"cancelled"
+
+
+def test_active_streams_across_instances(shared: Any) -> None:
+    running = demo(shared.a.url, chunk=1, interval=30)
+    finished = demo(shared.a.url, interval=0)
+    wait_done(shared.a.url, finished)
+    unknown = "AAAAAAAAAAAAAAAAAAAAAA"
+    params: list[tuple[str, str | int | float | bool | None]] = [
+        ("id", running),
+        ("id", finished),
+        ("id", unknown),
+    ]
+    answer = httpx.get(f"{shared.b.url}/test/active", params=params).json()
+    assert answer == {running: True, finished: False, unknown: False}
+    httpx.post(f"{shared.b.url}/api/streams/{running}/cancel")
+
+
+def test_killing_the_owner_ends_its_streams_elsewhere_but_others_go_on(shared: Any) -> None:
+    doomed_instance = shared.instance()
+    doomed = demo(doomed_instance.url, chunk=1, interval=50)
+    survivor = demo(shared.b.url, chunk=1, interval=10)
+    with ThreadPoolExecutor(4) as pool:
+        doomed_readers = [
+            pool.submit(read_stream, shared.b.url, doomed, timeout=60) for _ in range(2)
+        ]
+        survivor_readers = [
+            pool.submit(read_stream, shared.a.url, survivor, timeout=60) for _ in range(2)
+        ]
+        time.sleep(1)
+        assert doomed_instance.proc is not None
+        workers = subprocess.run(
+            ["pgrep", "-P", str(doomed_instance.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) == 3
+        killed_at = time.monotonic()
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+        for reader in doomed_readers:
+            result = reader.result(timeout=30)
+            ended_after = time.monotonic() - killed_at
+            assert result.events[-1].type == "error"
+            assert result.events[-1].json()["message"] == "producer lost"
+            assert ended_after < 2 * LEASE + 2  # within the lease (plus the watchdog's beat)
+            assert DEMO_TEXT.startswith(result.transcript.text())
+        for reader in survivor_readers:
+            result = reader.result(timeout=30)
+            assert result.transcript.text() == DEMO_TEXT
+            assert result.events[-1].type == "done"
+    status = httpx.get(f"{shared.a.url}/api/streams/{doomed}/status").json()
+    assert status["state"] == "error"
+
+
+def test_restarting_redis_mid_stream_loses_no_acknowledged_event(shared: Any) -> None:
+    stream_id = demo(shared.a.url, PARAGRAPHS, chunk=3, interval=10)
+    client = StreamClient(
+        shared.b.url,
+        breaker=CircuitBreaker(threshold=1000),
+        sleep=lambda s: time.sleep(min(s, 0.2)),
+    )
+    seen: list[int] = []
+    try:
+        reader = client.open(stream_id)
+        for event in reader:
+            seen.append(event.id)
+            if len(seen) == 25:
+                shared.redis.restart(down_for=0.5)
+    finally:
+        client.close()
+    assert reader.text() == PARAGRAPHS
+    assert reader.state == "done"
+    assert seen == sorted(set(seen))
+    entries = shared.redis_client.xrange(f"sse:{{{stream_id}}}:events")
+    assert int(entries[-1][0].split(b"-")[0]) == seen[-1]  # the terminal event survived too
+
+
+def redis_totals(client: redis.Redis) -> tuple[int, int]:
+    stats = client.info("commandstats")
+    calls = sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
+    return calls, int(client.info("clients")["connected_clients"])
+
+
+def test_redis_traffic_per_event_does_not_grow_with_clients(shared: Any) -> None:
+    report = []
+    for clients in (10, 200):
+        before, _ = redis_totals(shared.redis_client)
+        stream_id = demo(shared.a.url, "x" * 300, chunk=2, interval=15)
+        peak = 0
+        with ThreadPoolExecutor(clients) as pool:
+            bases = [(shared.a.url, shared.b.url)[i % 2] for i in range(clients)]
+            futures = [pool.submit(read_stream, base, stream_id, timeout=120) for base in bases]
+            while not all(f.done() for f in futures):
+                peak = max(peak, redis_totals(shared.redis_client)[1])
+                time.sleep(0.1)
+            results = [f.result() for f in futures]
+        assert all(r.transcript.text() == "x" * 300 for r in results)
+        after, _ = redis_totals(shared.redis_client)
+        events = results[0].events[-1].id
+        measuring = 2 * (1 + int(time.monotonic()))  # our own INFO calls are counted too
+        report.append((clients, events, (after - before) / events, peak))
+        del measuring
+    line = ", ".join(
+        f"{c} clients: {e} events, {per:.2f} commands/event, {p} connections"
+        for c, e, per, p in report
+    )
+    print(f"\nREDIS TRAFFIC: {line}", file=sys.stderr)
+    (small, large) = report
+    assert large[2] < small[2] * 1.5 + 1  # commands per event do not scale with clients
+    assert large[3] <= small[3] + 6  # nor do connections (6 workers, a few each)
+
+
+def test_several_workers_without_redis_refuse_to_start(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_SSE_REDIS")}
+    env["FLASK_SSE_DATABASE_URL"] = f"sqlite:///{tmp_path / 'x.sqlite3'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "3",
+         "--bind", "127.0.0.1:0", "app:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "FLASK_SSE_REDIS_URL" in result.stderr
