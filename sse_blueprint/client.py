@@ -238,14 +238,13 @@ class StreamClient:
         return StreamReader(self, stream_id, last_event_id)
 
     def status(self, stream_id: str) -> dict[str, Any]:
-        response = self.http.get(self.url(f"/streams/{stream_id}/status"))
-        _raise_for_4xx(response)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
+        return self._call("GET", f"/streams/{stream_id}/status")
 
     def cancel(self, stream_id: str) -> dict[str, Any]:
-        response = self.http.post(self.url(f"/streams/{stream_id}/cancel"))
+        return self._call("POST", f"/streams/{stream_id}/cancel")
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        response = self.http.request(method, self.url(path))
         _raise_for_4xx(response)
         response.raise_for_status()
         result: dict[str, Any] = response.json()

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,31 @@ def server(server_factory: Any) -> LiveServer:
     return server
 
 
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for servers that must bind it themselves)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def cancel_reaches_every_reader(
+    cancel_base: str, stream_id: str, reader_bases: list[str], after: float
+) -> list[ReadResult]:
+    """Readers follow the stream; after ``after`` s it is cancelled through ``cancel_base``."""
+    with ThreadPoolExecutor(len(reader_bases)) as pool:
+        readers = [pool.submit(read_stream, base, stream_id) for base in reader_bases]
+        time.sleep(after)
+        response = httpx.post(f"{cancel_base}/api/streams/{stream_id}/cancel")
+        assert response.status_code == 202
+        assert response.json()["state"] == "cancelled"
+        results = [reader.result(timeout=20) for reader in readers]
+    for result in results:
+        assert result.events[-1].type == "cancelled"
+        assert result.transcript.terminal == "cancelled"
+    return results
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 
@@ -180,9 +206,7 @@ class PostgresServer:
         self.dir = Path(tempfile.mkdtemp(prefix="sse-pg-"))
         self.dir.chmod(0o755)
         self.data = self.dir / "data"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *cmd: str) -> None:
@@ -235,9 +259,7 @@ class RedisServer:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sse-redis-"))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,14 @@ from sse_blueprint.client import (
     StreamFinished,
     StreamNotFound,
 )
-from tests.conftest import DEMO_TEXT, CuttingProxy, LiveServer, start_demo, wait_done
+from tests.conftest import (
+    DEMO_TEXT,
+    CuttingProxy,
+    LiveServer,
+    free_port,
+    start_demo,
+    wait_done,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -106,13 +112,6 @@ def test_cancelled_and_failed_streams_end_the_iteration(server: LiveServer) -> N
     assert failed.state == "error"
     assert failed.terminal is not None
     assert failed.terminal.data["message"] == "the model refused"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def test_breaker_opens_while_the_server_is_down_and_recovers(server_factory: Any) -> None:

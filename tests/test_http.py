@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 from tests.conftest import (
     DEMO_TEXT,
     LiveServer,
+    cancel_reaches_every_reader,
     read_ndjson,
     read_stream,
     start_demo,
@@ -246,16 +246,7 @@ def test_header_wins_over_query_parameter(server: LiveServer) -> None:
 
 def test_cancel_gives_every_reader_cancelled(server: LiveServer) -> None:
     stream_id = start_demo(server.url, chunk_size=1, interval_ms=50)
-    with ThreadPoolExecutor(4) as pool:
-        readers = [pool.submit(read_stream, server.url, stream_id) for _ in range(4)]
-        time.sleep(0.5)
-        response = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
-        assert response.status_code == 202
-        assert response.json()["state"] == "cancelled"
-        for reader in readers:
-            result = reader.result(timeout=10)
-            assert result.events[-1].type == "cancelled"
-            assert result.transcript.terminal == "cancelled"
+    cancel_reaches_every_reader(server.url, stream_id, [server.url] * 4, after=0.5)
     status = httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()
     assert status["state"] == "cancelled"
     assert status["finished_at"] is not None

@@ -28,6 +28,7 @@ from tests.conftest import (
     LiveServer,
     PostgresServer,
     RedisServer,
+    cancel_reaches_every_reader,
     read_stream,
     start_stream,
     wait_done,
@@ -130,19 +131,9 @@ def redis_client(shared: Any) -> Any:
 
 def test_cancel_from_another_instance(shared: Any) -> None:
     stream_id = demo(shared.a.url, chunk=1, interval=40)
-    with ThreadPoolExecutor(4) as pool:
-        readers = [
-            pool.submit(read_stream, base, stream_id)
-            for base in (shared.a.url, shared.a.url, shared.b.url, shared.b.url)
-        ]
-        time.sleep(0.8)
-        response = httpx.post(f"{shared.b.url}/api/streams/{stream_id}/cancel")
-        assert response.status_code == 202
-        assert response.json()["state"] == "cancelled"
-        for reader in readers:
-            result = reader.result(timeout=20)
-            assert result.events[-1].type == "cancelled"
-            assert DEMO_TEXT.startswith(result.transcript.text())
+    bases = [shared.a.url, shared.a.url, shared.b.url, shared.b.url]
+    for result in cancel_reaches_every_reader(shared.b.url, stream_id, bases, after=0.8):
+        assert DEMO_TEXT.startswith(result.transcript.text())
     assert (
         httpx.get(f"{shared.a.url}/api/streams/{stream_id}/status").json()["state"] == "cancelled"
     )
