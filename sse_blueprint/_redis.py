@@ -29,6 +29,7 @@ delays the stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -138,7 +139,6 @@ class RedisBackend:
         self._pubsub: Any = None
         self._listener: gevent.Greenlet | None = None
         self._watchdog: gevent.Greenlet | None = None
-        self.commands = 0  # Redis calls made by this worker for stream traffic (for the report)
 
     # -- owner side --------------------------------------------------------------------------
 
@@ -191,7 +191,6 @@ class RedisBackend:
             pipe.xtrim(events, minid=f"{up_to_id}-0")  # keeps up_to_id itself: never empty
             pipe.publish(channel, json.dumps({"persisted": up_to_id}))
             pipe.execute()
-            self.commands += 2
         except redis.RedisError as exc:
             log.warning(
                 "stream %s: trimming Redis failed (%s); it will be trimmed later", stream.id, exc
@@ -213,7 +212,6 @@ class RedisBackend:
                 break
             try:
                 state = self._renew(keys=[meta, lease], args=[gen, int(self.lease * 1000)])
-                self.commands += 1
             except redis.RedisError as exc:
                 log.warning("stream %s: lease renewal failed (%s)", stream.id, exc)
                 continue
@@ -391,7 +389,7 @@ class RedisBackend:
                 log.warning("Redis Pub/Sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 for event in self._confirmed.values():
                     event.clear()
-                with _suppress():
+                with contextlib.suppress(Exception):
                     self._pubsub.close()
                 gevent.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -442,7 +440,6 @@ class RedisBackend:
                 if not stream.finished and stream_id not in self._early:
                     try:
                         lease = _keys(stream_id)[2]
-                        self.commands += 1
                         if not self.redis.exists(lease):
                             lost = {"stream_id": stream_id, "message": "producer lost"}
                             if self.end(stream_id, "error", lost, if_lease_gone=True) != "running":
@@ -462,18 +459,9 @@ class RedisBackend:
         delay, deadline = 0.05, time.monotonic() + max(self.lease, 5.0)
         while True:
             try:
-                self.commands += 1
                 return func(*args, **kwargs)
             except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() + delay > deadline:
                     raise
                 gevent.sleep(delay)
                 delay = min(delay * 2, 1.0)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
