@@ -144,19 +144,6 @@ class Event:
         return f"Event(id={self.id}, event={self.event!r}, data={self.json})"
 
 
-class SharedBackend(Protocol):
-    """What the registry needs of a backend shared between workers (``RedisBackend``)."""
-
-    def claim(self, stream: Stream) -> None: ...
-
-    def append(self, stream: Stream, event: Event) -> None: ...
-
-    def persisted(self, stream: Stream, up_to_id: int) -> None: ...
-
-    def mirror(self, stream_id: str) -> Stream | None:
-        """This worker's follower of a stream run elsewhere, or None if unknown."""
-
-
 class StreamBackend(Protocol):
     """Where a stream's events go besides this worker's memory (``RedisBackend``)."""
 
@@ -168,6 +155,16 @@ class StreamBackend(Protocol):
 
     def persisted(self, stream: Stream, up_to_id: int) -> None:
         """Events up to ``up_to_id`` are in the store: the shared copy may drop them."""
+
+    def set_metadata(self, stream: Stream, metadata: Mapping[str, Any]) -> None:
+        """Share the stream's metadata (or raise :class:`StreamClosed`)."""
+
+
+class SharedBackend(StreamBackend, Protocol):
+    """What the registry needs of a backend shared between workers (``RedisBackend``)."""
+
+    def mirror(self, stream_id: str) -> Stream | None:
+        """This worker's follower of a stream run elsewhere, or None if unknown."""
 
 
 def _event_id(event: Event) -> int:
@@ -196,7 +193,12 @@ class ProducerContext:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return self._stream.metadata
+        """The stream's metadata (a copy; change it with :meth:`set_metadata`)."""
+        return dict(self._stream.metadata)
+
+    def set_metadata(self, **values: Any) -> None:
+        """Merge ``values`` (JSON) into the stream's metadata, shown by ``status`` everywhere."""
+        self._stream._set_metadata(values)
 
     @property
     def cancelled(self) -> bool:
@@ -496,6 +498,16 @@ class Stream:
         if news is not None:
             self._news = None
             news.set()
+
+    def _set_metadata(self, values: Mapping[str, Any]) -> None:
+        if self.terminal_event is not None:
+            raise StreamClosed(self.id)
+        merged = {**self.metadata, **values}
+        _wire.dumps(merged)  # JSON or ValueError/TypeError, before anything changes
+        if self._backend is not None:
+            self._backend.set_metadata(self, merged)
+        self.metadata = merged
+        self._request_flush()
 
     def _ingest(self, ev: Event) -> None:
         """A mirror's feed: an event written by the owner (on another worker)."""

@@ -453,6 +453,7 @@ def _status(found: Stream | StreamRecord) -> dict[str, Any]:
             "created_at": found.created_at,
             "finished_at": found.finished_at,
             "subscribers": 0,
+            "metadata": dict(found.metadata),
         }
     return {
         "stream_id": found.id,
@@ -462,6 +463,7 @@ def _status(found: Stream | StreamRecord) -> dict[str, Any]:
         "created_at": found.created_at,
         "finished_at": found.finished_at,
         "subscribers": found.subscriber_count,
+        "metadata": found.metadata,
     }
 
 

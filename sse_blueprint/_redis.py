@@ -34,7 +34,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
@@ -79,6 +79,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[5], '{"id":' .. id .. ',"e":"' .. ARGV[1] .. '","d":' .. ARGV[2] .. '}')
 return 'ok'
+"""
+
+# KEYS: meta. ARGV: gen, metadata json. The owner's writes only, while it runs.
+_SET_METADATA = """
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return redis.error_reply('FENCED') end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
+redis.call('HSET', KEYS[1], 'metadata', ARGV[2])
+return 1
 """
 
 # KEYS: meta, lease. ARGV: gen, lease ms. Returns the state (the owner stops if not running).
@@ -129,6 +137,7 @@ class RedisBackend:
         self._append = self.redis.register_script(_APPEND)
         self._end = self.redis.register_script(_END)
         self._renew = self.redis.register_script(_RENEW)
+        self._set_metadata = self.redis.register_script(_SET_METADATA)
         self.owned: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
         self.mirrors: dict[str, Stream] = {}
         self._making: dict[str, gevent.event.AsyncResult] = {}  # mirrors being made
@@ -154,6 +163,7 @@ class RedisBackend:
                 "producer": stream.producer_name,
                 "created_at": repr(stream.created_at),
                 "last_id": 0,
+                "metadata": json.dumps(stream.metadata),
             },
         )
         pipe.set(lease, gen, px=int(self.lease * 1000))
@@ -180,8 +190,26 @@ class RedisBackend:
         try:
             self._retrying(self._append, keys=[meta, events, lease], args=args)
         except redis.ResponseError as exc:
-            # Ended elsewhere (cancelled, or lost while we could not renew): adopt that end.
-            self._adopt_remote_end(stream)
+            self._refused(stream, exc)
+            raise StreamClosed(stream.id) from exc
+
+    def _refused(self, stream: Stream, exc: Exception) -> None:
+        """Our write was refused: the stream ended elsewhere, or another producer owns it."""
+        if "FENCED" in str(exc):
+            # Not ours any more: end it here (for this worker's readers) without writing.
+            log.error("stream %s: fenced out by another producer; stopping", stream.id)
+            data = {"stream_id": stream.id, "message": "producer fenced out"}
+            stream._adopt_terminal(Event(stream.last_event_id + 1, "error", data))
+        else:
+            self._adopt_remote_end(stream)  # cancelled, or lost while we could not renew
+
+    def set_metadata(self, stream: Stream, metadata: Mapping[str, Any]) -> None:
+        meta = _keys(stream.id)[0]
+        gen = self.owned[stream.id][1]
+        try:
+            self._retrying(self._set_metadata, keys=[meta], args=[gen, json.dumps(metadata)])
+        except redis.ResponseError as exc:
+            self._refused(stream, exc)
             raise StreamClosed(stream.id) from exc
 
     def persisted(self, stream: Stream, up_to_id: int) -> None:
@@ -216,7 +244,9 @@ class RedisBackend:
                 log.warning("stream %s: lease renewal failed (%s)", stream.id, exc)
                 continue
             state = state.decode() if isinstance(state, bytes) else state
-            if state != StreamState.RUNNING.value:
+            if state == "fenced":
+                self._refused(stream, redis.ResponseError("FENCED"))
+            elif state != StreamState.RUNNING.value:
                 self._adopt_remote_end(stream)  # the durable flag says it ended (a lost message)
         self.owned.pop(stream.id, None)
 
@@ -265,6 +295,7 @@ class RedisBackend:
             "producer": fields.get("producer", ""),
             "created_at": float(fields.get("created_at", 0)),
             "finished_at": float(finished) if finished else None,
+            "metadata": json.loads(fields.get("metadata", "{}")),
         }
 
     def active(self, stream_ids: list[str]) -> dict[str, bool]:

@@ -15,6 +15,7 @@ def flood(ctx: ProducerContext) -> dict[str, Any]:
     """``count`` deltas of ``size`` characters, one every ``interval_ms``: fills socket buffers."""
     count, size = int(ctx.input.get("count", 100)), int(ctx.input.get("size", 1000))
     interval = int(ctx.input.get("interval_ms", 0)) / 1000
+    ctx.set_metadata(count=count, size=size)
     for i in range(count):
         ctx.text(0, chr(ord("a") + i % 26) * size)
         ctx.sleep(interval)

@@ -6,6 +6,7 @@ land on random workers of either instance, so most reads go through another work
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -216,6 +217,52 @@ def test_restarting_redis_mid_stream_loses_no_acknowledged_event(shared: Any) ->
     assert seen == sorted(set(seen))
     entries = shared.redis_client.xrange(f"sse:{{{stream_id}}}:events")
     assert int(entries[-1][0].split(b"-")[0]) == seen[-1]  # the terminal event survived too
+
+
+def test_metadata_is_shared_across_instances(shared: Any) -> None:
+    stream_id = start_stream(shared.a.url, "flood", count=40, size=10, interval_ms=20)
+    time.sleep(0.3)
+    running = httpx.get(f"{shared.b.url}/api/streams/{stream_id}/status").json()
+    assert running["state"] == "running"
+    assert running["metadata"] == {"count": 40, "size": 10}
+    wait_done(shared.b.url, stream_id)
+    done = httpx.get(f"{shared.b.url}/api/streams/{stream_id}/status").json()
+    assert done["metadata"] == {"count": 40, "size": 10}
+
+
+def test_a_redis_outage_is_a_clear_error_not_a_hang(shared: Any) -> None:
+    shared.redis.stop()
+    try:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{shared.a.url}/api/streams",
+            json={"producer": "demo", "input": {"text": "x"}},
+            timeout=30,
+        )
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        assert "unavailable" in response.json()["error"]
+        assert time.monotonic() - started < 15
+        status = httpx.get(f"{shared.b.url}/api/streams/AAAAAAAAAAAAAAAAAAAAAA/status", timeout=30)
+        assert status.status_code == 503
+    finally:
+        shared.redis.start()
+    time.sleep(1)
+    stream_id = demo(shared.a.url, interval=0)  # and streams work again once Redis is back
+    assert read_stream(shared.b.url, stream_id).transcript.text() == DEMO_TEXT
+
+
+def test_a_fenced_producer_cannot_write(redis_server: RedisServer) -> None:
+    """Another producer took the stream over: the old one's writes are refused, atomically."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.redis_fencing", redis_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    outcome = json.loads(result.stdout)
+    assert outcome["ended"]
+    assert outcome["refused"] == 1
+    assert outcome["in_redis"] == ["start", "text_delta"]  # nothing after the takeover
+    assert outcome["terminal"]["message"] == "producer fenced out"
 
 
 def redis_totals(client: redis.Redis) -> tuple[int, int]:
