@@ -302,8 +302,8 @@ def _make_blueprint() -> Blueprint:
             _error(400, str(exc))
         except StreamLimitReached as exc:
             _error(503, f"too many streams: {exc}", {"Retry-After": "5"})
-        except Exception:
-            log.exception("could not start a stream (backend unavailable?)")
+        except Exception as exc:
+            _log_unavailable("could not start a stream", exc)
             _error(503, "the stream backend is unavailable; retry shortly", {"Retry-After": "2"})
         url = url_for(".read_stream", stream_id=stream.id)
         return {"stream_id": stream.id, "stream_url": url}, 201, {"Location": url}
@@ -396,9 +396,35 @@ def _store_call(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Call something that may read the store; an unreachable store is a 503, not a 500."""
     try:
         return func(*args, **kwargs)
-    except Exception:
-        log.exception("stream store unavailable")
+    except Exception as exc:
+        _log_unavailable("stream storage or backend unavailable", exc)
         _error(503, "stream storage is unavailable; retry shortly", {"Retry-After": "2"})
+
+
+def _log_unavailable(what: str, exc: Exception) -> None:
+    """An outage (database, Redis) is a warning; anything else is a bug and gets a traceback."""
+    if _is_outage(exc):
+        log.warning("%s: %s", what, exc)
+    else:
+        log.exception(what)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    from sqlalchemy import exc as sa_exc
+
+    outages: tuple[type[BaseException], ...] = (
+        OSError,
+        sa_exc.OperationalError,
+        sa_exc.TimeoutError,
+        sa_exc.DisconnectionError,
+    )
+    try:
+        import redis
+    except ImportError:
+        pass
+    else:
+        outages += (redis.ConnectionError, redis.TimeoutError)
+    return isinstance(exc, outages)
 
 
 def _json_body(limit: int) -> dict[str, Any]:
