@@ -315,8 +315,8 @@ class Subscription:
             self.closed = True
             stream = self._stream
             stream._subscribers.discard(self)
-            if stream._persisted_id > stream._trimmed_id:
-                stream._trim(stream._persisted_id)  # this reader may have been holding it back
+            if stream._trim_to > stream._trimmed_id:
+                stream._trim(stream._trim_to)  # this reader may have been holding it back
 
 
 class _Block:
@@ -394,6 +394,7 @@ class Stream:
         self._persisted_id = 0  # every event up to this id is covered by the store
         self._persisted_pos = 0  # absolute log index just past _persisted_id
         self._trimmed_id = 0  # id of the newest event dropped from the buffer (0: none)
+        self._trim_to = 0  # trim up to here once no reader holds the events back
         self._flush_wanted = gevent.event.Event()
         self._persister: Greenlet | None = None
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
@@ -623,7 +624,8 @@ class Stream:
             if blocks or len(self._log) > self.buffer_size:
                 # (A write of the record alone trims nothing: that would only send new readers
                 # to the store for the ``start`` event.)
-                self._trim(self._persisted_id)
+                self._trim_to = self._persisted_id
+                self._trim(self._trim_to)
                 if self._backend is not None:
                     self._backend.persisted(self, self._persisted_id)
             if self.finished and self._persisted_id >= self._last_id:
