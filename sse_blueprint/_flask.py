@@ -58,6 +58,11 @@ _HEARTBEAT = _wire.encode_comment("heartbeat")
 P = ParamSpec("P")
 T = TypeVar("T")
 Validator = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+#: ``authorize(action, metadata)``: may the current request do ``action`` ("create", "read",
+#: "status", "cancel") on a stream with this metadata? Runs in the request context.
+Authorizer = Callable[[str, Mapping[str, Any]], bool]
+#: ``stream_metadata(producer, input)``: the metadata a new stream starts with (e.g. its owner).
+MetadataHook = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
 
 class InputError(ValueError):
@@ -134,6 +139,8 @@ class SSE:
     def __init__(self, app: Flask | None = None, *, url_prefix: str = "/api") -> None:
         self.url_prefix = url_prefix
         self._producers: dict[str, _ProducerSpec] = {}
+        self._authorize: Authorizer | None = None
+        self._stream_metadata: MetadataHook | None = None
         self.blueprint = _make_blueprint()
         if app is not None:
             self.init_app(app)
@@ -185,6 +192,36 @@ class SSE:
 
         return register
 
+    def authorize(self, func: Authorizer) -> Authorizer:
+        """Register the access check for every endpoint (a decorator).
+
+        ``func(action, metadata)`` runs in the request context with ``action`` one of
+        ``"create"``, ``"read"``, ``"status"``, ``"cancel"`` and the stream's metadata (for
+        ``"create"``, the metadata it would start with). Return False to refuse with a 403;
+        raise ``werkzeug.exceptions.Unauthorized`` for a 401 (not logged in). ::
+
+            @sse.stream_metadata
+            def owner(producer, input):
+                return {"owner": current_user.id}
+
+            @sse.authorize
+            def only_the_owner(action, metadata):
+                if not current_user.is_authenticated:
+                    raise Unauthorized()
+                return metadata.get("owner") == current_user.id
+        """
+        self._authorize = func
+        return func
+
+    def stream_metadata(self, func: MetadataHook) -> MetadataHook:
+        """Register the hook that gives a new stream its metadata (a decorator)."""
+        self._stream_metadata = func
+        return func
+
+    def _check(self, action: str, metadata: Mapping[str, Any]) -> None:
+        if self._authorize is not None and not self._authorize(action, metadata):
+            _error(403, f"not allowed to {action} this stream")
+
     @property
     def producers(self) -> tuple[str, ...]:
         return tuple(self._producers)
@@ -202,7 +239,12 @@ class SSE:
         return {sid: s is not None and not s.finished for sid, s in found.items()}
 
     def start(
-        self, name: str, input: Mapping[str, Any] | None = None, *, app: Flask | None = None
+        self,
+        name: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        app: Flask | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> Stream:
         """Start a stream from Python (not HTTP): validate ``input`` and run producer ``name``.
 
@@ -227,6 +269,7 @@ class SSE:
             timeout=timeout,
             client_queue=state.config.client_queue,
             buffer_size=state.config.buffer_size,
+            metadata=metadata,
         )
 
 
@@ -296,8 +339,11 @@ def _make_blueprint() -> Blueprint:
             _error(400, '"input" must be a JSON object')
         if name not in state.ext._producers:
             _error(400, f"unknown producer {name!r}")
+        ext = state.ext
+        metadata = dict(ext._stream_metadata(name, input)) if ext._stream_metadata else {}
+        ext._check("create", metadata)
         try:
-            stream = state.ext.start(name, input)
+            stream = ext.start(name, input, metadata=metadata)
         except ValueError as exc:  # InputError
             _error(400, str(exc))
         except StreamLimitReached as exc:
@@ -312,6 +358,7 @@ def _make_blueprint() -> Blueprint:
     def read_stream(stream_id: str) -> BaseResponse:
         state = _state()
         found = _find(state, stream_id)
+        state.ext._check("read", found.metadata)
         last_id = _last_event_id()
         ndjson = _wants_ndjson()
         config = state.config
@@ -340,6 +387,7 @@ def _make_blueprint() -> Blueprint:
     def stream_status(stream_id: str) -> dict[str, Any]:
         state = _state()
         found = _find(state, stream_id)
+        state.ext._check("status", found.metadata)
         if isinstance(found, Stream) and found.mirror and state.backend is not None:
             shared = _store_call(state.backend.status, stream_id)
             if shared is not None:
@@ -350,6 +398,7 @@ def _make_blueprint() -> Blueprint:
     def cancel_stream(stream_id: str) -> tuple[dict[str, Any], int]:
         state = _state()
         found = _find(state, stream_id)
+        state.ext._check("cancel", found.metadata)
         if isinstance(found, Stream) and found.mirror and state.backend is not None:
             # Run elsewhere: end it in Redis; its owner hears of it and stops its producer.
             data = {"stream_id": stream_id}

@@ -336,11 +336,12 @@ class RedisBackend:
 
     def _make_mirror(self, stream_id: str) -> Stream | None:
         meta, _, _, channel = _keys(stream_id)
-        producer = self._retrying(self.redis.hget, meta, "producer")
+        producer, metadata = self._retrying(self.redis.hmget, meta, ["producer", "metadata"])
         if self.make_mirror is None or producer is None:
             return None
         stream = self.make_mirror(stream_id)
         stream.producer_name = producer.decode()
+        stream.metadata = json.loads(metadata) if metadata else {}
         self._early[stream_id] = []
         self._start_greenlets()
         try:
