@@ -31,6 +31,9 @@ class SSEConfig:
     max_request_bytes: int = 1 << 20
     create_tables: bool = True
     redis_lease: float = 10.0
+    max_clients_per_stream: int = 10_000
+    max_clients_per_address: int = 256
+    max_event_bytes: int = 1 << 20
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -52,6 +55,13 @@ class SSEConfig:
             ),
             create_tables=_boolean(config, "SSE_CREATE_TABLES", d.create_tables),
             redis_lease=_number(config, "SSE_REDIS_LEASE", d.redis_lease),
+            max_clients_per_stream=_integer(
+                config, "SSE_MAX_CLIENTS_PER_STREAM", d.max_clients_per_stream, minimum=1
+            ),
+            max_clients_per_address=_integer(
+                config, "SSE_MAX_CLIENTS_PER_ADDRESS", d.max_clients_per_address, minimum=1
+            ),
+            max_event_bytes=_integer(config, "SSE_MAX_EVENT_BYTES", d.max_event_bytes, minimum=256),
         )
 
 

@@ -360,8 +360,10 @@ class Stream:
         on_complete: Callable[[Stream], None] | None = None,
         backend: StreamBackend | None = None,
         mirror: bool = False,
+        max_event_bytes: int = 1 << 20,
     ) -> None:
         self.id = stream_id or new_stream_id()
+        self.max_event_bytes = max_event_bytes
         self.producer_name = producer_name
         self.input: Mapping[str, Any] = input or {}
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -472,6 +474,11 @@ class Stream:
             if type(block) is not int or block < 0 or not isinstance(text, str):
                 raise ValueError('text_delta data must be {"block": int >= 0, "text": str}')
         ev = Event(self._last_id + 1, event, data)
+        if len(ev.sse) > self.max_event_bytes:
+            raise ValueError(
+                f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "
+                f"({self.max_event_bytes}); split it into several events"
+            )
         if self._backend is not None:
             self._backend.append(self, ev)  # raises StreamClosed if it ended elsewhere
         self._log_append(ev)

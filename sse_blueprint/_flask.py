@@ -102,6 +102,7 @@ class _AppState:
             backend=self.backend,
         )
         self.retry = _wire.encode_retry(config.retry_ms)
+        self.clients_by_address: dict[str, int] = {}  # open responses per address, this worker
 
     def _mirror(self, stream_id: str) -> Stream:
         return Stream(
@@ -270,6 +271,7 @@ class SSE:
             client_queue=state.config.client_queue,
             buffer_size=state.config.buffer_size,
             metadata=metadata,
+            max_event_bytes=state.config.max_event_bytes,
         )
 
 
@@ -366,11 +368,17 @@ def _make_blueprint() -> Blueprint:
             terminal = found.terminal_event
             if terminal is not None and last_id >= terminal.id:
                 return Response(status=204)  # tells EventSource to stop reconnecting
+            if found.subscriber_count >= config.max_clients_per_stream:
+                _error(429, "too many clients on this stream", {"Retry-After": "5"})
+            address = request.remote_addr or ""
+            if state.clients_by_address.get(address, 0) >= config.max_clients_per_address:
+                _error(429, "too many open streams from your address", {"Retry-After": "5"})
             sub = found.subscribe(last_id, on_cut=_connection_closer(request.environ))
             if ndjson:
                 body = _follow(sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True)
             else:
                 body = _follow(sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False)
+            body = _counted(body, state.clients_by_address, address)
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
                 return Response(status=204)
@@ -600,6 +608,18 @@ def _follow(
                 yield heartbeat
     finally:
         sub.close()
+
+
+def _counted(body: Iterator[bytes], counts: dict[str, int], key: str) -> Iterator[bytes]:
+    """``body``, counted in ``counts[key]`` while it is being sent."""
+    counts[key] = counts.get(key, 0) + 1
+    try:
+        yield from body
+    finally:
+        body.close()  # type: ignore[attr-defined]
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
 
 
 def _add_cors_headers(response: BaseResponse, allowed: tuple[str, ...]) -> None:

@@ -293,3 +293,22 @@ def test_registry_limits_running_streams_and_forgets_finished_ones() -> None:
     gevent.sleep(0.1)
     assert registry.get(a.id) is None
     assert len(registry) == 0
+
+
+def test_events_larger_than_the_limit_are_refused() -> None:
+    errors: list[Exception] = []
+
+    def producer(ctx: ProducerContext) -> None:
+        ctx.text(0, "x" * 100)
+        try:
+            ctx.text(0, "y" * 1000)
+        except ValueError as exc:
+            errors.append(exc)
+
+    stream = Stream(producer, max_event_bytes=300)
+    sub = stream.subscribe(0)
+    stream.start()
+    events = drain(sub)
+    assert len(errors) == 1
+    assert "max_event_bytes" in str(errors[0])
+    assert [e.event for e in events] == ["start", "text_delta", "done"]  # nothing half-sent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -475,3 +476,42 @@ def test_no_hop_by_hop_headers_from_the_app(server: LiveServer) -> None:
     # gunicorn adds its own Connection/Transfer-Encoding; the app sets none of them twice.
     assert head.count("connection:") <= 1
     assert "keep-alive:" not in head
+
+
+def test_client_limits_per_stream_and_per_address(server_factory: Any) -> None:
+    limited: LiveServer = server_factory(
+        {
+            "SSE_MAX_CLIENTS_PER_STREAM": 2,
+            "SSE_MAX_CLIENTS_PER_ADDRESS": 3,
+            "SSE_HEARTBEAT_INTERVAL": 0.3,
+        },
+        app="tests.live_app:app",
+    )
+    slow = [start_demo(limited.url, chunk_size=1, interval_ms=200) for _ in range(2)]
+    held = []
+    with httpx.Client(timeout=30) as client:
+        for stream_id in (slow[0], slow[0]):
+            response = client.send(
+                client.build_request("GET", f"{limited.url}/api/streams/{stream_id}"), stream=True
+            )
+            assert response.status_code == 200
+            held.append(response)
+        third = httpx.get(f"{limited.url}/api/streams/{slow[0]}")
+        assert third.status_code == 429
+        assert third.headers["retry-after"]
+        assert "too many clients" in third.json()["error"]
+        other = client.send(
+            client.build_request("GET", f"{limited.url}/api/streams/{slow[1]}"), stream=True
+        )
+        assert other.status_code == 200  # the third open stream from this address
+        held.append(other)
+        fourth = httpx.get(f"{limited.url}/api/streams/{slow[1]}")
+        assert fourth.status_code == 429
+        assert "your address" in fourth.json()["error"]
+        for response in held:
+            response.close()
+    time.sleep(1)  # the server notices at its next heartbeat and frees the places
+    again = read_stream(limited.url, slow[0], stop_after=2)
+    assert again.status == 200
+    for stream_id in slow:
+        httpx.post(f"{limited.url}/api/streams/{stream_id}/cancel")
