@@ -275,10 +275,6 @@ class Subscription:
         self.on_cut = on_cut
 
     @property
-    def stream(self) -> Stream:
-        return self._stream
-
-    @property
     def lag(self) -> int:
         """Events appended but not yet taken by this subscriber."""
         return self._stream._end - self._pos
@@ -747,10 +743,6 @@ class Stream:
             self._subscribers.add(sub)
             self._min_pos_hint = min(self._min_pos_hint, sub._pos)
         return sub
-
-    def events_after(self, last_event_id: int) -> list[Event]:
-        """A snapshot of the buffered events whose id is greater than ``last_event_id``."""
-        return self._log[self._index_after(last_event_id) :]
 
     def _index_after(self, last_event_id: int) -> int:
         return bisect.bisect_right(self._log, last_event_id, key=_event_id)

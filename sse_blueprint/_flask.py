@@ -614,9 +614,8 @@ def _counted(body: Iterator[bytes], counts: dict[str, int], key: str) -> Iterato
     """``body``, counted in ``counts[key]`` while it is being sent."""
     counts[key] = counts.get(key, 0) + 1
     try:
-        yield from body
+        yield from body  # closing this generator closes ``body`` too
     finally:
-        body.close()  # type: ignore[attr-defined]
         counts[key] -= 1
         if not counts[key]:
             del counts[key]

@@ -366,7 +366,7 @@ class RedisBackend:
             # Everything before the first entry was trimmed after being persisted: a reader
             # older than that is caught up from the store (the engine's usual two tiers).
             first_id = _event_from_entry(*entries[0]).id
-            stream._trimmed_id = stream._persisted_id = stream._trim_to = first_id - 1
+            stream._trimmed_id = stream._trim_to = first_id - 1
             stream._last_id = first_id - 1
             if first_id > 1:
                 start_data = {"stream_id": stream.id, "producer": stream.producer_name}
@@ -446,7 +446,7 @@ class RedisBackend:
         payload = json.loads(message["data"])
         if "persisted" in payload:
             if stream.mirror:
-                stream._persisted_id = stream._trim_to = max(stream._trim_to, payload["persisted"])
+                stream._trim_to = max(stream._trim_to, payload["persisted"])
                 stream._trim(stream._trim_to)
             return
         event = Event(payload["id"], payload["e"], payload["d"])
