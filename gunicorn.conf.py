@@ -18,6 +18,8 @@ worker_connections = 10_000
 timeout = 30
 # Seconds workers get to finish on SIGTERM/restart before they are killed.
 graceful_timeout = 30
+# Longer than a load balancer's idle timeout (60 s on AWS ALB), so the balancer, not gunicorn,
+# closes idle connections; at shutdown sse_blueprint.gunicorn closes them at once.
 keepalive = 75
 preload_app = False  # the gevent worker must monkey-patch before the app is imported
 accesslog = "-" if os.environ.get("SSE_ACCESS_LOG") else None
@@ -31,3 +33,16 @@ def on_starting(server: object) -> None:
             f"sse-blueprint: {workers} workers need a shared backend. Set FLASK_SSE_REDIS_URL "
             "(e.g. redis://127.0.0.1:6379/0) or run one gevent worker (--workers 1)."
         )
+
+
+def post_worker_init(worker: object) -> None:
+    """Graceful shutdown: see sse_blueprint.gunicorn (imported here, after gevent patched)."""
+    from sse_blueprint.gunicorn import post_worker_init
+
+    post_worker_init(worker)
+
+
+def worker_exit(server: object, worker: object) -> None:
+    from sse_blueprint.gunicorn import worker_exit
+
+    worker_exit(server, worker)

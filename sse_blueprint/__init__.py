@@ -28,6 +28,7 @@ from ._engine import (
     Producer,
     ProducerContext,
     ProducerError,
+    ShuttingDown,
     Stream,
     StreamClosed,
     StreamLimitReached,
@@ -35,7 +36,7 @@ from ._engine import (
     StreamState,
     Subscription,
 )
-from ._flask import SSE, InputError
+from ._flask import SSE, InputError, shutdown
 from ._records import BlockStore, StreamRecord, TurnBlock
 from ._storage import SQLStore, create_all, metadata, run_blocking
 from ._wire import WireFormatError
@@ -52,6 +53,7 @@ __all__ = [
     "ProducerError",
     "SQLStore",
     "SSEConfig",
+    "ShuttingDown",
     "Stream",
     "StreamClosed",
     "StreamLimitReached",
@@ -64,6 +66,7 @@ __all__ = [
     "create_all",
     "metadata",
     "run_blocking",
+    "shutdown",
 ]
 
 __version__ = "0.1.0"

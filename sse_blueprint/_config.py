@@ -34,6 +34,8 @@ class SSEConfig:
     max_clients_per_stream: int = 10_000
     max_clients_per_address: int = 256
     max_event_bytes: int = 1 << 20
+    shutdown_timeout: float = 10.0
+    metrics: bool = False
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -62,6 +64,10 @@ class SSEConfig:
                 config, "SSE_MAX_CLIENTS_PER_ADDRESS", d.max_clients_per_address, minimum=1
             ),
             max_event_bytes=_integer(config, "SSE_MAX_EVENT_BYTES", d.max_event_bytes, minimum=256),
+            shutdown_timeout=_number(
+                config, "SSE_SHUTDOWN_TIMEOUT", d.shutdown_timeout, allow_zero=True
+            ),
+            metrics=_boolean(config, "SSE_METRICS", d.metrics),
         )
 
 

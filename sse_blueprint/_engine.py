@@ -49,6 +49,7 @@ __all__ = [
     "ProducerError",
     "Stream",
     "StreamClosed",
+    "ShuttingDown",
     "StreamLimitReached",
     "StreamRegistry",
     "StreamState",
@@ -97,6 +98,10 @@ class ProducerError(Exception):
 
 class StreamLimitReached(Exception):
     """The registry already runs as many streams as it may."""
+
+
+class ShuttingDown(StreamLimitReached):
+    """The registry is shutting down and starts no new stream."""
 
 
 def new_stream_id() -> str:
@@ -445,8 +450,17 @@ class Stream:
 
     def _expire(self) -> None:
         self._timer = None
-        if self._finish(StreamState.ERROR, {"message": "stream timed out"}):
-            self._stop_producer()
+        self.stop("stream timed out")
+
+    def stop(self, message: str = "producer stopped") -> bool:
+        """End the stream with ``error`` (``message``) and stop its producer.
+
+        Used for timeouts and at shutdown. False if it had already ended.
+        """
+        if not self._finish(StreamState.ERROR, {"message": message}):
+            return False
+        self._stop_producer()
+        return True
 
     def cancel(self, reason: str | None = None) -> bool:
         """End the stream with ``cancelled`` and stop its producer. False if it had ended."""
@@ -756,6 +770,23 @@ class Stream:
             news = self._news = gevent.event.Event()
         news.wait(timeout)
 
+    def release_readers(self) -> int:
+        """End every reader's response now (shutdown): each resumes from its last id elsewhere.
+
+        Returns how many readers were released.
+        """
+        subs = list(self._subscribers)
+        for sub in subs:
+            sub.cut = True
+        self._subscribers.clear()
+        news = self._news
+        if news is not None:
+            self._news = None
+            news.set()
+        if self._trim_to > self._trimmed_id:
+            self._trim(self._trim_to)
+        return len(subs)
+
     def _cut_laggards(self) -> None:
         """Cut every subscriber more than ``client_queue`` events behind; refresh the hint."""
         limit = self._end - self.client_queue
@@ -839,6 +870,7 @@ class StreamRegistry:
         self.backend = backend
         self._streams: dict[str, Stream] = {}
         self._running = 0
+        self.closing = False  # set by shutdown(): no new streams
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -888,6 +920,8 @@ class StreamRegistry:
         **options: Any,
     ) -> Stream:
         """Create (and by default start) a stream; raise :class:`StreamLimitReached` if full."""
+        if self.closing:
+            raise ShuttingDown("the server is shutting down")
         if self._running >= self.max_streams:
             raise StreamLimitReached(
                 f"{self._running} streams are running (limit {self.max_streams})"
@@ -927,5 +961,44 @@ class StreamRegistry:
             del self._streams[stream.id]
 
     def cancel_all(self, reason: str | None = None) -> int:
-        """Cancel every running stream (shutdown); return how many were running."""
+        """Cancel every running stream; return how many were running."""
         return sum(s.cancel(reason) for s in list(self._streams.values()))
+
+    def shutdown(
+        self, grace: float, *, handover: bool, save_timeout: float = 5.0
+    ) -> tuple[int, int]:
+        """Stop serving, for a worker that is about to exit. Returns (finished, stopped).
+
+        No new stream starts. With ``handover`` (another worker can serve these streams: a shared
+        backend) every reader is released at once and resumes elsewhere from its last id;
+        without it readers stay and see their stream end here. Producers get ``grace`` seconds
+        to finish; those still running are then stopped with ``error: server shutting down``.
+        Then everything is persisted (up to ``save_timeout`` more seconds), readers get a second
+        to take their last events, and any still there are released.
+        """
+        self.closing = True
+        streams = list(self._streams.values())
+        if handover:
+            for stream in streams:
+                stream.release_readers()
+        deadline = time.monotonic() + grace
+        running = [s for s in streams if not s.finished]
+        for stream in running:
+            stream.wait(max(0.0, deadline - time.monotonic()))
+        stopped = sum(s.stop("server shutting down") for s in running)
+        deadline = time.monotonic() + save_timeout
+        for stream in streams:
+            if not stream.saved.wait(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "stream %s: not fully persisted at shutdown (the store is unreachable)",
+                    stream.id,
+                    extra={"stream_id": stream.id},
+                )
+        # Readers take what they have pending (the terminal event); the few still stuck writing
+        # to a slow client after a second are released (they resume from their last id).
+        deadline = time.monotonic() + 1.0
+        while any(s.subscriber_count for s in streams) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        for stream in streams:
+            stream.release_readers()
+        return len(running) - stopped, stopped

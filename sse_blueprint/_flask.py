@@ -17,9 +17,11 @@ import logging
 import os
 import re
 import socket
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
+import gevent
 import gevent.monkey
 from flask import Blueprint, Flask, Response, current_app, json, request, url_for
 from werkzeug.exceptions import HTTPException
@@ -29,6 +31,7 @@ from ._config import SSEConfig
 from ._engine import (
     Event,
     Producer,
+    ShuttingDown,
     Stream,
     StreamLimitReached,
     StreamRegistry,
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
 
     from ._redis import RedisBackend
 
-__all__ = ["SSE", "InputError"]
+__all__ = ["SSE", "InputError", "shutdown"]
 
 log = logging.getLogger("sse_blueprint")
 
@@ -103,6 +106,23 @@ class _AppState:
         )
         self.retry = _wire.encode_retry(config.retry_ms)
         self.clients_by_address: dict[str, int] = {}  # open responses per address, this worker
+        self.draining = False
+        _STATES.add(self)
+
+    def shutdown(self, grace: float | None = None) -> tuple[int, int]:
+        """See :meth:`SSE.shutdown`."""
+        self.draining = True
+        grace = self.config.shutdown_timeout if grace is None else grace
+        handover = self.backend is not None
+        if self.backend is not None:
+            self.backend.release_mirrors()
+        finished, stopped = self.registry.shutdown(grace, handover=handover)
+        log.info(
+            "sse_blueprint: shut down (%d stream(s) finished in time, %d stopped)",
+            finished,
+            stopped,
+        )
+        return finished, stopped
 
     def _mirror(self, stream_id: str) -> Stream:
         return Stream(
@@ -113,6 +133,19 @@ class _AppState:
             client_queue=self.config.client_queue,
             buffer_size=self.config.buffer_size,
         )
+
+
+#: Every initialised app of this process, for :func:`shutdown` (a worker exiting).
+_STATES: weakref.WeakSet[_AppState] = weakref.WeakSet()
+
+
+def shutdown(grace: float | None = None) -> None:
+    """Shut down every app's streams in this process at once (see :meth:`SSE.shutdown`).
+
+    ``sse_blueprint.gunicorn`` calls this when a gunicorn worker begins to exit.
+    """
+    greenlets = [gevent.spawn(state.shutdown, grace) for state in list(_STATES)]
+    gevent.joinall(greenlets)
 
 
 def _no_producer(ctx: Any) -> None:
@@ -218,6 +251,18 @@ class SSE:
         """Register the hook that gives a new stream its metadata (a decorator)."""
         self._stream_metadata = func
         return func
+
+    def shutdown(self, grace: float | None = None, *, app: Flask | None = None) -> tuple[int, int]:
+        """Stop serving streams, for a worker that is about to exit; returns (finished, stopped).
+
+        New streams are refused (503 with ``Retry-After``). With Redis, every reader is released
+        at once and its EventSource resumes on another worker; without it, readers stay to see
+        their stream end here. Producers get ``grace`` seconds (``SSE_SHUTDOWN_TIMEOUT``) to
+        finish; the rest end with ``error: server shutting down``. Everything is persisted
+        before this returns. With gunicorn, the hooks in ``sse_blueprint.gunicorn`` call it
+        when a worker is told to stop; call it yourself under another server.
+        """
+        return _state(app).shutdown(grace)
 
     def _check(self, action: str, metadata: Mapping[str, Any]) -> None:
         if self._authorize is not None and not self._authorize(action, metadata):
@@ -332,6 +377,8 @@ def _make_blueprint() -> Blueprint:
     @route("/streams", ["POST"])
     def create_stream() -> tuple[dict[str, Any], int, dict[str, str]]:
         state = _state()
+        if state.draining:
+            _error(503, "the server is shutting down; retry", {"Retry-After": "1"})
         body = _json_body(state.config.max_request_bytes)
         name = body.get("producer")
         if not isinstance(name, str) or not name:
@@ -348,6 +395,8 @@ def _make_blueprint() -> Blueprint:
             stream = ext.start(name, input, metadata=metadata)
         except ValueError as exc:  # InputError
             _error(400, str(exc))
+        except ShuttingDown:
+            _error(503, "the server is shutting down; retry", {"Retry-After": "1"})
         except StreamLimitReached as exc:
             _error(503, f"too many streams: {exc}", {"Retry-After": "5"})
         except Exception as exc:
@@ -368,6 +417,10 @@ def _make_blueprint() -> Blueprint:
             terminal = found.terminal_event
             if terminal is not None and last_id >= terminal.id:
                 return Response(status=204)  # tells EventSource to stop reconnecting
+            if state.draining and state.backend is not None:
+                # This worker is leaving and another can serve the stream: come back there.
+                body: Iterator[bytes] = iter([b"" if ndjson else state.retry])
+                return _stream_response(body, ndjson)
             if found.subscriber_count >= config.max_clients_per_stream:
                 _error(429, "too many clients on this stream", {"Retry-After": "5"})
             address = request.remote_addr or ""
@@ -384,12 +437,7 @@ def _make_blueprint() -> Blueprint:
                 return Response(status=204)
             events = _store_call(state.registry.replay, found, last_id)
             body = iter([_encode(events, ndjson, b"" if ndjson else state.retry)])
-        response = Response(
-            body, status=200, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE
-        )
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        return response
+        return _stream_response(body, ndjson)
 
     @route("/streams/<stream_id>/status", ["GET"])
     def stream_status(stream_id: str) -> dict[str, Any]:
@@ -438,6 +486,13 @@ def _make_blueprint() -> Blueprint:
         return response
 
     return bp
+
+
+def _stream_response(body: Iterator[bytes], ndjson: bool) -> Response:
+    response = Response(body, status=200, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
 
 
 def _find(state: _AppState, stream_id: str) -> Stream | StreamRecord:

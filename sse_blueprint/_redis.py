@@ -334,6 +334,10 @@ class RedisBackend:
         finally:
             del self._making[stream_id]
 
+    def release_mirrors(self) -> int:
+        """Shutdown: end the responses of every reader of a mirror (they resume elsewhere)."""
+        return sum(mirror.release_readers() for mirror in list(self.mirrors.values()))
+
     def _make_mirror(self, stream_id: str) -> Stream | None:
         meta, _, _, channel = _keys(stream_id)
         producer, metadata = self._retrying(self.redis.hmget, meta, ["producer", "metadata"])

@@ -312,3 +312,40 @@ def test_events_larger_than_the_limit_are_refused() -> None:
     assert len(errors) == 1
     assert "max_event_bytes" in str(errors[0])
     assert [e.event for e in events] == ["start", "text_delta", "done"]  # nothing half-sent
+
+
+def _shutdown_case(handover: bool) -> tuple[Stream, list[Any], Any, StreamRegistry]:
+    """A registry with a quick and a slow producer, a reader on each, shut down with 0.3 s."""
+    registry = StreamRegistry()
+    quick = registry.create(counting(3, 0.05))
+    slow = registry.create(counting(1000, 0.05))
+    subs = [quick.subscribe(0), slow.subscribe(0)]
+    gevent.sleep(0.02)
+    worker = gevent.spawn(registry.shutdown, 0.3, handover=handover)
+    gevent.sleep(0)  # let it begin
+    return slow, subs, worker, registry
+
+
+def test_shutdown_without_handover_lets_readers_see_the_end() -> None:
+    slow, subs, worker, registry = _shutdown_case(handover=False)
+    with pytest.raises(StreamLimitReached, match="shutting down"):
+        registry.create(counting(1))
+    events = [drain(sub) for sub in subs]
+    assert worker.get(timeout=5) == (1, 1)  # one finished within the grace, one was stopped
+    assert events[0][-1].event == "done"
+    assert events[1][-1].event == "error"
+    assert events[1][-1].data["message"] == "server shutting down"
+    assert slow.state is StreamState.ERROR
+    assert [e.id for e in events[1]] == list(range(1, len(events[1]) + 1))
+
+
+def test_shutdown_with_handover_releases_readers_at_once() -> None:
+    slow, subs, worker, _ = _shutdown_case(handover=True)
+    with gevent.Timeout(0.2):  # released long before the 0.3 s grace is over
+        got = [drain(sub) for sub in subs]
+    assert all(sub.done and sub.cut for sub in subs)
+    assert not slow.finished  # the producer still runs: its stream is served elsewhere
+    assert all(not events or not events[-1].terminal for events in got[1:])
+    assert worker.get(timeout=5) == (1, 1)
+    assert slow.terminal_event is not None
+    assert slow.terminal_event.data["message"] == "server shutting down"

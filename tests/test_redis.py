@@ -37,6 +37,7 @@ from tests.conftest import (
 from tests.sse_parser import Transcript
 
 LEASE = 2.0
+SHORT = "A short reply: it ends within the grace period of the instance that leaves."
 PARAGRAPHS = "".join(f"Part {i}: " + "streams and blocks " * 4 + "\n\n" for i in range(6)) + "End."
 
 
@@ -52,11 +53,19 @@ def shared(server_factory: Any, redis_server: RedisServer, postgres: PostgresSer
         "SSE_RETRY_MS": 200,
     }
 
-    def instance() -> LiveServer:
-        server: LiveServer = server_factory(config, app="tests.live_app:app", workers=3)
+    def instance_with(extra: dict[str, Any], workers: int = 3) -> LiveServer:
+        server: LiveServer = server_factory(
+            {**config, **extra}, app="tests.live_app:app", workers=workers
+        )
         return server
 
-    return types.SimpleNamespace(a=instance(), b=instance(), instance=instance, redis=redis_server)
+    def instance() -> LiveServer:
+        return instance_with({})
+
+    return types.SimpleNamespace(
+        a=instance(), b=instance(), instance=instance, instance_with=instance_with,
+        redis=redis_server,
+    )  # fmt: skip
 
 
 def demo(base: str, text: str = DEMO_TEXT, chunk: int = 5, interval: int = 10) -> str:
@@ -310,3 +319,42 @@ def test_several_workers_without_redis_refuse_to_start(tmp_path: Any) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "FLASK_SSE_REDIS_URL" in result.stderr
+
+
+def test_sigterm_hands_readers_over_to_another_instance(shared: Any) -> None:
+    """Readers are released at once and resume elsewhere; producers get the grace period."""
+    leaving: LiveServer = shared.instance_with({"SSE_SHUTDOWN_TIMEOUT": 2}, workers=1)
+    short = demo(leaving.url, SHORT, chunk=2, interval=50)  # 1.5 s: it finishes in the grace
+    long = demo(leaving.url, PARAGRAPHS, chunk=2, interval=50)  # about 12 s: it is stopped
+    with ThreadPoolExecutor(4) as pool:
+        firsts = {sid: pool.submit(read_stream, leaving.url, sid) for sid in (short, long)}
+        time.sleep(1)
+        assert leaving.proc is not None
+        sent = time.monotonic()
+        leaving.proc.send_signal(signal.SIGTERM)
+        released = {sid: f.result(timeout=20) for sid, f in firsts.items()}
+        released_after = time.monotonic() - sent
+        assert released_after < 1.5  # long before the producers' grace is over
+        for result in released.values():
+            assert result.events[-1].type not in ("done", "error", "cancelled")
+        # EventSource reconnects with its last id, now to the instance that stays.
+        rests = {
+            sid: pool.submit(read_stream, shared.b.url, sid, result.events[-1].id)
+            for sid, result in released.items()
+        }
+        ends = {sid: f.result(timeout=30) for sid, f in rests.items()}
+        leaving.proc.wait(timeout=30)
+        leaving.proc = None
+    for sid, text in ((short, SHORT), (long, PARAGRAPHS)):
+        combined = Transcript()
+        for event in released[sid].events + ends[sid].events:
+            combined.apply(event.id, event.type, event.json())
+        whole = read_stream(shared.b.url, sid).transcript
+        assert combined.text() == whole.text()
+        if sid == short:
+            assert combined.terminal == "done"
+            assert combined.text() == text
+        else:
+            assert combined.terminal == "error"
+            assert ends[sid].events[-1].json()["message"] == "server shutting down"
+            assert text.startswith(combined.text())

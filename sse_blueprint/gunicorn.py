@@ -1,0 +1,118 @@
+"""Graceful shutdown under gunicorn's gevent worker.
+
+gunicorn tells a worker to stop (SIGTERM, a restart on ``HUP``, ``max_requests``) by setting
+``worker.alive`` to False; it then stops accepting and waits up to ``graceful_timeout`` for its
+connections to end. Open event streams and idle keep-alive connections never end by themselves,
+so without help every shutdown takes the whole ``graceful_timeout`` and ends in a kill. These
+hooks make it quick and lossless:
+
+* as soon as the worker is told to stop, :func:`sse_blueprint.shutdown` runs (see
+  :meth:`SSE.shutdown <sse_blueprint.SSE.shutdown>`): no new streams, readers released (they
+  resume on another worker) or shown their stream's end, producers given
+  ``SSE_SHUTDOWN_TIMEOUT`` seconds and then stopped, everything persisted;
+* idle keep-alive connections are closed at once, and busy ones right after their response;
+* the worker does not exit before the shutdown has persisted everything.
+
+Add them to ``gunicorn.conf.py``; import inside the functions, because the config file is read
+by the arbiter before gevent patches the workers::
+
+    def post_worker_init(worker):
+        from sse_blueprint.gunicorn import post_worker_init
+        post_worker_init(worker)
+
+    def worker_exit(server, worker):
+        from sse_blueprint.gunicorn import worker_exit
+        worker_exit(server, worker)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+import gevent
+
+from ._flask import shutdown
+
+__all__ = ["post_worker_init", "worker_exit"]
+
+log = logging.getLogger("sse_blueprint")
+
+#: Seconds between looks at ``worker.alive`` (gunicorn itself looks once a second).
+POLL = 0.1
+
+
+class _Connections:
+    """The worker's client connections, and which of them are between requests."""
+
+    def __init__(self) -> None:
+        self.busy: dict[socket.socket, bool] = {}
+        self.draining = False
+
+    def close_idle(self) -> None:
+        for sock, busy in list(self.busy.items()):
+            if not busy:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a connection that a greenlet may be blocked reading.
+
+    Through a duplicate descriptor: the blocked read then sees end-of-file, which gunicorn
+    treats as a client that went away. (gevent's own ``shutdown`` would fail it with EBADF,
+    which gunicorn logs as an error.)
+    """
+    with contextlib.suppress(OSError):
+        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+
+
+def post_worker_init(worker: Any) -> None:
+    """gunicorn hook: track connections and start the shutdown when the worker is told to stop."""
+    conns = _Connections()
+    handle, handle_request = worker.handle, worker.handle_request
+
+    def tracked_handle(listener: Any, client: socket.socket, addr: Any) -> None:
+        conns.busy[client] = False
+        try:
+            handle(listener, client, addr)
+        finally:
+            conns.busy.pop(client, None)
+
+    def tracked_request(listener_name: Any, req: Any, sock: socket.socket, addr: Any) -> Any:
+        conns.busy[sock] = True
+        try:
+            return handle_request(listener_name, req, sock, addr)
+        finally:
+            conns.busy[sock] = False
+            if conns.draining:
+                _shut(sock)  # the response is complete: no more requests on this connection
+
+    worker.handle, worker.handle_request = tracked_handle, tracked_request
+
+    def watch() -> None:
+        while worker.alive:
+            gevent.sleep(POLL)
+        log.info("sse_blueprint: worker %s is stopping; shutting streams down", os.getpid())
+        conns.draining = True
+        conns.close_idle()
+        shutdown()
+
+    worker._sse_shutdown = gevent.spawn(watch)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook: do not let the worker exit before the shutdown has persisted everything."""
+    if getattr(worker, "pid", None) != os.getpid():
+        return  # called in the arbiter
+    watcher = getattr(worker, "_sse_shutdown", None)
+    if watcher is None:
+        return
+    worker.alive = False
+    watcher.join(timeout=worker.cfg.graceful_timeout)

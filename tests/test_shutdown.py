@@ -1,0 +1,119 @@
+"""Graceful shutdown on real gunicorn: SIGTERM with many open streams, then resume elsewhere.
+
+gunicorn's ``graceful_timeout`` is 30 s (``gunicorn.conf.py``); the servers here give producers
+``SSE_SHUTDOWN_TIMEOUT`` = 2 s. Without the shutdown hooks a worker with open streams or idle
+keep-alive connections waits the whole 30 s and is then killed.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from tests.conftest import LiveServer, PostgresServer, ReadResult, read_stream, start_stream
+from tests.sse_parser import Transcript
+
+STREAMS = 200
+GRACE = 2.0
+LONG = "".join(f"Paragraph {i}: " + "a resumable stream of words " * 3 + "\n\n" for i in range(8))
+SHORT = "A short reply that ends well within the grace period."
+
+
+def _idle_keepalive(url: str) -> socket.socket:
+    """A connection that made one request and now idles (as browsers keep them)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def _sigterm_and_time(server: LiveServer, idle: socket.socket) -> tuple[float, float]:
+    """SIGTERM the arbiter; return (when the idle connection closed, when gunicorn exited)."""
+    assert server.proc is not None
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    idle.settimeout(30)
+    assert idle.recv(1) == b""
+    idle_closed = time.monotonic() - sent
+    server.proc.wait(timeout=40)
+    exited = time.monotonic() - sent
+    server.proc = None
+    return idle_closed, exited
+
+
+def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
+    server_factory: Any, postgres: PostgresServer
+) -> None:
+    name = "sd_" + uuid.uuid4().hex[:12]
+    postgres.psql(f"CREATE DATABASE {name}")
+    config = {
+        "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
+        "SSE_SHUTDOWN_TIMEOUT": GRACE,
+        "SSE_HEARTBEAT_INTERVAL": 1,
+    }
+    first: LiveServer = server_factory(config, app="tests.live_app:app")
+    texts: dict[str, str] = {}
+    for i in range(STREAMS):
+        text = SHORT if i % 10 == 0 else LONG  # 20 finish within the grace, 180 do not
+        interval = 30 if text is SHORT else 100
+        texts[start_stream(first.url, "demo", text=text, chunk_size=4, interval_ms=interval)] = text
+    with ThreadPoolExecutor(STREAMS) as pool:
+        readers = {sid: pool.submit(read_stream, first.url, sid, timeout=60) for sid in texts}
+        idle = _idle_keepalive(first.url)
+        time.sleep(1.0)
+        idle_closed, exited = _sigterm_and_time(first, idle)
+        live: dict[str, ReadResult] = {sid: r.result(timeout=30) for sid, r in readers.items()}
+
+    # Quick: idle connections closed at once, the worker gone soon after the producers' grace
+    # (gunicorn itself would wait graceful_timeout = 30 s).
+    assert idle_closed < 1.5
+    assert exited < GRACE + 8
+    assert "Worker graceful timeout" not in first.log()
+
+    # Every response ended cleanly (a complete chunked body) with its stream's terminal event.
+    done = stopped = 0
+    for sid, result in live.items():
+        terminal = result.events[-1]
+        if terminal.type == "done":
+            done += 1
+            assert result.transcript.text() == texts[sid]
+        else:
+            stopped += 1
+            assert terminal.type == "error"
+            assert terminal.json()["message"] == "server shutting down"
+            assert texts[sid].startswith(result.transcript.text())
+    assert done == STREAMS // 10
+    assert stopped == STREAMS - done
+
+    # A restarted server has all of it: resumes from a random id are exact, the end is a 204.
+    second: LiveServer = server_factory(config, app="tests.live_app:app")
+    rng = random.Random(7)
+
+    def resume(sid: str) -> None:
+        seen = live[sid]
+        cut = rng.randrange(len(seen.events))
+        resumed = Transcript()
+        for event in seen.events[:cut]:
+            resumed.apply(event.id, event.type, event.json())
+        last = seen.events[cut - 1].id if cut else None
+        rest = read_stream(second.url, sid, last)
+        assert rest.status == 200
+        for event in rest.events:
+            resumed.apply(event.id, event.type, event.json())
+        assert resumed.text() == seen.transcript.text()
+        assert resumed.terminal == seen.events[-1].type
+        assert read_stream(second.url, sid, seen.events[-1].id).status == 204
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(resume, live))
+    status = httpx.get(f"{second.url}/api/streams/{next(iter(live))}/status").json()
+    assert status["state"] in ("done", "error")
