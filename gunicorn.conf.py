@@ -5,7 +5,10 @@ gunicorn -c gunicorn.conf.py app:app
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import tempfile
 
 wsgi_app = "app:app"
 bind = [os.environ.get("SSE_BIND", "127.0.0.1:8000")]
@@ -23,16 +26,38 @@ graceful_timeout = 30
 keepalive = 75
 preload_app = False  # the gevent worker must monkey-patch before the app is imported
 accesslog = "-" if os.environ.get("SSE_ACCESS_LOG") else None
+_made_dirs: list[str] = []
 
 
 def on_starting(server: object) -> None:
-    """Refuse several workers without Redis: each would hold only its own streams."""
+    """Refuse several workers without Redis; give Prometheus a directory shared by the workers."""
     workers = getattr(getattr(server, "cfg", None), "workers", 1)
     if workers > 1 and not os.environ.get("FLASK_SSE_REDIS_URL"):
         raise SystemExit(
             f"sse-blueprint: {workers} workers need a shared backend. Set FLASK_SSE_REDIS_URL "
             "(e.g. redis://127.0.0.1:6379/0) or run one gevent worker (--workers 1)."
         )
+    if os.environ.get("FLASK_SSE_METRICS", "").lower() in ("1", "true", "yes"):
+        # Each worker writes its metrics to files here; the endpoint sums them (any worker).
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sse-metrics-")
+            _made_dirs.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+            os.remove(stale)  # values of an earlier run
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker's gauges (streams, clients) stop counting when it exits."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:  # what prometheus_client.multiprocess.mark_process_dead does
+        pid = getattr(worker, "pid", 0)
+        for path in glob.glob(os.path.join(directory, f"gauge_live*_{pid}.db")):
+            os.remove(path)
+
+
+def on_exit(server: object) -> None:
+    for directory in _made_dirs:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def post_worker_init(worker: object) -> None:

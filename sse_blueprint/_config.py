@@ -36,6 +36,7 @@ class SSEConfig:
     max_event_bytes: int = 1 << 20
     shutdown_timeout: float = 10.0
     metrics: bool = False
+    log_format: str = ""
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -68,6 +69,7 @@ class SSEConfig:
                 config, "SSE_SHUTDOWN_TIMEOUT", d.shutdown_timeout, allow_zero=True
             ),
             metrics=_boolean(config, "SSE_METRICS", d.metrics),
+            log_format=_choice(config, "SSE_LOG_FORMAT", ("", "text", "json")),
         )
 
 
@@ -108,6 +110,16 @@ def _integer(config: Mapping[str, Any], key: str, default: int, *, minimum: int)
     if number is None or number < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return number
+
+
+def _choice(config: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = config.get(key, choices[0])
+    if value is None:
+        value = ""
+    if not isinstance(value, str) or value.lower() not in choices:
+        shown = " or ".join(repr(c) for c in choices if c)
+        raise ConfigError(f"{key} must be {shown} (or unset), got {value!r}")
+    return value.lower()
 
 
 def _boolean(config: Mapping[str, Any], key: str, default: bool) -> bool:

@@ -39,7 +39,7 @@ import gevent
 import gevent.event
 from gevent import Greenlet
 
-from . import _wire
+from . import _observe, _wire
 from ._records import BlockStore, StreamRecord, TurnBlock
 
 __all__ = [
@@ -423,19 +423,28 @@ class Stream:
         )
         self._request_flush()  # the record exists in the store from the start
         self._greenlet = gevent.spawn(self._run)
+        _observe.METRICS.stream_started(self.producer_name)
         if self.timeout:
             self._timer = gevent.spawn_later(self.timeout, self._expire)
 
     def _run(self) -> None:
+        _observe.current_stream.set(self.id)
         ctx = ProducerContext(self, self.input)
         try:
             result: object = self._producer(ctx)
         except StreamClosed:
             pass  # cancelled or timed out: the terminal event is already there
         except ProducerError as exc:
+            _observe.METRICS.producer_error(self.producer_name)
             self._finish(StreamState.ERROR, {"message": str(exc) or "producer failed"})
         except Exception:
-            log.exception("producer %r of stream %s failed", self.producer_name, self.id)
+            _observe.METRICS.producer_error(self.producer_name)
+            log.exception(
+                "producer %r of stream %s failed",
+                self.producer_name,
+                self.id,
+                extra={"stream_id": self.id},
+            )
             self._finish(StreamState.ERROR, {"message": "producer failed"})
         else:
             if not isinstance(result, Mapping):
@@ -492,6 +501,7 @@ class Stream:
         if self._backend is not None:
             self._backend.append(self, ev)  # raises StreamClosed if it ended elsewhere
         self._log_append(ev)
+        _observe.METRICS.event()
         return ev
 
     def _log_append(self, ev: Event) -> None:
@@ -564,6 +574,8 @@ class Stream:
         self.finished_at = time.time()
         self._closed.set()
         self._request_flush()
+        if self._greenlet is not None:
+            _observe.METRICS.stream_finished(self.producer_name, ev.event)
         if self._timer is not None:
             self._timer.kill(block=False)
             self._timer = None
@@ -571,7 +583,9 @@ class Stream:
             try:
                 self._on_complete(self)
             except Exception:
-                log.exception("on_complete hook of stream %s failed", self.id)
+                log.exception(
+                    "on_complete hook of stream %s failed", self.id, extra={"stream_id": self.id}
+                )
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -602,6 +616,7 @@ class Stream:
         """Write what changed, then trim; on failure keep everything and retry with backoff."""
         store = self._store
         assert store is not None
+        _observe.current_stream.set(self.id)
         delay = PERSIST_RETRY_MIN
         while True:
             self._flush_wanted.wait()
@@ -614,10 +629,12 @@ class Stream:
                 for i in sorted(self._dirty)
                 for b in (self._blocks[i],)
             ]
+            began = time.perf_counter()
             try:
                 store.save(record, blocks)
             except Exception as exc:
                 self.persist_failures += 1
+                _observe.METRICS.persist_failed()
                 log.warning(
                     "stream %s: persisting %d block(s) failed (%s); retrying in %.1fs, the "
                     "buffer keeps every event meanwhile",
@@ -625,11 +642,13 @@ class Stream:
                     len(blocks),
                     exc,
                     delay,
+                    extra={"stream_id": self.id},
                 )
                 self._flush_wanted.set()
                 gevent.sleep(delay)
                 delay = min(delay * 2, PERSIST_RETRY_MAX)
                 continue
+            _observe.METRICS.persisted(time.perf_counter() - began)
             delay = PERSIST_RETRY_MIN
             for saved in blocks:
                 state = self._blocks[saved.block]
@@ -647,7 +666,7 @@ class Stream:
                     self._backend.persisted(self, self._persisted_id)
             if self.finished and self._persisted_id >= self._last_id:
                 if not self.saved.is_set():
-                    log.debug("stream %s: saved", self.id)
+                    log.debug("stream %s: saved", self.id, extra={"stream_id": self.id})
                 self.saved.set()
                 if not self._flush_wanted.is_set():
                     return
@@ -681,7 +700,10 @@ class Stream:
             rows = store.load_blocks(self.id, after)
         except Exception as exc:
             log.warning(
-                "stream %s: catch-up from the store failed (%s); cutting reader", self.id, exc
+                "stream %s: catch-up from the store failed (%s); cutting reader",
+                self.id,
+                exc,
+                extra={"stream_id": self.id},
             )
             sub.cut = True
             self._subscribers.discard(sub)
@@ -749,7 +771,9 @@ class Stream:
         if last_event_id < self._trimmed_id:
             sub = Subscription(self, self._base, last_event_id, on_cut)
             sub._catchup = True
+            _observe.METRICS.catch_up("database")
         else:
+            _observe.METRICS.catch_up("buffer")
             sub = Subscription(
                 self, self._base + self._index_after(last_event_id), last_event_id, on_cut
             )
@@ -795,16 +819,20 @@ class Stream:
             if sub._pos < limit:
                 sub.cut = True
                 self._subscribers.discard(sub)
+                _observe.METRICS.cut()
                 if not sub._waiting and sub.on_cut is not None:
                     try:
                         sub.on_cut()
                     except Exception:
-                        log.exception("stream %s: on_cut failed", self.id)
+                        log.exception(
+                            "stream %s: on_cut failed", self.id, extra={"stream_id": self.id}
+                        )
                 log.info(
                     "stream %s: cut a subscriber %d events behind (limit %d)",
                     self.id,
                     self._end - sub._pos,
                     self.client_queue,
+                    extra={"stream_id": self.id},
                 )
             elif sub._pos < low:
                 low = sub._pos
@@ -901,7 +929,11 @@ class StreamRegistry:
         record = self.store.load_stream(stream_id)
         if record is None or record.state != StreamState.RUNNING.value:
             return record
-        log.warning("stream %s: no producer runs it any more; ending it as lost", stream_id)
+        log.warning(
+            "stream %s: no producer runs it any more; ending it as lost",
+            stream_id,
+            extra={"stream_id": stream_id},
+        )
         self.store.save(lost(record), [])
         return self.store.load_stream(stream_id)
 

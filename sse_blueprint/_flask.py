@@ -26,7 +26,7 @@ import gevent.monkey
 from flask import Blueprint, Flask, Response, current_app, json, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import _wire
+from . import _observe, _wire
 from ._config import SSEConfig
 from ._engine import (
     Event,
@@ -62,7 +62,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 Validator = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 #: ``authorize(action, metadata)``: may the current request do ``action`` ("create", "read",
-#: "status", "cancel") on a stream with this metadata? Runs in the request context.
+#: "status", "cancel"; "metrics" with empty metadata) on a stream with this metadata? Runs in
+#: the request context.
 Authorizer = Callable[[str, Mapping[str, Any]], bool]
 #: ``stream_metadata(producer, input)``: the metadata a new stream starts with (e.g. its owner).
 MetadataHook = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
@@ -188,6 +189,9 @@ class SSE:
         ``store`` if you pass one of your own.
         """
         config = SSEConfig.from_mapping(app.config)
+        _observe.configure_logging(config.log_format)
+        if config.metrics:
+            _observe.enable_metrics()
         if not gevent.monkey.is_module_patched("socket"):
             log.warning(
                 "sse_blueprint: gevent has not patched this process; serve the app with "
@@ -231,7 +235,8 @@ class SSE:
 
         ``func(action, metadata)`` runs in the request context with ``action`` one of
         ``"create"``, ``"read"``, ``"status"``, ``"cancel"`` and the stream's metadata (for
-        ``"create"``, the metadata it would start with). Return False to refuse with a 403;
+        ``"create"``, the metadata it would start with), or ``"metrics"`` with empty metadata
+        (the ``SSE_METRICS`` endpoint). Return False to refuse with a 403;
         raise ``werkzeug.exceptions.Unauthorized`` for a 401 (not logged in). ::
 
             @sse.stream_metadata
@@ -436,6 +441,7 @@ def _make_blueprint() -> Blueprint:
             if found.terminal_id is not None and last_id >= found.terminal_id:
                 return Response(status=204)
             events = _store_call(state.registry.replay, found, last_id)
+            _observe.METRICS.catch_up("database")
             body = iter([_encode(events, ndjson, b"" if ndjson else state.retry)])
         return _stream_response(body, ndjson)
 
@@ -464,6 +470,19 @@ def _make_blueprint() -> Blueprint:
             return body, 202 if ended else 200
         cancelled = isinstance(found, Stream) and found.cancel()
         return _status(found), 202 if cancelled else 200
+
+    @route("/metrics", ["GET"])
+    def metrics() -> BaseResponse:
+        state = _state()
+        if not state.config.metrics:
+            _error(404, "metrics are off (set SSE_METRICS = true)")
+        state.ext._check("metrics", {})
+        body, content_type = _observe.render_metrics()
+        return current_app.response_class(body, content_type=content_type)
+
+    @bp.before_request
+    def no_stream_yet() -> None:
+        _observe.current_stream.set(None)
 
     @bp.route("/streams/<path:rest>", methods=sorted(_ALL_METHODS))
     def no_such_path(rest: str) -> NoReturn:
@@ -498,6 +517,7 @@ def _stream_response(body: Iterator[bytes], ndjson: bool) -> Response:
 def _find(state: _AppState, stream_id: str) -> Stream | StreamRecord:
     if not _STREAM_ID.match(stream_id):
         _error(404, "stream not found")
+    _observe.current_stream.set(stream_id)  # for the log lines of this request
     found = _store_call(state.registry.find, stream_id)
     if found is None:
         _error(404, "stream not found")
@@ -649,20 +669,26 @@ def _follow(
     server then closes this generator and ``finally`` releases the subscription. The producer
     carries on.
     """
+    metrics = _observe.METRICS
+    metrics.client_connected()
     try:
         if preamble:
             yield preamble
         while True:
             events = sub.poll(heartbeat_interval)
             if events:
-                yield _encode(events, ndjson, b"")
+                data = _encode(events, ndjson, b"")
+                metrics.sent(len(events), len(data))
+                yield data
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
                 return
             if not events:
+                metrics.sent(0, len(heartbeat))
                 yield heartbeat
     finally:
         sub.close()
+        metrics.client_disconnected()
 
 
 def _counted(body: Iterator[bytes], counts: dict[str, int], key: str) -> Iterator[bytes]:

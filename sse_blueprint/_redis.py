@@ -197,7 +197,11 @@ class RedisBackend:
         """Our write was refused: the stream ended elsewhere, or another producer owns it."""
         if "FENCED" in str(exc):
             # Not ours any more: end it here (for this worker's readers) without writing.
-            log.error("stream %s: fenced out by another producer; stopping", stream.id)
+            log.error(
+                "stream %s: fenced out by another producer; stopping",
+                stream.id,
+                extra={"stream_id": stream.id},
+            )
             data = {"stream_id": stream.id, "message": "producer fenced out"}
             stream._adopt_terminal(Event(stream.last_event_id + 1, "error", data))
         else:
@@ -221,7 +225,10 @@ class RedisBackend:
             pipe.execute()
         except redis.RedisError as exc:
             log.warning(
-                "stream %s: trimming Redis failed (%s); it will be trimmed later", stream.id, exc
+                "stream %s: trimming Redis failed (%s); it will be trimmed later",
+                stream.id,
+                exc,
+                extra={"stream_id": stream.id},
             )
 
     def _adopt_remote_end(self, stream: Stream) -> None:
@@ -241,7 +248,12 @@ class RedisBackend:
             try:
                 state = self._renew(keys=[meta, lease], args=[gen, int(self.lease * 1000)])
             except redis.RedisError as exc:
-                log.warning("stream %s: lease renewal failed (%s)", stream.id, exc)
+                log.warning(
+                    "stream %s: lease renewal failed (%s)",
+                    stream.id,
+                    exc,
+                    extra={"stream_id": stream.id},
+                )
                 continue
             state = state.decode() if isinstance(state, bytes) else state
             if state == "fenced":

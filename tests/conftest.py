@@ -126,6 +126,9 @@ class LiveServer:
         for match in re.finditer(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*.*", text):
             if "deliberate test failure" not in match.group():
                 found.append(match.group())
+        for line in text.splitlines():  # SSE_LOG_FORMAT = json
+            if '"exception": "Traceback' in line and "deliberate test failure" not in line:
+                found.append(line)
         for report in re.split(r"\n(?==+\n)", text):
             # (Importing the app while a worker boots takes CPU before anything is served;
             # that is not the event loop blocked at work, so it is not reported.)

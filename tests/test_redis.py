@@ -358,3 +358,60 @@ def test_sigterm_hands_readers_over_to_another_instance(shared: Any) -> None:
             assert combined.terminal == "error"
             assert ends[sid].events[-1].json()["message"] == "server shutting down"
             assert text.startswith(combined.text())
+
+
+def _scrape(base: str) -> dict[str, float]:
+    """The metrics endpoint as {"name{labels}": value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{base}/api/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+def test_metrics_move_and_add_up_across_workers(shared: Any) -> None:
+    """Two workers: whichever serves the endpoint, it shows both workers' sums."""
+    server: LiveServer = shared.instance_with({"SSE_METRICS": True}, workers=2)
+    before = _scrape(server.url)
+    stream_id = demo(server.url, PARAGRAPHS, chunk=20, interval=60)  # about 1.7 s
+    with ThreadPoolExecutor(4) as pool:
+        readers = [pool.submit(read_stream, server.url, stream_id) for _ in range(4)]
+        time.sleep(0.3)
+        during = _scrape(server.url)
+        results = [r.result(timeout=30) for r in readers]
+    events = len(results[0].events)
+    wait_done(server.url, stream_id)
+    time.sleep(1)  # the blocks are persisted, and every worker's buffer trimmed, by now
+    resumed = read_stream(server.url, stream_id, 1)
+    assert resumed.events[0].type == "turnblock_catchup"
+    time.sleep(0.5)
+    scrapes = [_scrape(server.url) for _ in range(8)]  # lands on both workers
+    after = scrapes[0]
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert during["sse_clients_connected{}"] >= 4
+    assert after["sse_clients_connected{}"] == 0
+    assert moved("sse_streams_started_total{producer=demo}") == 1
+    assert moved("sse_streams_finished_total{producer=demo,state=done}") == 1
+    assert moved("sse_events_total{}") == events
+    assert moved("sse_events_sent_total{}") >= 4 * events + len(resumed.events)
+    assert moved("sse_bytes_sent_total{}") >= sum(len(r.raw) for r in results)
+    assert moved("sse_catchups_total{source=buffer}") >= 4
+    assert moved("sse_catchups_total{source=database}") >= 1
+    assert moved("sse_persist_seconds_count{}") >= 1
+    assert after["sse_streams_active{}"] == 0
+    assert all(s == after for s in scrapes), "the workers disagree about the totals"
+
+
+def test_metrics_are_off_unless_configured(shared: Any) -> None:
+    response = httpx.get(f"{shared.a.url}/api/metrics")
+    assert response.status_code == 404
+    assert "SSE_METRICS" in response.json()["error"]
