@@ -35,6 +35,7 @@ class SSEConfig:
     max_clients_per_address: int = 256
     max_event_bytes: int = 1 << 20
     shutdown_timeout: float = 10.0
+    write_timeout: float = 30.0
     metrics: bool = False
     log_format: str = ""
 
@@ -68,6 +69,7 @@ class SSEConfig:
             shutdown_timeout=_number(
                 config, "SSE_SHUTDOWN_TIMEOUT", d.shutdown_timeout, allow_zero=True
             ),
+            write_timeout=_number(config, "SSE_WRITE_TIMEOUT", d.write_timeout),
             metrics=_boolean(config, "SSE_METRICS", d.metrics),
             log_format=_choice(config, "SSE_LOG_FORMAT", ("", "text", "json")),
         )

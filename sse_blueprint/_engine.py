@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import gevent
 import gevent.event
+import gevent.lock
 from gevent import Greenlet
 
 from . import _observe, _wire
@@ -280,6 +281,10 @@ class Subscription:
         self.on_cut = on_cut
 
     @property
+    def stream_id(self) -> str:
+        return self._stream.id
+
+    @property
     def lag(self) -> int:
         """Events appended but not yet taken by this subscriber."""
         return self._stream._end - self._pos
@@ -405,6 +410,7 @@ class Stream:
         # A shared backend (Redis) sees every event first; a mirror only follows another
         # worker's stream (no producer, no writes) for this worker's readers.
         self._backend = backend
+        self._append_lock = gevent.lock.Semaphore()
         self.mirror = mirror
         self._writes = store is not None and not mirror
         if not self._writes:
@@ -486,6 +492,14 @@ class Stream:
             g.kill(StreamClosed(self.id), block=False)
 
     def _append(self, event: str, data: Mapping[str, Any]) -> Event:
+        if self._backend is None:
+            return self._append_now(event, data)  # no blocking call: atomic under gevent
+        # The backend's write blocks, and a cancel or a timeout may append meanwhile from
+        # another greenlet: one append at a time, or two events would get the same id.
+        with self._append_lock:
+            return self._append_now(event, data)
+
+    def _append_now(self, event: str, data: Mapping[str, Any]) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
         if event == "text_delta":

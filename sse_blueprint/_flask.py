@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
@@ -108,6 +109,7 @@ class _AppState:
         self.retry = _wire.encode_retry(config.retry_ms)
         self.clients_by_address: dict[str, int] = {}  # open responses per address, this worker
         self.draining = False
+        self.write_watch = _WriteWatch(config.write_timeout)
         _STATES.add(self)
 
     def shutdown(self, grace: float | None = None) -> tuple[int, int]:
@@ -147,6 +149,40 @@ def shutdown(grace: float | None = None) -> None:
     """
     greenlets = [gevent.spawn(state.shutdown, grace) for state in list(_STATES)]
     gevent.joinall(greenlets)
+
+
+class _WriteWatch:
+    """Cuts clients whose write stays blocked longer than ``SSE_WRITE_TIMEOUT`` seconds.
+
+    A client that stops reading but keeps its connection open is cut by the lag check while its
+    stream runs; once the stream has ended nothing more is appended, so a write that the client
+    never takes would hold the connection (and its greenlet) forever. One sweeper per app
+    shuts such connections; each response only notes when a write starts and ends.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.blocked: dict[Subscription, tuple[float, Callable[[], None]]] = {}
+        self._sweeper: gevent.Greenlet | None = None
+
+    def started(self, sub: Subscription, closer: Callable[[], None]) -> None:
+        self.blocked[sub] = (time.monotonic() + self.timeout, closer)
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep)
+
+    def _sweep(self) -> None:
+        while True:
+            gevent.sleep(min(1.0, self.timeout / 4))
+            now = time.monotonic()
+            for sub, (deadline, closer) in list(self.blocked.items()):
+                if now > deadline:
+                    del self.blocked[sub]
+                    _observe.METRICS.cut()
+                    log.info(
+                        "cut a client that took nothing for %.0f s", self.timeout,
+                        extra={"stream_id": sub.stream_id},
+                    )  # fmt: skip
+                    closer()
 
 
 def _no_producer(ctx: Any) -> None:
@@ -431,11 +467,17 @@ def _make_blueprint() -> Blueprint:
             address = request.remote_addr or ""
             if state.clients_by_address.get(address, 0) >= config.max_clients_per_address:
                 _error(429, "too many open streams from your address", {"Retry-After": "5"})
-            sub = found.subscribe(last_id, on_cut=_connection_closer(request.environ))
+            closer = _connection_closer(request.environ)
+            sub = found.subscribe(last_id, on_cut=closer)
+            watch = state.write_watch if closer is not None else None
             if ndjson:
-                body = _follow(sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True)
+                body = _follow(
+                    sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True, watch
+                )
             else:
-                body = _follow(sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False)
+                body = _follow(
+                    sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False, watch
+                )
             body = _counted(body, state.clients_by_address, address)
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
@@ -661,6 +703,7 @@ def _follow(
     preamble: bytes,
     heartbeat: bytes,
     ndjson: bool,
+    watch: _WriteWatch | None = None,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
@@ -671,22 +714,27 @@ def _follow(
     """
     metrics = _observe.METRICS
     metrics.client_connected()
+    closer = sub.on_cut
     try:
         if preamble:
             yield preamble
         while True:
             events = sub.poll(heartbeat_interval)
-            if events:
-                data = _encode(events, ndjson, b"")
+            data = _encode(events, ndjson, b"") if events else heartbeat
+            if events or not sub.done:
                 metrics.sent(len(events), len(data))
-                yield data
+                if watch is not None and closer is not None:
+                    watch.started(sub, closer)
+                    yield data  # the server writes it before asking for more
+                    watch.blocked.pop(sub, None)
+                else:
+                    yield data
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
                 return
-            if not events:
-                metrics.sent(0, len(heartbeat))
-                yield heartbeat
     finally:
+        if watch is not None:
+            watch.blocked.pop(sub, None)
         sub.close()
         metrics.client_disconnected()
 

@@ -166,7 +166,12 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def server(server_factory: Any) -> LiveServer:
     """The reference app plus test producers, heartbeat 0.5 s, a small client queue."""
     server: LiveServer = server_factory(
-        {"SSE_HEARTBEAT_INTERVAL": 0.5, "SSE_CLIENT_QUEUE": 32, "SSE_RETRY_MS": 1500},
+        {
+            "SSE_HEARTBEAT_INTERVAL": 0.5,
+            "SSE_CLIENT_QUEUE": 32,
+            "SSE_RETRY_MS": 1500,
+            "SSE_WRITE_TIMEOUT": 2,
+        },
         app="tests.live_app:app",
     )
     return server

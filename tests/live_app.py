@@ -30,9 +30,46 @@ def fail(ctx: ProducerContext) -> None:
     raise RuntimeError("deliberate test failure: secret internal detail")
 
 
+@sse.producer("stall", timeout=0.3)
+def stall(ctx: ProducerContext) -> None:
+    """Sends one delta, then waits forever: ended by its 0.3 s timeout."""
+    ctx.text(0, "waiting")
+    ctx.sleep(3600)
+
+
 app = create_app()
 
 
 @app.get("/test/active")
 def active() -> dict[str, bool]:
     return sse.active(request.args.getlist("id"))
+
+
+@app.get("/test/resources")
+def resources() -> dict[str, Any]:
+    """What a leak would grow: descriptors, live greenlets, readers, DB and Redis connections."""
+    import gc
+    import os
+
+    import greenlet  # type: ignore[import-untyped]
+
+    from sse_blueprint._flask import _state
+
+    state = _state()
+    store: Any = state.store
+    gc.collect()
+    streams = list(state.registry._streams.values())
+    mirrors = list(state.backend.mirrors.values()) if state.backend is not None else []
+    pool: Any = state.backend.redis.connection_pool if state.backend is not None else None
+    return {
+        "fds": len(os.listdir("/proc/self/fd")),
+        "greenlets": sum(
+            1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead
+        ),
+        "readers": sum(s.subscriber_count for s in streams + mirrors),
+        "running": state.registry.running,
+        "db_checked_out": store.engine.pool.checkedout(),
+        "db_open": store.engine.pool.checkedin() + store.engine.pool.checkedout(),
+        "redis_connections": len(pool._connections) if pool is not None else 0,
+        "clients_by_address": sum(state.clients_by_address.values()),
+    }

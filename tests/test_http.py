@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -21,7 +22,7 @@ from tests.conftest import (
     start_stream,
     wait_done,
 )
-from tests.sse_parser import SSEParser, Transcript
+from tests.sse_parser import ParsedEvent, SSEParser, Transcript
 
 
 def test_response_starts_with_retry_and_has_sse_headers(server: LiveServer) -> None:
@@ -350,6 +351,68 @@ def test_frozen_client_is_cut_while_a_normal_client_gets_everything(server: Live
     assert client.ids == sorted(set(client.ids))
     assert client.terminal == "done"
     assert httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()["subscribers"] == 0
+
+
+def _frozen_client(url: str, stream_id: str) -> socket.socket:
+    """A client that sends its request and then never reads (a 4 KB receive buffer)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    request = f"GET /api/streams/{stream_id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    sock.sendall(request.encode())
+    return sock
+
+
+def _drain_socket(sock: socket.socket, timeout: float = 10) -> list[ParsedEvent]:
+    """Everything the server sent before it closed the connection, as events."""
+    sock.settimeout(timeout)
+    raw = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 20):
+            raw += chunk
+    sock.close()
+    return SSEParser().feed(_dechunk(raw.split(b"\r\n\r\n", 1)[1]))
+
+
+def test_frozen_clients_slow_neither_the_producer_nor_other_readers(server: LiveServer) -> None:
+    """The same paced flood twice, alone and with 6 frozen clients: the producer runs as fast.
+
+    (The producer never writes to a socket: it appends to the shared buffer, and each reader's
+    own greenlet does the writing. A relative comparison, generous for a busy 2-core machine.)
+    """
+    flood = "".join(chr(ord("a") + i % 26) * 20_000 for i in range(400))
+
+    def run(frozen_count: int) -> tuple[float, list[list[ParsedEvent]]]:
+        stream_id = start_stream(server.url, "flood", count=400, size=20_000, interval_ms=5)
+        frozen = [_frozen_client(server.url, stream_id) for _ in range(frozen_count)]
+        normal = read_stream(server.url, stream_id, timeout=60)
+        assert normal.transcript.text() == flood
+        status = httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()
+        return status["finished_at"] - status["created_at"], [_drain_socket(s) for s in frozen]
+
+    alone, _ = run(0)
+    crowded, frozen = run(6)
+    assert crowded < alone * 1.5 + 0.5, (alone, crowded)
+    for events in frozen:  # each was cut: its response ends without the terminal event
+        assert events[-1].type not in ("done", "error", "cancelled")
+
+
+def test_a_client_frozen_at_the_end_of_a_stream_is_cut_by_the_write_timeout(
+    server: LiveServer,
+) -> None:
+    """28 events of 300 kB: the frozen client blocks with fewer than SSE_CLIENT_QUEUE (32)
+    events left, so the lag check never cuts it; SSE_WRITE_TIMEOUT (2 s here) does."""
+    stream_id = start_stream(server.url, "flood", count=28, size=300_000)
+    frozen = _frozen_client(server.url, stream_id)
+    normal = read_stream(server.url, stream_id, timeout=60)
+    assert normal.events[-1].type == "done"
+    time.sleep(3)  # the frozen client's write has been blocked for longer than 2 s now
+    events = _drain_socket(frozen)
+    assert events
+    assert events[-1].type not in ("done", "error", "cancelled")
+    status = httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()
+    assert status["subscribers"] == 0
 
 
 def _dechunk(body: bytes) -> bytes:
