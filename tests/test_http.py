@@ -220,6 +220,46 @@ def test_raw_hostile_headers_never_5xx(server: LiveServer, header: bytes) -> Non
     assert status == 400
 
 
+INJECTIONS = ["%0D%0AX-Injected:%20yes", "%0AX-Injected:%20yes", "%0D%0A%0D%0A<script>"]
+
+
+@pytest.mark.parametrize("payload", INJECTIONS)
+def test_crlf_injection_never_reaches_the_response(server_factory: Any, payload: str) -> None:
+    """Encoded CR/LF in the query, the stream id, the format and (raw) in headers: a 4xx JSON
+    answer and no header of the attacker's making, also where a header echoes input (CORS)."""
+    srv: LiveServer = server_factory(
+        {"SSE_CORS_ORIGINS": "https://app.example"}, app="tests.live_app:app"
+    )
+    stream_id = start_demo(srv.url, interval_ms=0)
+    wait_done(srv.url, stream_id)
+    paths = [
+        f"/api/streams/{stream_id}?last_event_id=1{payload}",
+        f"/api/streams/{stream_id}?format=sse{payload}",
+        f"/api/streams/{stream_id}{payload}",
+        f"/api/streams/{stream_id}{payload}/status",
+    ]
+    for path in paths:
+        status, data = raw_get(srv, path)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert 400 <= status < 500, (path, status)
+        assert b"x-injected" not in head.lower()
+        assert b"<script>" not in head
+        assert b'"error"' in body
+    for header in (
+        b"Origin: https://app.example\rX-Injected: yes",
+        b"Last-Event-ID: 1\rX-Injected: yes",
+        b"Last-Event-ID: 1\nX-Injected: yes",
+    ):
+        status, data = raw_get(srv, f"/api/streams/{stream_id}", header + b"\r\n")
+        assert status < 500
+        assert b"\r\nx-injected" not in data.partition(b"\r\n\r\n")[0].lower()
+    response = httpx.post(
+        f"{srv.url}/api/streams", json={"producer": "demo\r\nX-Injected: yes", "input": {}}
+    )
+    assert response.status_code == 400
+    assert "x-injected" not in {k.lower() for k in response.headers}
+
+
 def test_empty_last_event_id_means_from_the_start(server: LiveServer) -> None:
     stream_id = start_demo(server.url, interval_ms=0)
     result = read_stream(server.url, stream_id, "")
