@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint typecheck system-deps clean
+.PHONY: run test bench lint typecheck system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ system-deps:
 
 test: lint typecheck system-deps
 	$(BIN)/python -m pytest
+
+# Benchmarks against peers (not part of `make test`): about 10 minutes, loopback only.
+# Writes benchmarks/results/results.md, results.json and fanout.png.
+bench: $(STAMP) system-deps
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Benchmarks against peers (not part of ``make test``): ``make bench``. See README."""

@@ -1,0 +1,243 @@
+"""A gevent SSE load client: N connections, every event read and verified, latency recorded.
+
+Run as its own process (it monkey-patches first)::
+
+    python -m benchmarks.loadclient URL --clients 1000 --expect 500 --out result.json
+
+It connects all clients, prints ``READY`` on stdout, then reads until each client has verified
+``--expect`` tick events (their ``n`` must be 0, 1, 2, ... with no gap or repeat, and ids
+strictly increasing) or the deadline passes. Latency is receipt time minus the producer's
+timestamp ``t`` in the event. ``--idle`` only holds the connections until stdin closes.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from array import array  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.pool  # noqa: E402
+
+from benchmarks.common import raise_fd_limit  # noqa: E402
+
+TICK = re.compile(rb'id: (\d+)\nevent: tick\ndata: \{"t":([0-9.e+-]+),"n":(\d+)')
+
+
+class Dechunker:
+    """Incremental HTTP/1.1 chunked decoding (or pass-through for close-delimited bodies)."""
+
+    __slots__ = ("buf", "chunked", "need")
+
+    def __init__(self, chunked: bool) -> None:
+        self.chunked = chunked
+        self.buf = b""
+        self.need = 0  # bytes left in the current chunk
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.chunked:
+            return data
+        buf, out, need = self.buf + data, [], self.need
+        pos = 0
+        while pos < len(buf):
+            if need:
+                take = buf[pos : pos + need]
+                out.append(take)
+                need -= len(take)
+                pos += len(take)
+                if need == 0:
+                    pos += 2  # CRLF after the chunk (may lie past the buffer: then skipped)
+                continue
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line = buf[pos:end]
+            pos = end + 2
+            if not line:
+                continue
+            need = int(line.split(b";")[0], 16)
+            if need == 0:
+                pos = len(buf)
+                break
+        self.buf = buf[pos:] if pos < len(buf) else b""
+        self.need = need
+        return b"".join(out)
+
+
+class Reader:
+    __slots__ = (
+        "errors", "expected", "first_t", "last_id", "last_recv", "latencies", "pending", "verified"
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.expected = 0
+        self.verified = 0
+        self.last_id = 0
+        self.errors: list[str] = []
+        self.latencies = array("d")
+        self.pending = b""
+        self.first_t = float("inf")  # producer timestamp of the first event
+        self.last_recv = 0.0  # receipt time of the last event
+
+
+def open_stream(
+    host: str, port: int, path: str, headers: str = ""
+) -> tuple[socket.socket, Dechunker, bytes]:
+    sock = socket.create_connection((host, port), timeout=60)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{headers}\r\n"
+    sock.sendall(request.encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the headers")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:
+        raise ConnectionError(f"HTTP {status}")
+    dechunk = Dechunker(b"transfer-encoding: chunked" in head.lower())
+    return sock, dechunk, dechunk.feed(body)
+
+
+def read(sock: socket.socket, dechunk: Dechunker, first: bytes, reader: Reader, expect: int,
+         deadline: float) -> None:  # fmt: skip
+    data = first
+    now = time.time()
+    lat = reader.latencies
+    while True:
+        text = reader.pending + data
+        cut = text.rfind(b"\n\n")
+        if cut >= 0:
+            reader.pending = text[cut + 2 :]
+            before = reader.verified
+            for m in TICK.finditer(text, 0, cut + 2):
+                event_id, n = int(m[1]), int(m[3])
+                if n != reader.expected or event_id <= reader.last_id:
+                    reader.errors.append(f"got n={n} id={event_id}, expected n={reader.expected}")
+                    reader.expected = n
+                reader.expected += 1
+                reader.verified += 1
+                reader.last_id = event_id
+                sent = float(m[2])
+                lat.append(now - sent)
+                if sent < reader.first_t:
+                    reader.first_t = sent
+            if reader.verified > before:
+                reader.last_recv = now
+        else:
+            reader.pending = text
+        if reader.verified >= expect:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        sock.settimeout(remaining)
+        try:
+            raw = sock.recv(262144)
+        except (TimeoutError, OSError):
+            return
+        if not raw:
+            return
+        now = time.time()
+        data = dechunk.feed(raw)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--expect", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--idle", action="store_true")
+    parser.add_argument("--connect-rate", type=float, default=2000, help="connections per second")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    url = urlsplit(args.url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    path = url.path + (f"?{url.query}" if url.query else "")
+
+    conns: list[Any] = [None] * args.clients
+    failures: list[str] = []
+
+    def connect(i: int) -> None:
+        for attempt in range(5):
+            try:
+                conns[i] = open_stream(host, port, path)
+                return
+            except OSError as exc:
+                if attempt == 4:
+                    failures.append(str(exc))
+                gevent.sleep(0.2 * (attempt + 1))
+
+    began = time.monotonic()
+    group = gevent.pool.Pool(500)
+    for i in range(args.clients):
+        group.spawn(connect, i)
+        if args.connect_rate and i % 50 == 49:
+            gevent.sleep(50 / args.connect_rate)
+    group.join()
+    connected = sum(c is not None for c in conns)
+    connect_seconds = time.monotonic() - began
+    print(f"READY {connected}", flush=True)
+
+    if args.idle:
+        sys.stdin.read()  # hold the connections until the harness is done measuring
+        result: dict[str, Any] = {"connected": connected, "failures": failures[:5]}
+    else:
+        deadline = time.monotonic() + args.timeout
+        readers = [Reader() for _ in conns]
+        jobs = [
+            gevent.spawn(read, c[0], c[1], c[2], r, args.expect, deadline)
+            for c, r in zip(conns, readers, strict=True)
+            if c is not None
+        ]
+        gevent.joinall(jobs)
+        lat = sorted(x for r in readers for x in r.latencies)
+        verified = sum(r.verified for r in readers)
+        first = min((r.first_t for r in readers), default=0.0)
+        last = max((r.last_recv for r in readers), default=0.0)
+        seconds = last - first if verified else float("nan")
+        result = {
+            "connected": connected,
+            "connect_seconds": connect_seconds,
+            "failures": failures[:5],
+            "expected": args.expect * args.clients,
+            "verified": verified,
+            "errors": sum(len(r.errors) for r in readers),
+            "error_samples": [e for r in readers for e in r.errors][:5],
+            "p50_ms": percentile(lat, 0.50) * 1000,
+            "p99_ms": percentile(lat, 0.99) * 1000,
+            "max_ms": (lat[-1] * 1000) if lat else float("nan"),
+            "seconds": seconds,
+            "deliveries_per_s": verified / seconds if verified and seconds > 0 else 0.0,
+        }
+    for c in conns:
+        if c is not None:
+            c[0].close()
+    text = json.dumps(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

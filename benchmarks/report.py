@@ -1,0 +1,160 @@
+"""The results table (markdown) and the plot (PNG) from ``results.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OURS = "sse-blueprint"
+
+
+def _ratio(ours: float, peer: float) -> str:
+    if not peer or peer != peer:  # zero or NaN
+        return "–"
+    return f"{ours / peer:.1f}×"
+
+
+def _fanout_rows(section: dict[str, Any], latency_only: bool = False) -> list[str]:
+    ours = section.get(OURS, {})
+    rows = [
+        "| server | deliveries/s | vs sse-blueprint | complete | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in section.items():
+        rate = r["deliveries_per_s"]
+        ratio = "1.0×" if name == OURS else _ratio(ours.get("deliveries_per_s", 0), rate)
+        rows.append(
+            f"| {name} | {rate:,.0f} | {ratio} | {r['completeness'] * 100:.1f} % "
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    n, k = results["clients"], results["events"]
+    out = [
+        "# Benchmark results",
+        "",
+        f"Machine: {results['machine']}. Command: `make bench` (`python -m benchmarks.run`).",
+        "Every server, every client on 127.0.0.1; one gevent worker unless stated. The same load",
+        "client (gevent, `benchmarks/loadclient.py`) reads and verifies every event (sequence",
+        "numbers without gap or repeat); *complete* is events verified / events sent.",
+        "Latency: the producer's timestamp in the event to the client's receipt.",
+        "",
+    ]
+    if "fanout" in results:
+        out += [
+            f"## Fan-out: a burst of {k} events to {n} clients, one stream",
+            "",
+            'The producer yields after each event. "vs sse-blueprint" is how many times our',
+            "rate is the peer's.",
+            "",
+            *_fanout_rows(results["fanout"]),
+            "",
+        ]
+    if "paced" in results:
+        out += [
+            f"## Paced: {k} events at 100 events/s to {n} clients",
+            "",
+            *_fanout_rows(results["paced"]),
+            "",
+        ]
+    if "redis" in results:
+        out += [
+            f"## Redis mode: the burst of {k} events to {n} clients (PostgreSQL for blocks)",
+            "",
+            *_fanout_rows(results["redis"]),
+            "",
+        ]
+    if "catchup" in results:
+        out += [
+            "## Reconnect to first catch-up byte",
+            "",
+            "From the buffer: resume in the middle of a running stream of 500 buffered events.",
+            "From the database: resume from id 1 of a finished stream of 1,000 persisted blocks.",
+            "",
+            "| database | buffer p50 ms | buffer p99 ms | database p50 ms | database p99 ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for db, r in results["catchup"].items():
+            b, d = r["buffer"], r["database"]
+            out.append(
+                f"| {db} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {d['p50_ms']:.2f} "
+                f"| {d['p99_ms']:.2f} |"
+            )
+        out.append("")
+    if "idle" in results:
+        out += [
+            "## Idle connections held by one worker",
+            "",
+            "| server | connections | RSS before MB | RSS after MB | KB per connection |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, r in results["idle"].items():
+            out.append(
+                f"| {name} | {r['connected']:,} | {r['rss_before_mb']:.0f} "
+                f"| {r['rss_after_mb']:.0f} | {r['kb_per_connection']:.1f} |"
+            )
+        out.append("")
+    if "encoding_ns" in results:
+        enc = results["encoding_ns"]
+        ours = enc.get("sse_blueprint_event", 0)
+        out += [
+            "## Encoding one event (pytest-benchmark, median)",
+            "",
+            "sse-blueprint encodes an event once per stream; the peers encode once per client.",
+            "",
+            "| encoder | µs per event | per delivery to 1,000 clients |",
+            "|---|---:|---:|",
+        ]
+        for name, ns in enc.items():
+            per = ns / 1000 if name == "sse_blueprint_event" else ns
+            out.append(f"| {name} | {ns / 1000:.2f} | {per / 1000:.3f} µs |")
+        out.append(f"\n(ours: {ours / 1000:.2f} µs once, shared by every client)\n")
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [s for s in ("fanout", "paced") if s in results]
+    fig, axes = plt.subplots(1, len(sections) + 1, figsize=(5 * (len(sections) + 1), 4))
+    for ax, section in zip(axes, sections, strict=False):
+        names = list(results[section])
+        rates = [results[section][n]["deliveries_per_s"] / 1000 for n in names]
+        complete = [results[section][n]["completeness"] for n in names]
+        colors = ["#1f77b4" if n == OURS else "#999999" for n in names]
+        bars = ax.bar(names, rates, color=colors)
+        for bar, c in zip(bars, complete, strict=True):
+            ax.annotate(f"{c * 100:.0f} %", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+        title = "burst" if section == "fanout" else "paced 100/s"
+        ax.set_title(f"{title}: deliveries/s (thousands)\n(labels: completeness)")
+        ax.tick_params(axis="x", rotation=20)
+    ax = axes[-1]
+    source = results.get("paced") or results.get("fanout") or {}
+    names = list(source)
+    ax.bar(names, [source[n]["p99_ms"] for n in names],
+           color=["#1f77b4" if n == OURS else "#999999" for n in names])  # fmt: skip
+    ax.set_title("p99 latency, ms (paced)" if "paced" in results else "p99 latency, ms")
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{results['clients']} clients, one stream, one worker — {results['machine']}",
+                 fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "fanout.png")
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
+    write_report(json.loads((directory / "results.json").read_text()), directory)

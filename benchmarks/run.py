@@ -1,0 +1,348 @@
+"""Run every benchmark, side by side with the peers, and write the table and the plot.
+
+    make bench                      # or: .venv/bin/python -m benchmarks.run [--quick]
+
+Loopback only; every server and client is a child process stopped at the end. Writes
+``benchmarks/results/results.md``, ``results.json`` and ``fanout.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import OUT, PY, ROOT, Server, free_port, raise_fd_limit
+
+GUNICORN = [PY, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "20000"]
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+def ours(workers: int = 1, **env: str) -> Server:
+    port = free_port()
+    config = {"FLASK_SSE_DATABASE_URL": f"sqlite:///{OUT}/ours-{uuid.uuid4().hex[:8]}.sqlite3"}
+    config.update(env)
+    cmd = [
+        PY, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+        "--workers", str(workers), "benchmarks.apps.ours:app",
+    ]  # fmt: skip
+    return Server(f"ours-{workers}w", cmd, port, config)
+
+
+def flasksse(redis_url: str) -> Server:
+    port = free_port()
+    cmd = [*GUNICORN, "--bind", f"127.0.0.1:{port}", "benchmarks.apps.flasksse:app"]
+    return Server("flask-sse", cmd, port, {"BENCH_REDIS_URL": redis_url})
+
+
+def starlette() -> Server:
+    port = free_port()
+    cmd = [
+        PY, "-m", "uvicorn", "benchmarks.apps.starlette_app:app", "--port", str(port),
+        "--log-level", "warning", "--no-access-log", "--backlog", "4096",
+    ]  # fmt: skip
+    return Server("sse-starlette", cmd, port, {})
+
+
+def bare() -> Server:
+    port = free_port()
+    return Server("bare-gevent", [PY, "-m", "benchmarks.apps.bare", str(port)], port, {})
+
+
+@contextlib.contextmanager
+def serving(make: Callable[[], Server]) -> Iterator[Server]:
+    server = make()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Target:
+    """How to follow and to trigger the same event sequence on one server."""
+
+    def __init__(self, server: Server, kind: str) -> None:
+        self.server, self.kind = server, kind
+        self.go = ""
+
+    def prepare(self, count: int, pad: int, interval_ms: float = 0) -> str:
+        """Return the URL the clients follow."""
+        base = self.server.url
+        if self.kind == "ours":
+            self.go = os.path.join(tempfile.gettempdir(), f"sse-bench-go-{uuid.uuid4().hex}")
+            body = {"count": count, "pad": pad, "go": self.go, "interval_ms": interval_ms}
+            r = httpx.post(f"{base}/api/streams", json={"producer": "ticks", "input": body})
+            r.raise_for_status()
+            return base + r.json()["stream_url"]
+        self.trigger_url = (
+            f"{base}/publish?count={count}&pad={pad}&interval_ms={interval_ms}"
+        )  # fmt: skip
+        return base + ("/stream?channel=sse" if self.kind == "flask-sse" else "/stream")
+
+    def trigger(self) -> None:
+        if self.kind == "ours":
+            Path(self.go).touch()
+        else:
+            httpx.post(self.trigger_url, timeout=120)
+
+    def cleanup(self) -> None:
+        if self.go:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.go)
+
+
+def load(
+    url: str, clients: int, expect: int, timeout: float, trigger: Callable[[], None]
+) -> dict[str, Any]:
+    """Run the load client: connect everyone, trigger, collect the verified result."""
+    out = OUT / f"client-{uuid.uuid4().hex[:8]}.json"
+    proc = subprocess.Popen(
+        [PY, "-m", "benchmarks.loadclient", url, "--clients", str(clients), "--expect",
+         str(expect), "--timeout", str(timeout), "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    ready = proc.stdout.readline()
+    if not ready.startswith("READY"):
+        proc.kill()
+        raise RuntimeError(f"load client failed: {ready!r}")
+    time.sleep(0.5)
+    trigger()
+    proc.wait(timeout=timeout + 120)
+    result: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    result["completeness"] = result["verified"] / result["expected"] if result["expected"] else 0
+    return result
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+def fanout(
+    target: Target, clients: int, count: int, pad: int, interval_ms: float = 0
+) -> dict[str, Any]:
+    url = target.prepare(count, pad, interval_ms)
+    timeout = 60 + count * interval_ms / 1000
+    try:
+        return load(url, clients, count, timeout, target.trigger)
+    finally:
+        target.cleanup()
+
+
+def idle_connections(make: Callable[[], Server], kind: str, clients: int) -> dict[str, Any]:
+    """Hold ``clients`` idle event streams on one worker; RSS per connection."""
+    with serving(make) as server:
+        target = Target(server, kind)
+        url = target.prepare(1, 0)
+        if kind == "ours":  # a stream that stays open and sends nothing
+            r = httpx.post(f"{server.url}/api/streams", json={"producer": "idle", "input": {}})
+            url = server.url + r.json()["stream_url"]
+        time.sleep(1)
+        before = server.rss_kb()
+        proc = subprocess.Popen(
+            [PY, "-m", "benchmarks.loadclient", url, "--clients", str(clients), "--idle",
+             "--connect-rate", "3000"],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            preexec_fn=raise_fd_limit,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        ready = proc.stdout.readline()
+        connected = int(ready.split()[1]) if ready.startswith("READY") else 0
+        time.sleep(2)
+        after = server.rss_kb()
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        target.cleanup()
+    return {
+        "connected": connected,
+        "rss_before_mb": before / 1024,
+        "rss_after_mb": after / 1024,
+        "kb_per_connection": (after - before) / connected if connected else float("nan"),
+    }
+
+
+def catch_up(server: Server, samples: int = 200, blocks: int = 1000) -> dict[str, Any]:
+    """Reconnect → first catch-up byte, from the buffer and from the database."""
+    import socket
+
+    def first_byte(stream_url: str, last_id: int) -> float:
+        host, port = "127.0.0.1", server.port
+        began = time.perf_counter()
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(
+                f"GET {stream_url} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {last_id}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while True:  # the first event after the headers and the retry: line
+                data += sock.recv(65536)
+                body = data.partition(b"\r\n\r\n")[2]
+                if b"id: " in body:
+                    return time.perf_counter() - began
+
+    base = server.url
+    # From the buffer: a running stream whose events are all still buffered.
+    go = os.path.join(tempfile.gettempdir(), f"sse-bench-go-{uuid.uuid4().hex}")
+    r = httpx.post(
+        f"{base}/api/streams",
+        json={"producer": "blocks", "input": {"count": 500, "go": go}},
+    )
+    live = r.json()["stream_url"]
+    time.sleep(1)
+    buffer_times = [first_byte(live, 250) for _ in range(samples)]
+    Path(go).touch()
+    # From the database: a finished stream of `blocks` persisted blocks, resumed from id 1.
+    r = httpx.post(
+        f"{base}/api/streams",
+        json={"producer": "blocks", "input": {"count": blocks, "persist": True}},
+    )
+    done = r.json()["stream_url"]
+    for _ in range(100):
+        if httpx.get(base + done + "/status").json()["state"] != "running":
+            break
+        time.sleep(0.1)
+    time.sleep(1)
+    db_times = [first_byte(done, 1) for _ in range(samples)]
+    os.remove(go)
+
+    def summary(values: list[float]) -> dict[str, float]:
+        values = sorted(values)
+        return {
+            "p50_ms": values[len(values) // 2] * 1000,
+            "p99_ms": values[int(len(values) * 0.99) - 1] * 1000,
+        }
+
+    return {"buffer": summary(buffer_times), "database": summary(db_times)}
+
+
+def encoding() -> dict[str, Any]:
+    out = OUT / "encoding.json"
+    subprocess.run(
+        [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_encoding.py",
+         f"--benchmark-json={out}", "--benchmark-min-rounds=20"],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    return {b["name"].removeprefix("test_"): b["stats"]["median"] * 1e9 for b in data["benchmarks"]}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer clients and events")
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    args = parser.parse_args()
+    raise_fd_limit()
+    OUT.mkdir(parents=True, exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+    clients, count = (200, 100) if args.quick else (1000, 500)
+    idle_n = 2000 if args.quick else 15000
+    results: dict[str, Any] = {"machine": machine(), "clients": clients, "events": count}
+
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import PostgresServer, RedisServer
+
+    redis_server = RedisServer().start()
+    postgres = PostgresServer().init()
+    try:
+        if not only or "fanout" in only:
+            results["fanout"] = {}
+            for name, make in (
+                ("sse-blueprint", ours),
+                ("sse-starlette", starlette),
+                ("flask-sse", lambda: flasksse(redis_server.url)),
+                ("bare-gevent", bare),
+            ):
+                kind = {"sse-blueprint": "ours"}.get(name, name)
+                with serving(make) as server:
+                    fanout(Target(server, kind), 50, 20, 64)  # warm up
+                    results["fanout"][name] = fanout(Target(server, kind), clients, count, 64)
+                print(name, results["fanout"][name], flush=True)
+        if not only or "paced" in only:
+            results["paced"] = {}
+            for name, make in (("sse-blueprint", ours), ("sse-starlette", starlette),
+                               ("bare-gevent", bare)):  # fmt: skip
+                kind = {"sse-blueprint": "ours"}.get(name, name)
+                with serving(make) as server:
+                    fanout(Target(server, kind), 50, 20, 64)
+                    results["paced"][name] = fanout(
+                        Target(server, kind), clients, count, 64, interval_ms=10
+                    )
+                print("paced", name, results["paced"][name], flush=True)
+        if not only or "redis" in only:
+            results["redis"] = {}
+            for workers in (1, 2):
+                env = {
+                    "FLASK_SSE_REDIS_URL": redis_server.url,
+                    "FLASK_SSE_DATABASE_URL": postgres.url,
+                }
+                with serving(lambda w=workers, e=env: ours(w, **e)) as server:
+                    fanout(Target(server, "ours"), 50, 20, 64)
+                    results["redis"][f"{workers} worker(s)"] = fanout(
+                        Target(server, "ours"), clients, count, 64
+                    )
+                print("redis", workers, results["redis"][f"{workers} worker(s)"], flush=True)
+        if not only or "catchup" in only:
+            results["catchup"] = {}
+            for db, env in (
+                ("SQLite", {}),
+                ("PostgreSQL", {"FLASK_SSE_DATABASE_URL": postgres.url}),
+            ):
+                with serving(lambda e=env: ours(1, **e)) as server:
+                    results["catchup"][db] = catch_up(server, samples=50 if args.quick else 200)
+                print("catch-up", db, results["catchup"][db], flush=True)
+        if not only or "idle" in only:
+            results["idle"] = {}
+            for name, make, kind in (
+                ("sse-blueprint", ours, "ours"),
+                ("sse-starlette", starlette, "sse-starlette"),
+                ("bare-gevent", bare, "bare-gevent"),
+            ):
+                results["idle"][name] = idle_connections(make, kind, idle_n)
+                print("idle", name, results["idle"][name], flush=True)
+        if not only or "encoding" in only:
+            results["encoding_ns"] = encoding()
+            print("encoding", results["encoding_ns"], flush=True)
+    finally:
+        redis_server.remove()
+        postgres.remove()
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    from benchmarks.report import write_report
+
+    write_report(results, OUT)
+    print(f"wrote {OUT / 'results.md'} and {OUT / 'fanout.png'}")
+
+
+if __name__ == "__main__":
+    main()
