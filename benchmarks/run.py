@@ -38,7 +38,7 @@ def ours(workers: int = 1, **env: str) -> Server:
     config.update(env)
     cmd = [
         PY, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(workers), "benchmarks.apps.ours:app",
+        "--workers", str(workers), "--worker-connections", "20000", "benchmarks.apps.ours:app",
     ]  # fmt: skip
     return Server(f"ours-{workers}w", cmd, port, config)
 

@@ -64,6 +64,7 @@ __all__ = [
 log = logging.getLogger("sse_blueprint")
 
 TERMINAL_EVENTS = frozenset({"done", "error", "cancelled"})
+
 #: Names only the engine sends.
 RESERVED_EVENTS = TERMINAL_EVENTS | {"start", "turnblock_catchup"}
 #: A stream found "running" in the store with no live producer ends with an ``error`` event whose
@@ -229,8 +230,16 @@ class ProducerContext:
         return self.send("text_delta", {"block": block, "text": text})
 
     def sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once and raise :class:`StreamClosed` if the stream ends meanwhile."""
-        if self._stream._closed.wait(seconds):
+        """Sleep, but wake at once and raise :class:`StreamClosed` if the stream ends meanwhile.
+
+        ``sleep(0)`` only lets the other greenlets run (readers then write what it sent so far).
+        """
+        closed = self._stream._closed
+        if seconds <= 0:
+            gevent.sleep(0)
+            if closed.is_set():
+                raise StreamClosed(self._stream.id)
+        elif closed.wait(seconds):
             raise StreamClosed(self._stream.id)
 
     def end_block(self, block: int) -> None:
@@ -266,7 +275,10 @@ class Subscription:
     to shut that connection, which frees the greenlet stuck in the write.
     """
 
-    __slots__ = ("_after", "_catchup", "_pos", "_stream", "_waiting", "closed", "cut", "on_cut")
+    __slots__ = (
+        "_after", "_catchup", "_pos", "_stream", "_waiting", "closed", "cut", "on_cut",
+        "writing_since",
+    )  # fmt: skip
 
     def __init__(
         self, stream: Stream, pos: int, after: int, on_cut: Callable[[], None] | None = None
@@ -279,6 +291,7 @@ class Subscription:
         self.cut = False
         self.closed = False
         self.on_cut = on_cut
+        self.writing_since = 0.0  # when the web layer began a write still under way (0: none)
 
     @property
     def stream_id(self) -> str:
@@ -393,6 +406,8 @@ class Stream:
         # Lower bound of every subscriber's position, refreshed when a lag scan runs.
         self._min_pos_hint = 0
         self._news: gevent.event.Event | None = None
+        self._wake_pending = False
+        self._wake_timer: Any = None  # a libev timer, made on first use
         self.start_event: Event | None = None
         self.terminal_event: Event | None = None
         # Persistence.
@@ -536,6 +551,18 @@ class Stream:
                 self._request_flush()
         if self._end - self._min_pos_hint > self.client_queue:
             self._cut_laggards()
+        if self._news is not None and not self._wake_pending:
+            # Readers wake on the event loop's next turn, not now: a producer that appends
+            # several events before it really waits (a burst, a block at once) gets them all
+            # written in one write per reader instead of one write per event.
+            self._wake_pending = True
+            timer = self._wake_timer
+            if timer is None:
+                timer = self._wake_timer = gevent.get_hub().loop.timer(0.0)
+            timer.start(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
         news = self._news
         if news is not None:
             self._news = None

@@ -157,26 +157,26 @@ class _WriteWatch:
     A client that stops reading but keeps its connection open is cut by the lag check while its
     stream runs; once the stream has ended nothing more is appended, so a write that the client
     never takes would hold the connection (and its greenlet) forever. One sweeper per app
-    shuts such connections; each response only notes when a write starts and ends.
+    shuts such connections; a response only stamps ``writing_since`` around each write.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.blocked: dict[Subscription, tuple[float, Callable[[], None]]] = {}
+        self.readers: dict[Subscription, Callable[[], None]] = {}
         self._sweeper: gevent.Greenlet | None = None
 
-    def started(self, sub: Subscription, closer: Callable[[], None]) -> None:
-        self.blocked[sub] = (time.monotonic() + self.timeout, closer)
+    def add(self, sub: Subscription, closer: Callable[[], None]) -> None:
+        self.readers[sub] = closer
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)
 
     def _sweep(self) -> None:
         while True:
             gevent.sleep(min(1.0, self.timeout / 4))
-            now = time.monotonic()
-            for sub, (deadline, closer) in list(self.blocked.items()):
-                if now > deadline:
-                    del self.blocked[sub]
+            limit = time.monotonic() - self.timeout
+            for sub, closer in list(self.readers.items()):
+                if 0 < sub.writing_since < limit:
+                    del self.readers[sub]
                     _observe.METRICS.cut()
                     log.info(
                         "cut a client that took nothing for %.0f s", self.timeout,
@@ -469,16 +469,18 @@ def _make_blueprint() -> Blueprint:
                 _error(429, "too many open streams from your address", {"Retry-After": "5"})
             closer = _connection_closer(request.environ)
             sub = found.subscribe(last_id, on_cut=closer)
-            watch = state.write_watch if closer is not None else None
-            if ndjson:
-                body = _follow(
-                    sub, config.heartbeat_interval, b"", _wire.NDJSON_KEEPALIVE, True, watch
-                )
-            else:
-                body = _follow(
-                    sub, config.heartbeat_interval, state.retry, _HEARTBEAT, False, watch
-                )
-            body = _counted(body, state.clients_by_address, address)
+            if closer is not None:
+                state.write_watch.add(sub, closer)
+            body = _follow(
+                sub,
+                config.heartbeat_interval,
+                b"" if ndjson else state.retry,
+                _wire.NDJSON_KEEPALIVE if ndjson else _HEARTBEAT,
+                ndjson,
+                watch=state.write_watch,
+                counts=state.clients_by_address,
+                address=address,
+            )
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
                 return Response(status=204)
@@ -703,51 +705,47 @@ def _follow(
     preamble: bytes,
     heartbeat: bytes,
     ndjson: bool,
-    watch: _WriteWatch | None = None,
+    *,
+    watch: _WriteWatch,
+    counts: dict[str, int],
+    address: str,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
     It runs in the WSGI server's greenlet for this connection, outside any request context.
     A client that goes away is noticed at the next write (heartbeats make that timely); the
     server then closes this generator and ``finally`` releases the subscription. The producer
-    carries on.
+    carries on. The response is counted in ``counts[address]`` while it is open.
     """
     metrics = _observe.METRICS
     metrics.client_connected()
-    closer = sub.on_cut
+    counts[address] = counts.get(address, 0) + 1
+    monotonic = time.monotonic
     try:
         if preamble:
             yield preamble
         while True:
             events = sub.poll(heartbeat_interval)
-            data = _encode(events, ndjson, b"") if events else heartbeat
-            if events or not sub.done:
-                metrics.sent(len(events), len(data))
-                if watch is not None and closer is not None:
-                    watch.started(sub, closer)
-                    yield data  # the server writes it before asking for more
-                    watch.blocked.pop(sub, None)
-                else:
-                    yield data
+            if events:
+                data = _encode(events, ndjson, b"")
+            elif sub.done:
+                return
+            else:
+                data = heartbeat
+            metrics.sent(len(events), len(data))
+            sub.writing_since = monotonic()
+            yield data  # the server writes it before asking for more
+            sub.writing_since = 0.0
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
                 return
     finally:
-        if watch is not None:
-            watch.blocked.pop(sub, None)
+        watch.readers.pop(sub, None)
         sub.close()
         metrics.client_disconnected()
-
-
-def _counted(body: Iterator[bytes], counts: dict[str, int], key: str) -> Iterator[bytes]:
-    """``body``, counted in ``counts[key]`` while it is being sent."""
-    counts[key] = counts.get(key, 0) + 1
-    try:
-        yield from body  # closing this generator closes ``body`` too
-    finally:
-        counts[key] -= 1
-        if not counts[key]:
-            del counts[key]
+        counts[address] -= 1
+        if not counts[address]:
+            del counts[address]
 
 
 def _add_cors_headers(response: BaseResponse, allowed: tuple[str, ...]) -> None:

@@ -47,9 +47,12 @@ class WireFormatError(ValueError):
     """A value cannot be written as the SSE field it was meant for (CR, LF or NUL in it)."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(data: Any) -> str:
     """Serialize event data as compact JSON (UTF-8 text, no ASCII escaping)."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(data)
 
 
 def check_field(name: str, value: str) -> str:
@@ -70,15 +73,15 @@ def encode_event(data: str, *, id: str | int | None = None, event: str | None = 
     >>> encode_event('{"a":1}', id=3, event="text_delta")
     b'id: 3\\nevent: text_delta\\ndata: {"a":1}\\n\\n'
     """
-    parts: list[str] = []
+    head = ""
     if id is not None:
-        parts.append("id: " + check_field("id", str(id)) + "\n")
+        head = "id: " + (str(id) if type(id) is int else check_field("id", str(id))) + "\n"
     if event is not None:
-        parts.append("event: " + check_field("event", event) + "\n")
-    for line in _LINE_BREAK.split(data):
-        parts.append("data: " + line + "\n")
-    parts.append("\n")
-    return "".join(parts).encode("utf-8")
+        head += "event: " + check_field("event", event) + "\n"
+    if "\n" not in data and "\r" not in data:  # one line (always so for JSON)
+        return (head + "data: " + data + "\n\n").encode("utf-8")
+    lines = "".join("data: " + line + "\n" for line in _LINE_BREAK.split(data))
+    return (head + lines + "\n").encode("utf-8")
 
 
 def encode_comment(text: str = "") -> bytes:

@@ -28,6 +28,7 @@ by the arbiter before gevent patches the workers::
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -74,7 +75,14 @@ def _shut(sock: socket.socket) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """gunicorn hook: track connections and start the shutdown when the worker is told to stop."""
+    """gunicorn hook: track connections and start the shutdown when the worker is told to stop.
+
+    It also moves everything made at start-up (modules, the app) out of the garbage collector's
+    reach (``gc.freeze()``): a full collection then scans only what requests made since, which
+    keeps its pauses out of the latency tail.
+    """
+    gc.collect()
+    gc.freeze()
     conns = _Connections()
     handle, handle_request = worker.handle, worker.handle_request
 

@@ -7,7 +7,7 @@ import os
 from flask import Flask, request
 from flask_sse import sse
 
-from benchmarks.common import tick
+from benchmarks.common import dumps, tick
 
 app = Flask(__name__)
 app.config["REDIS_URL"] = os.environ["BENCH_REDIS_URL"]
@@ -18,5 +18,5 @@ app.register_blueprint(sse, url_prefix="/stream")
 def publish() -> dict[str, int]:
     count, pad = int(request.args["count"]), "x" * int(request.args.get("pad", 0))
     for n in range(count):
-        sse.publish(tick(n, pad), type="tick", id=n + 1)
+        sse.publish(dumps(tick(n, pad)), type="tick", id=n + 1)
     return {"count": count}

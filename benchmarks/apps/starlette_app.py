@@ -27,7 +27,7 @@ async def stream(request: Request) -> EventSourceResponse:
         finally:
             queues.discard(queue)
 
-    return EventSourceResponse(events(), ping=15)
+    return EventSourceResponse(events(), ping=15, sep="\n")
 
 
 async def publish(request: Request) -> JSONResponse:
@@ -36,7 +36,7 @@ async def publish(request: Request) -> JSONResponse:
 
     async def run() -> None:
         for n in range(count):
-            event = ServerSentEvent(data=dumps(tick(n, pad)), event="tick", id=str(n + 1))
+            event = ServerSentEvent(data=dumps(tick(n, pad)), event="tick", id=str(n + 1), sep="\n")
             for queue in list(queues):
                 queue.put_nowait(event)
             await asyncio.sleep(interval)
