@@ -24,7 +24,12 @@ def _fanout_rows(section: dict[str, Any], latency_only: bool = False) -> list[st
     ]
     for name, r in section.items():
         rate = r["deliveries_per_s"]
-        ratio = "1.0×" if name == OURS else _ratio(ours.get("deliveries_per_s", 0), rate)
+        if not ours:
+            ratio = "–"  # every row is ours (Redis mode)
+        elif name == OURS:
+            ratio = "1.0×"
+        else:
+            ratio = _ratio(ours["deliveries_per_s"], rate)
         rows.append(
             f"| {name} | {rate:,.0f} | {ratio} | {r['completeness'] * 100:.1f} % "
             f"| {r['seconds']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
@@ -148,10 +153,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax = axes[-1]
     source = results.get("paced") or results.get("fanout") or {}
     names = list(source)
-    ax.bar(names, [source[n]["p99_ms"] for n in names],
-           color=["#1f77b4" if n == OURS else "#999999" for n in names])  # fmt: skip
-    ax.set_title("p99 latency, ms (paced)" if "paced" in results else "p99 latency, ms")
-    ax.set_yscale("log")
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [source[n]["p50_ms"] for n in names], width=0.4,
+           color="#aec7e8", label="p50")  # fmt: skip
+    ax.bar([x + 0.2 for x in xs], [source[n]["p99_ms"] for n in names], width=0.4,
+           color="#1f77b4", label="p99")  # fmt: skip
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("latency, ms (paced)" if "paced" in results else "latency, ms")
     ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"{results['clients']} clients, one stream, one worker — {results['machine']}",
                  fontsize=8)  # fmt: skip

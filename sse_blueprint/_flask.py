@@ -553,6 +553,9 @@ def _make_blueprint() -> Blueprint:
 
 def _stream_response(body: Iterator[bytes], ndjson: bool) -> Response:
     response = Response(body, status=200, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE)
+    # The body is bytes already: the server iterates it directly (no per-chunk wrappers), and
+    # closes it, which runs its ``finally``.
+    response.direct_passthrough = True
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
