@@ -33,10 +33,12 @@ test: lint typecheck system-deps
 	$(BIN)/python -m pytest
 
 # Benchmarks against peers (not part of `make test`): about 10 minutes, loopback only.
-# Writes benchmarks/results/results.md, results.json and fanout.png.
+# Writes benchmarks/results/results.md, results.json and fanout.png, and copies the table into
+# the README.
 bench: $(STAMP) system-deps
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.readme_table
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

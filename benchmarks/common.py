@@ -24,6 +24,13 @@ def tick(n: int, pad: str) -> dict[str, Any]:
     return {"t": time.time(), "n": n, "pad": pad}
 
 
+def pause(began: float, n: int, interval: float) -> float:
+    """Seconds to sleep after event ``n`` to keep an exact rate (0 for a burst: just yield)."""
+    if interval <= 0:
+        return 0.0
+    return max(0.0, began + (n + 1) * interval - time.monotonic())
+
+
 def dumps(data: Mapping[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 

@@ -36,48 +36,26 @@ TICK = re.compile(rb'data: ?\{"t":([0-9.e+-]+),"n":(\d+)')
 
 
 class Dechunker:
-    """Incremental HTTP/1.1 chunked decoding (or pass-through for close-delimited bodies)."""
+    """Strips HTTP/1.1 chunked framing, cheaply enough for 100,000 reads a second.
 
-    __slots__ = ("buf", "chunked", "need")
+    Every server here writes whole events per chunk and uses LF line ends, and the events are
+    JSON (which escapes CR): CR appears only in the framing. Deleting it leaves the events
+    intact, with the chunk sizes as stray lines *between* events, which the tick pattern never
+    matches. A Python chunk parser made this client, not the servers, the bottleneck.
+    """
+
+    __slots__ = ("chunked",)
 
     def __init__(self, chunked: bool) -> None:
         self.chunked = chunked
-        self.buf = b""
-        self.need = 0  # bytes left in the current chunk
 
     def feed(self, data: bytes) -> bytes:
-        if not self.chunked:
-            return data
-        buf, out, need = self.buf + data, [], self.need
-        pos = 0
-        while pos < len(buf):
-            if need:
-                take = buf[pos : pos + need]
-                out.append(take)
-                need -= len(take)
-                pos += len(take)
-                if need == 0:
-                    pos += 2  # CRLF after the chunk (may lie past the buffer: then skipped)
-                continue
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                break
-            line = buf[pos:end]
-            pos = end + 2
-            if not line:
-                continue
-            need = int(line.split(b";")[0], 16)
-            if need == 0:
-                pos = len(buf)
-                break
-        self.buf = buf[pos:] if pos < len(buf) else b""
-        self.need = need
-        return b"".join(out)
+        return data.replace(b"\r", b"") if self.chunked else data
 
 
 class Reader:
     __slots__ = (
-        "errors", "expected", "first_t", "last_recv", "latencies", "pending", "verified"
+        "errors", "expected", "first_t", "last_recv", "latencies", "pending", "reads", "verified"
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -86,6 +64,7 @@ class Reader:
         self.errors: list[str] = []
         self.latencies = array("d")
         self.pending = b""
+        self.reads = 0
         self.first_t = float("inf")  # producer timestamp of the first event
         self.last_recv = 0.0  # receipt time of the last event
 
@@ -188,6 +167,7 @@ def read(conn: Conn, reader: Reader, expect: int, deadline: float) -> None:
             return
         if not raw:
             return
+        reader.reads += 1
         now = time.time()
         data = dechunk.feed(raw)
 
@@ -243,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdin.read()  # hold the connections until the harness is done measuring
         result: dict[str, Any] = {"connected": served, "failures": failures[:5]}
     else:
+        cpu0, wall0 = time.process_time(), time.monotonic()
         deadline = time.monotonic() + args.timeout
         readers = [Reader() for _ in conns]
         jobs = [
@@ -251,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             if c is not None
         ]
         gevent.joinall(jobs)
+        # How busy this client was while reading: near 1.0, its own queueing is in the latency.
+        client_cpu = (time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9)
         lat = sorted(x for r in readers for x in r.latencies)
         verified = sum(r.verified for r in readers)
         first = min((r.first_t for r in readers), default=0.0)
@@ -262,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             "failures": failures[:5],
             "expected": args.expect * args.clients,
             "verified": verified,
+            "reads": sum(r.reads for r in readers),
+            "client_cpu": client_cpu,
             "errors": sum(len(r.errors) for r in readers),
             "error_samples": [e for r in readers for e in r.errors][:5],
             "p50_ms": percentile(lat, 0.50) * 1000,

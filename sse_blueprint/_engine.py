@@ -1046,7 +1046,7 @@ class StreamRegistry:
         backend) every reader is released at once and resumes elsewhere from its last id;
         without it readers stay and see their stream end here. Producers get ``grace`` seconds
         to finish; those still running are then stopped with ``error: server shutting down``.
-        Then everything is persisted (up to ``save_timeout`` more seconds), readers get a second
+        Then everything is persisted (up to ``save_timeout`` more seconds), readers get 2 s
         to take their last events, and any still there are released.
         """
         self.closing = True
@@ -1068,8 +1068,8 @@ class StreamRegistry:
                     extra={"stream_id": stream.id},
                 )
         # Readers take what they have pending (the terminal event); the few still stuck writing
-        # to a slow client after a second are released (they resume from their last id).
-        deadline = time.monotonic() + 1.0
+        # to a slow client after two seconds are released (they resume from their last id).
+        deadline = time.monotonic() + 2.0
         while any(s.subscriber_count for s in streams) and time.monotonic() < deadline:
             gevent.sleep(0.05)
         for stream in streams:

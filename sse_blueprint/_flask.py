@@ -674,8 +674,10 @@ def _status(found: Stream | StreamRecord) -> dict[str, Any]:
 
 def _encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
     if ndjson:
-        return preamble + b"".join(e.ndjson for e in events)
-    return preamble + b"".join(e.sse for e in events)
+        return preamble + b"".join([e.ndjson for e in events])
+    if len(events) == 1 and not preamble:
+        return events[0].sse  # the common case live: one event, bytes shared by every reader
+    return preamble + b"".join([e.sse for e in events])
 
 
 def _connection_closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:

@@ -244,9 +244,7 @@ class SQLStore:
     def _load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
         c = _blocks.c  # only the columns a catch-up needs (no timestamps to parse)
         query = (
-            select(
-                c.stream_id, c.block_index, c.kind, c.content, c.first_event_id, c.last_event_id
-            )
+            select(c.stream_id, c.block_index, c.kind, c.content, c.first_event_id, c.last_event_id)
             .where(c.stream_id == stream_id, c.last_event_id > after_id)
             .order_by(_blocks.c.last_event_id)
         )

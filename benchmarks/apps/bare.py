@@ -6,13 +6,15 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import socket  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from urllib.parse import parse_qs, urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
-from benchmarks.common import dumps, raise_fd_limit, tick  # noqa: E402
+from benchmarks.common import dumps, pause, raise_fd_limit, tick  # noqa: E402
 
 clients: set[object] = set()
 HEAD = (
@@ -22,6 +24,7 @@ HEAD = (
 
 
 def publish(count: int, pad: str, interval: float) -> None:
+    began = time.monotonic()
     for n in range(count):
         data = f"id: {n + 1}\nevent: tick\ndata: {dumps(tick(n, pad))}\n\n".encode()
         for sock in list(clients):
@@ -29,7 +32,7 @@ def publish(count: int, pad: str, interval: float) -> None:
                 sock.sendall(data)  # type: ignore[attr-defined]
             except OSError:
                 clients.discard(sock)
-        gevent.sleep(interval)
+        gevent.sleep(pause(began, n, interval))
 
 
 def handle(sock: object, address: object) -> None:
@@ -46,6 +49,9 @@ def handle(sock: object, address: object) -> None:
         gevent.spawn(publish, count, pad, float(q.get("interval_ms", ["0"])[0]) / 1000)
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")  # type: ignore[attr-defined]
         return
+    # The same socket options as the other servers: gunicorn and asyncio (uvicorn) both set
+    # TCP_NODELAY, so every write goes out at once instead of waiting to be coalesced.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
     sock.sendall(HEAD)  # type: ignore[attr-defined]
     clients.add(sock)
     try:

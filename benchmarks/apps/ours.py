@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from flask import Flask
 
-from benchmarks.common import tick
+from benchmarks.common import pause, tick
 from sse_blueprint import SSE, ProducerContext
 
 sse = SSE()
@@ -26,9 +27,10 @@ def ticks(ctx: ProducerContext) -> dict[str, Any]:
     count, pad = int(ctx.input["count"]), "x" * int(ctx.input.get("pad", 0))
     interval = float(ctx.input.get("interval_ms", 0)) / 1000
     _wait_for_go(ctx)
+    began = time.monotonic()
     for n in range(count):
         ctx.send("tick", tick(n, pad))
-        ctx.sleep(interval)
+        ctx.sleep(pause(began, n, interval))
     return {"count": count}
 
 

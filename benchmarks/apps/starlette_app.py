@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
@@ -11,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks.common import dumps, tick
+from benchmarks.common import dumps, pause, tick
 
 queues: set[asyncio.Queue[ServerSentEvent]] = set()
 
@@ -35,11 +36,12 @@ async def publish(request: Request) -> JSONResponse:
     interval = float(request.query_params.get("interval_ms", 0)) / 1000
 
     async def run() -> None:
+        began = time.monotonic()
         for n in range(count):
             event = ServerSentEvent(data=dumps(tick(n, pad)), event="tick", id=str(n + 1), sep="\n")
             for queue in list(queues):
                 queue.put_nowait(event)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(pause(began, n, interval))
 
     asyncio.get_running_loop().create_task(run())
     return JSONResponse({"count": count})
