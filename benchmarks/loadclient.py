@@ -115,24 +115,30 @@ def open_stream(host: str, port: int, path: str, head_wait: float) -> Conn:
     return conn
 
 
+def _recv(sock: socket.socket, deadline: float) -> bytes:
+    """The next bytes, or b"" once the deadline has passed or the connection is gone."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return b""
+    sock.settimeout(remaining)
+    try:
+        return sock.recv(262144)
+    except (TimeoutError, OSError):
+        return b""
+
+
 def read(conn: Conn, reader: Reader, expect: int, deadline: float) -> None:
     sock = conn.sock
     now = time.time()
     while conn.dechunk is None:  # the head has not come yet
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        raw = _recv(sock, deadline)
+        if not raw:
             return
-        sock.settimeout(remaining)
-        try:
-            raw = sock.recv(262144)
-        except (TimeoutError, OSError):
-            return
-        if not raw or conn.take_head(raw):
+        if conn.take_head(raw):
             now = time.time()
             break
-    if conn.dechunk is None:
-        return
     dechunk, data = conn.dechunk, conn.early
+    assert dechunk is not None  # the loop above ends only once the head has come
     lat = reader.latencies
     while True:
         text = reader.pending + data
@@ -157,14 +163,7 @@ def read(conn: Conn, reader: Reader, expect: int, deadline: float) -> None:
             reader.pending = text
         if reader.verified >= expect:
             return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        sock.settimeout(remaining)
-        try:
-            raw = sock.recv(262144)
-        except (TimeoutError, OSError):
-            return
+        raw = _recv(sock, deadline)
         if not raw:
             return
         reader.reads += 1

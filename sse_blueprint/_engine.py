@@ -563,6 +563,10 @@ class Stream:
 
     def _wake(self) -> None:
         self._wake_pending = False
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every waiting reader now."""
         news = self._news
         if news is not None:
             self._news = None
@@ -844,10 +848,7 @@ class Stream:
         for sub in subs:
             sub.cut = True
         self._subscribers.clear()
-        news = self._news
-        if news is not None:
-            self._news = None
-            news.set()
+        self._notify()
         if self._trim_to > self._trimmed_id:
             self._trim(self._trim_to)
         return len(subs)
@@ -879,10 +880,7 @@ class Stream:
                 low = sub._pos
         self._min_pos_hint = low
         # Wake the cut subscribers (if they are waiting) so that their responses end now.
-        news = self._news
-        if news is not None:
-            self._news = None
-            news.set()
+        self._notify()
 
 
 def replay(record: StreamRecord, blocks: list[TurnBlock], after: int) -> list[Event]:

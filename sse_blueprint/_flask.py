@@ -108,18 +108,20 @@ class _AppState:
         )
         self.retry = _wire.encode_retry(config.retry_ms)
         self.clients_by_address: dict[str, int] = {}  # open responses per address, this worker
-        self.draining = False
         self.write_watch = _WriteWatch(config.write_timeout)
         _STATES.add(self)
 
+    @property
+    def draining(self) -> bool:
+        """Shutting down: set by :meth:`shutdown` (the registry refuses new streams from then)."""
+        return self.registry.closing
+
     def shutdown(self, grace: float | None = None) -> tuple[int, int]:
         """See :meth:`SSE.shutdown`."""
-        self.draining = True
         grace = self.config.shutdown_timeout if grace is None else grace
-        handover = self.backend is not None
         if self.backend is not None:
             self.backend.release_mirrors()
-        finished, stopped = self.registry.shutdown(grace, handover=handover)
+        finished, stopped = self.registry.shutdown(grace, handover=self.backend is not None)
         log.info(
             "sse_blueprint: shut down (%d stream(s) finished in time, %d stopped)",
             finished,
@@ -692,16 +694,21 @@ def _connection_closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return None
+    return lambda: shut_connection(sock)
 
-    def close() -> None:
-        with contextlib.suppress(OSError):
-            dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
-            try:
-                dup.shutdown(socket.SHUT_RDWR)
-            finally:
-                dup.close()
 
-    return close
+def shut_connection(sock: socket.socket) -> None:
+    """Shut a connection through a duplicate of its descriptor (see :func:`_connection_closer`).
+
+    A greenlet blocked reading it sees end-of-file, one blocked writing it gets EPIPE: gunicorn
+    treats both as a client that went away.
+    """
+    with contextlib.suppress(OSError):
+        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
 
 
 def _follow(

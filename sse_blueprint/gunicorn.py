@@ -27,7 +27,6 @@ by the arbiter before gevent patches the workers::
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import Any
 
 import gevent
 
-from ._flask import shutdown
+from ._flask import shut_connection, shutdown
 
 __all__ = ["post_worker_init", "worker_exit"]
 
@@ -56,22 +55,7 @@ class _Connections:
     def close_idle(self) -> None:
         for sock, busy in list(self.busy.items()):
             if not busy:
-                _shut(sock)
-
-
-def _shut(sock: socket.socket) -> None:
-    """Shut a connection that a greenlet may be blocked reading.
-
-    Through a duplicate descriptor: the blocked read then sees end-of-file, which gunicorn
-    treats as a client that went away. (gevent's own ``shutdown`` would fail it with EBADF,
-    which gunicorn logs as an error.)
-    """
-    with contextlib.suppress(OSError):
-        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
-        try:
-            dup.shutdown(socket.SHUT_RDWR)
-        finally:
-            dup.close()
+                shut_connection(sock)
 
 
 def post_worker_init(worker: Any) -> None:
@@ -100,7 +84,8 @@ def post_worker_init(worker: Any) -> None:
         finally:
             conns.busy[sock] = False
             if conns.draining:
-                _shut(sock)  # the response is complete: no more requests on this connection
+                # The response is complete: no more requests on this connection.
+                shut_connection(sock)
 
     worker.handle, worker.handle_request = tracked_handle, tracked_request
 
