@@ -839,15 +839,19 @@ class Stream:
             news = self._news = gevent.event.Event()
         news.wait(timeout)
 
-    def release_readers(self) -> int:
-        """End every reader's response now (shutdown): each resumes from its last id elsewhere.
+    def release_readers(self, *, only_writing: bool = False) -> int:
+        """End readers' responses now (shutdown): each resumes from its last id elsewhere.
 
-        Returns how many readers were released.
+        With ``only_writing``, only readers stuck in a write (``writing_since`` set) are
+        released; the others take what they have pending and end by themselves. Returns how
+        many readers were released.
         """
-        subs = list(self._subscribers)
+        subs = [s for s in self._subscribers if s.writing_since or not only_writing]
+        if not subs:
+            return 0
         for sub in subs:
             sub.cut = True
-        self._subscribers.clear()
+            self._subscribers.discard(sub)
         self._notify()
         if self._trim_to > self._trimmed_id:
             self._trim(self._trim_to)
@@ -1045,7 +1049,7 @@ class StreamRegistry:
         without it readers stay and see their stream end here. Producers get ``grace`` seconds
         to finish; those still running are then stopped with ``error: server shutting down``.
         Then everything is persisted (up to ``save_timeout`` more seconds), readers get 2 s
-        to take their last events, and any still there are released.
+        to take their last events, and any still stuck writing are released.
         """
         self.closing = True
         streams = list(self._streams.values())
@@ -1067,9 +1071,11 @@ class StreamRegistry:
                 )
         # Readers take what they have pending (the terminal event); the few still stuck writing
         # to a slow client after two seconds are released (they resume from their last id).
+        # A reader that is not writing (one that subscribed a moment ago, say) is left to take
+        # its events: releasing it would end its response before it had any.
         deadline = time.monotonic() + 2.0
         while any(s.subscriber_count for s in streams) and time.monotonic() < deadline:
             gevent.sleep(0.05)
         for stream in streams:
-            stream.release_readers()
+            stream.release_readers(only_writing=True)
         return len(running) - stopped, stopped

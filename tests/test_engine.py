@@ -349,3 +349,20 @@ def test_shutdown_with_handover_releases_readers_at_once() -> None:
     assert worker.get(timeout=5) == (1, 1)
     assert slow.terminal_event is not None
     assert slow.terminal_event.data["message"] == "server shutting down"
+
+
+def test_shutdown_does_not_cut_a_reader_that_has_not_written_yet() -> None:
+    """A reader that subscribed but has not polled yet (its request came in late) is not stuck
+    in a write: the shutdown leaves it to take its events instead of ending its response."""
+    registry = StreamRegistry()
+    stream = registry.create(counting(3))
+    gevent.sleep(0.05)
+    late = stream.subscribe(0)
+    assert registry.shutdown(0.1, handover=False) == (0, 0)  # it had already finished
+    events = drain(late)
+    assert [e.event for e in events] == ["start", "tick", "tick", "tick", "done"]
+    stuck = Stream(counting(0), stream_id="s2")
+    writer = stuck.subscribe(0)
+    writer.writing_since = 1.0  # as the web layer marks a reader blocked in a write
+    assert stuck.release_readers(only_writing=True) == 1
+    assert writer.cut
