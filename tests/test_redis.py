@@ -387,8 +387,14 @@ def test_metrics_move_and_add_up_across_workers(shared: Any) -> None:
         results = [r.result(timeout=30) for r in readers]
     events = len(results[0].events)
     wait_done(server.url, stream_id)
-    time.sleep(1)  # the blocks are persisted, and every worker's buffer trimmed, by now
-    resumed = read_stream(server.url, stream_id, 1)
+    # Once the blocks are persisted and the buffers trimmed (on a loaded machine that can take
+    # more than a second), a resume from id 1 is caught up from the database.
+    deadline = time.monotonic() + 15
+    while True:
+        resumed = read_stream(server.url, stream_id, 1)
+        if resumed.events[0].type == "turnblock_catchup" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert resumed.events[0].type == "turnblock_catchup"
     time.sleep(0.5)
     scrapes = [_scrape(server.url) for _ in range(8)]  # lands on both workers
