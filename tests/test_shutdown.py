@@ -31,8 +31,24 @@ def _idle_keepalive(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    time.sleep(0.3)
-    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection before answering"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:  # the body may come in later segments on a loaded machine
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    assert len(body) == length
     return sock
 
 
@@ -83,6 +99,8 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
     done = stopped = 0
     for sid, result in live.items():
         terminal = result.events[-1]
+        if texts[sid] is SHORT:
+            assert terminal.type == "done"  # finished within the grace, never cut short
         if terminal.type == "done":
             done += 1
             assert result.transcript.text() == texts[sid]
@@ -91,8 +109,10 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
             assert terminal.type == "error"
             assert terminal.json()["message"] == "server shutting down"
             assert texts[sid].startswith(result.transcript.text())
-    assert done == STREAMS // 10
-    assert stopped == STREAMS - done
+    # A long stream runs ~20 s, so all 180 are still open at SIGTERM unless the machine took
+    # that long to start them; allow a few such stragglers but require the bulk to be cut.
+    assert done >= STREAMS // 10
+    assert stopped >= STREAMS * 8 // 10
 
     # A restarted server has all of it: resumes from a random id are exact, the end is a 204.
     second: LiveServer = server_factory(config, app="tests.live_app:app")
