@@ -38,6 +38,7 @@ class SSEConfig:
     write_timeout: float = 30.0
     metrics: bool = False
     log_format: str = ""
+    direct_writes: bool = True
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -72,6 +73,7 @@ class SSEConfig:
             write_timeout=_number(config, "SSE_WRITE_TIMEOUT", d.write_timeout),
             metrics=_boolean(config, "SSE_METRICS", d.metrics),
             log_format=_choice(config, "SSE_LOG_FORMAT", ("", "text", "json")),
+            direct_writes=_boolean(config, "SSE_DIRECT_WRITES", d.direct_writes),
         )
 
 

@@ -273,11 +273,17 @@ class Subscription:
     ``on_cut`` is called if the subscriber is cut while it is *not* waiting in :meth:`poll`,
     that is while it is blocked writing to a client that stopped reading; the web layer uses it
     to shut that connection, which frees the greenlet stuck in the write.
+
+    ``direct``, when the web layer sets it, writes events to the client without blocking and
+    returns True if all of it went out. While such a subscriber waits in :meth:`poll`, the
+    stream delivers its new events through ``direct`` from one greenlet for all of them, and
+    wakes the subscriber only when that is not enough (a partial or failed write, the end, a
+    cut). That spares a greenlet switch and the server's write path per event per client.
     """
 
     __slots__ = (
-        "_after", "_catchup", "_pos", "_stream", "_waiting", "closed", "cut", "on_cut",
-        "writing_since",
+        "_after", "_catchup", "_pos", "_stream", "_waiting", "_wakeup", "closed", "cut",
+        "direct", "on_cut", "writing_since",
     )  # fmt: skip
 
     def __init__(
@@ -292,6 +298,8 @@ class Subscription:
         self.closed = False
         self.on_cut = on_cut
         self.writing_since = 0.0  # when the web layer began a write still under way (0: none)
+        self.direct: Callable[[list[Event]], bool] | None = None
+        self._wakeup: gevent.event.Event | None = None  # what a direct subscriber waits on
 
     @property
     def stream_id(self) -> str:
@@ -316,12 +324,19 @@ class Subscription:
         if self._pos >= stream._end and not self.done:
             self._waiting = True
             try:
-                stream._wait_for_news(timeout)
+                if self.direct is None:
+                    stream._wait_for_news(timeout)
+                else:
+                    stream._park(self, timeout)
             finally:
                 self._waiting = False
         if self.cut or self.closed:
             return []
-        events = stream._events_from(self._pos)
+        return self._take()
+
+    def _take(self) -> list[Event]:
+        """The pending events, marked as delivered."""
+        events = self._stream._events_from(self._pos)
         self._pos += len(events)
         if events and events[0].id <= self._after:
             # Only for a Last-Event-ID ahead of the stream: skip what the client claims to have.
@@ -406,6 +421,8 @@ class Stream:
         # Lower bound of every subscriber's position, refreshed when a lag scan runs.
         self._min_pos_hint = 0
         self._news: gevent.event.Event | None = None
+        self._parked: set[Subscription] = set()  # direct subscribers waiting in poll
+        self._fanning_out = False  # a fan-out to the parked subscribers is scheduled
         self._wake_pending = False
         self._wake_timer: Any = None  # a libev timer, made on first use
         self.start_event: Event | None = None
@@ -551,7 +568,7 @@ class Stream:
                 self._request_flush()
         if self._end - self._min_pos_hint > self.client_queue:
             self._cut_laggards()
-        if self._news is not None and not self._wake_pending:
+        if (self._news is not None or self._parked) and not self._wake_pending:
             # Readers wake on the event loop's next turn, not now: a producer that appends
             # several events before it really waits (a burst, a block at once) gets them all
             # written in one write per reader instead of one write per event.
@@ -566,11 +583,57 @@ class Stream:
         self._notify()
 
     def _notify(self) -> None:
-        """Wake every waiting reader now."""
+        """Wake every waiting reader now (parked ones through a fan-out)."""
         news = self._news
         if news is not None:
             self._news = None
             news.set()
+        if self._parked and not self._fanning_out:
+            self._fanning_out = True
+            gevent.spawn_raw(self._fan_out)
+
+    def _park(self, sub: Subscription, timeout: float | None) -> None:
+        """Wait in :meth:`Subscription.poll` while the fan-out delivers ``sub``'s events."""
+        wakeup = sub._wakeup
+        if wakeup is None:
+            wakeup = sub._wakeup = gevent.event.Event()
+        else:
+            wakeup.clear()
+        self._parked.add(sub)
+        try:
+            wakeup.wait(timeout)
+        finally:
+            # Before anything else runs: from here on only this greenlet writes to the client.
+            self._parked.discard(sub)
+
+    def _fan_out(self) -> None:
+        """Deliver new events to every parked subscriber; wake those it cannot serve.
+
+        Nothing here may block or switch greenlets: a parked subscriber's connection belongs
+        to this loop until the subscriber is woken (and unparked) or its wait times out.
+        """
+        self._fanning_out = False
+        for sub in list(self._parked):
+            try:
+                if not (sub.cut or sub.closed) and sub._pos < self._end:
+                    events = sub._take()
+                    if events and not sub.direct(events):  # type: ignore[misc]
+                        self._unpark(sub)  # its greenlet finishes the write, or ends
+                        continue
+                if sub.done:
+                    self._unpark(sub)
+            except Exception:
+                log.exception(
+                    "stream %s: direct write failed", self.id, extra={"stream_id": self.id}
+                )
+                sub.cut = True  # the client resumes from its last id
+                self._subscribers.discard(sub)
+                self._unpark(sub)
+
+    def _unpark(self, sub: Subscription) -> None:
+        self._parked.discard(sub)
+        if sub._wakeup is not None:
+            sub._wakeup.set()
 
     def _set_metadata(self, values: Mapping[str, Any]) -> None:
         if self.terminal_event is not None:

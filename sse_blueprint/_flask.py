@@ -12,6 +12,7 @@ Bad input never produces a 5xx: every refusal is a 4xx with a JSON body ``{"erro
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import gevent
 import gevent.monkey
+import gevent.socket
 from flask import Blueprint, Flask, Response, current_app, json, request, url_for
 from werkzeug.exceptions import HTTPException
 
@@ -470,6 +472,7 @@ def _make_blueprint() -> Blueprint:
             if state.clients_by_address.get(address, 0) >= config.max_clients_per_address:
                 _error(429, "too many open streams from your address", {"Retry-After": "5"})
             closer = _connection_closer(request.environ)
+            direct = _DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
             sub = found.subscribe(last_id, on_cut=closer)
             if closer is not None:
                 state.write_watch.add(sub, closer)
@@ -482,6 +485,7 @@ def _make_blueprint() -> Blueprint:
                 watch=state.write_watch,
                 counts=state.clients_by_address,
                 address=address,
+                direct=direct,
             )
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
@@ -711,6 +715,96 @@ def shut_connection(sock: socket.socket) -> None:
             dup.close()
 
 
+#: Set by :func:`sse_blueprint.gunicorn.post_worker_init` when this process is a gunicorn
+#: gevent worker speaking plain HTTP/1.x, the only server whose sockets we write to directly.
+_direct_writes_possible = False
+
+
+class _DirectWriter:
+    """Writes live events straight to a client's socket, as HTTP/1.1 chunks, without blocking.
+
+    Under gunicorn's gevent worker, a stream's new events reach all its idle readers from one
+    greenlet (see :class:`~sse_blueprint._engine.Subscription`): one non-blocking ``send`` per
+    client instead of a greenlet switch and the server's write path. gunicorn frames the body
+    in chunks (HTTP/1.1, no Content-Length), sends the headers with the first chunk, and ends
+    it with the last; this only adds whole chunks in between. What a full socket did not take
+    is the ``backlog``, which the reader's own greenlet writes (blocking) before anything else.
+    """
+
+    __slots__ = ("backlog", "failed", "ndjson", "raw", "sock")
+
+    def __init__(self, sock: Any, raw: _socket.socket, ndjson: bool) -> None:
+        self.sock = sock  # gevent's socket: blocking writes from the reader's greenlet
+        self.raw = raw  # the non-blocking socket under it
+        self.ndjson = ndjson
+        self.backlog = b""
+        self.failed = False
+
+    @classmethod
+    def for_request(
+        cls, environ: Mapping[str, Any], ndjson: bool, enabled: bool
+    ) -> _DirectWriter | None:
+        """A writer for this response, or None where direct writes would not be safe."""
+        if not (enabled and _direct_writes_possible):
+            return None
+        sock: Any = environ.get("gunicorn.socket")
+        if (
+            type(sock) is not gevent.socket.socket  # not TLS, not some other server's socket
+            or environ.get("SERVER_PROTOCOL") != "HTTP/1.1"  # chunked framing, not HTTP/2
+            or environ.get("REQUEST_METHOD") != "GET"
+        ):
+            return None
+        # The OS socket under gevent's (whose class is socket.socket once gevent has patched).
+        raw = getattr(sock, "_sock", None)
+        if not isinstance(raw, _socket.socket) or raw.gettimeout() != 0.0:
+            return None
+        return cls(sock, raw, ndjson)
+
+    def __call__(self, events: list[Event]) -> bool:
+        """Send ``events`` as one chunk; False if the reader's greenlet must take over."""
+        data, size = _chunk(events, self.ndjson)
+        try:
+            sent = self.raw.send(data, _MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.failed = True  # the client went away; the reader ends its response
+            return False
+        _observe.METRICS.sent(len(events), size)
+        if sent < len(data):
+            self.backlog = data[sent:]
+            return False
+        return True
+
+    def flush(self) -> bool:
+        """Write the backlog (blocking this greenlet); False if the client has gone."""
+        if self.failed:
+            return False
+        backlog, self.backlog = self.backlog, b""
+        try:
+            self.sock.sendall(backlog)
+        except OSError:
+            self.failed = True
+            return False
+        return True
+
+
+_MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
+# The last chunk made, per format: readers at the same position share it.
+_last_chunk: dict[bool, tuple[Event, int, bytes, int]] = {}
+
+
+def _chunk(events: list[Event], ndjson: bool) -> tuple[bytes, int]:
+    """``events`` encoded and framed as one HTTP/1.1 chunk, and the size of the payload."""
+    last = _last_chunk.get(ndjson)
+    if last is not None and last[0] is events[0] and last[1] == len(events):
+        return last[2], last[3]
+    data = _encode(events, ndjson, b"")
+    chunk = b"%X\r\n%b\r\n" % (len(data), data)
+    _last_chunk[ndjson] = (events[0], len(events), chunk, len(data))
+    return chunk, len(data)
+
+
 def _follow(
     sub: Subscription,
     heartbeat_interval: float,
@@ -721,13 +815,16 @@ def _follow(
     watch: _WriteWatch,
     counts: dict[str, int],
     address: str,
+    direct: _DirectWriter | None = None,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
     It runs in the WSGI server's greenlet for this connection, outside any request context.
     A client that goes away is noticed at the next write (heartbeats make that timely); the
     server then closes this generator and ``finally`` releases the subscription. The producer
-    carries on. The response is counted in ``counts[address]`` while it is open.
+    carries on. The response is counted in ``counts[address]`` while it is open. With a
+    ``direct`` writer, live events may reach the client without passing through here once the
+    server has sent the headers (after the first write).
     """
     metrics = _observe.METRICS
     metrics.client_connected()
@@ -736,8 +833,20 @@ def _follow(
     try:
         if preamble:
             yield preamble
+            sub.direct = direct
         while True:
             events = sub.poll(heartbeat_interval)
+            if direct is not None and (direct.backlog or direct.failed):
+                # A direct write did not finish: its rest goes first, before ``events``.
+                sub.writing_since = monotonic()
+                written = direct.flush()
+                sub.writing_since = 0.0
+                if not written:
+                    return
+                if not events:
+                    if sub.done:
+                        return
+                    continue
             if events:
                 data = _encode(events, ndjson, b"")
             elif sub.done:
@@ -751,6 +860,7 @@ def _follow(
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
                 return
+            sub.direct = direct  # the headers are out
     finally:
         watch.readers.pop(sub, None)
         sub.close()

@@ -13,6 +13,10 @@ hooks make it quick and lossless:
 * idle keep-alive connections are closed at once, and busy ones right after their response;
 * the worker does not exit before the shutdown has persisted everything.
 
+``post_worker_init`` also lets live events be written straight to the clients' sockets (one
+greenlet per stream serves all its idle readers; see ``SSE_DIRECT_WRITES``) when the worker is
+gevent's and speaks plain HTTP/1.x (not the uWSGI protocol, not HTTP/2).
+
 Add them to ``gunicorn.conf.py``; import inside the functions, because the config file is read
 by the arbiter before gevent patches the workers::
 
@@ -35,6 +39,7 @@ from typing import Any
 
 import gevent
 
+from . import _flask
 from ._flask import shut_connection, shutdown
 
 __all__ = ["post_worker_init", "worker_exit"]
@@ -67,6 +72,7 @@ def post_worker_init(worker: Any) -> None:
     """
     gc.collect()
     gc.freeze()
+    _flask._direct_writes_possible = _speaks_plain_http(worker)
     conns = _Connections()
     handle, handle_request = worker.handle, worker.handle_request
 
@@ -98,6 +104,21 @@ def post_worker_init(worker: Any) -> None:
         shutdown()
 
     worker._sse_shutdown = gevent.spawn(watch)
+
+
+def _speaks_plain_http(worker: Any) -> bool:
+    """Whether the worker frames HTTP/1.1 responses itself over gevent sockets."""
+    from gunicorn.workers.ggevent import GeventWorker
+
+    cfg = worker.cfg
+    protocols = getattr(cfg, "http_protocols", None) or ["h1"]
+    if isinstance(protocols, str):
+        protocols = [p.strip() for p in protocols.split(",")]
+    return (
+        isinstance(worker, GeventWorker)
+        and getattr(cfg, "protocol", "http") == "http"
+        and list(protocols) == ["h1"]
+    )
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -61,15 +61,19 @@ def resources() -> dict[str, Any]:
     streams = list(state.registry._streams.values())
     mirrors = list(state.backend.mirrors.values()) if state.backend is not None else []
     pool: Any = state.backend.redis.connection_pool if state.backend is not None else None
+    pool_ = store.engine.pool
+    pooled = hasattr(pool_, "checkedout")  # SQLite files use NullPool: nothing held
+    checked_out = pool_.checkedout() if pooled else 0
     return {
         "fds": len(os.listdir("/proc/self/fd")),
         "greenlets": sum(
             1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead
         ),
         "readers": sum(s.subscriber_count for s in streams + mirrors),
+        "parked": sum(len(s._parked) for s in streams + mirrors),
         "running": state.registry.running,
-        "db_checked_out": store.engine.pool.checkedout(),
-        "db_open": store.engine.pool.checkedin() + store.engine.pool.checkedout(),
+        "db_checked_out": checked_out,
+        "db_open": checked_out + (pool_.checkedin() if pooled else 0),
         "redis_connections": len(pool._connections) if pool is not None else 0,
         "clients_by_address": sum(state.clients_by_address.values()),
     }

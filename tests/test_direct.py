@@ -1,0 +1,238 @@
+"""Direct writes: a stream's new events reach its idle readers from one greenlet.
+
+The engine part runs here on its own (the ``direct`` callable stands in for the socket write);
+the web part runs against gunicorn, whose gevent worker is the server that enables it.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from typing import Any
+
+import gevent
+import httpx
+import pytest
+
+from sse_blueprint import Event, ProducerContext, Stream
+from sse_blueprint._engine import Subscription
+from tests.conftest import LiveServer, start_stream, wait_done
+from tests.sse_parser import SSEParser, Transcript
+
+
+def paced(n: int, seed: int) -> Any:
+    """``n`` ticks, sometimes several at once, sometimes after a pause."""
+
+    def producer(ctx: ProducerContext) -> None:
+        rng = random.Random(seed)
+        for i in range(n):
+            ctx.send("tick", {"n": i})
+            if rng.random() < 0.5:
+                ctx.sleep(rng.choice([0, 0.001, 0.003]))
+
+    return producer
+
+
+class Recorder:
+    """A ``direct`` writer that takes everything, or refuses (``False``) on chosen calls."""
+
+    def __init__(self, refuse: set[int] | None = None, fail_on: int | None = None) -> None:
+        self.events: list[Event] = []
+        self.calls = 0
+        self.refuse = refuse or set()
+        self.fail_on = fail_on
+
+    def __call__(self, events: list[Event]) -> bool:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("deliberate test failure in a direct write")
+        self.events += events  # a refused write still took them: its rest is a backlog
+        return self.calls not in self.refuse
+
+
+def read_direct(sub: Subscription, recorder: Recorder) -> tuple[list[Event], list[Event], int]:
+    """Follow ``sub`` as the web layer does; return (all events in order, polled ones, wakes)."""
+    sub.direct = recorder
+    got: list[Event] = []
+    polled: list[Event] = []
+    wakes = 0
+    with gevent.Timeout(10):
+        while not sub.done:
+            before = len(recorder.events)
+            events = sub.poll(30)
+            wakes += 1
+            got += recorder.events[before:]  # what went out directly while it was parked
+            got += events
+            polled += events
+    return got, polled, wakes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_parked_readers_get_every_event_in_order_without_waking(seed: int) -> None:
+    stream = Stream(paced(500, seed))
+    recorders = [Recorder() for _ in range(20)]
+    subs = [stream.subscribe(0) for _ in recorders]
+    readers = [gevent.spawn(read_direct, s, r) for s, r in zip(subs, recorders, strict=True)]
+    stream.start()
+    gevent.joinall(readers, raise_error=True)
+    expected = stream._events_from(stream._base)
+    assert [e.id for e in expected] == list(range(1, 503))
+    for reader, recorder in zip(readers, recorders, strict=True):
+        got, _polled, wakes = reader.value
+        assert [e.id for e in got] == [e.id for e in expected]
+        assert wakes <= 3  # the start, maybe a race with the first events, and the end
+        assert recorder.calls > 10  # many rounds, one write each
+
+
+def test_a_refused_write_wakes_the_reader_which_goes_on_in_order() -> None:
+    stream = Stream(paced(400, 1))
+    recorder = Recorder(refuse={3, 7, 8, 20})
+    sub = stream.subscribe(0)
+    reader = gevent.spawn(read_direct, sub, recorder)
+    stream.start()
+    got, polled, wakes = reader.get(timeout=10)
+    assert [e.id for e in got] == list(range(1, 403))
+    assert wakes >= 5  # each refusal woke it; its greenlet then carried on
+    assert polled  # and it took some events itself before it parked again
+
+
+def test_a_failing_direct_write_cuts_only_that_reader() -> None:
+    stream = Stream(paced(300, 2))
+    bad, good = Recorder(fail_on=5), Recorder()
+    bad_sub, good_sub = stream.subscribe(0), stream.subscribe(0)
+    readers = [gevent.spawn(read_direct, bad_sub, bad), gevent.spawn(read_direct, good_sub, good)]
+    stream.start()
+    gevent.joinall(readers, raise_error=True)
+    assert bad_sub.cut  # it resumes from its last id elsewhere
+    assert [e.id for e in readers[1].value[0]] == list(range(1, 303))
+
+
+def test_parked_readers_are_released_at_once() -> None:
+    stream = Stream(lambda ctx: ctx.sleep(60))
+    subs = [stream.subscribe(0) for _ in range(10)]
+    readers = [gevent.spawn(read_direct, s, Recorder()) for s in subs]
+    stream.start()
+    gevent.sleep(0.05)
+    assert len(stream._parked) == 10
+    began = time.monotonic()
+    assert stream.release_readers() == 10
+    gevent.joinall(readers, timeout=5, raise_error=True)
+    assert time.monotonic() - began < 1
+    assert not stream._parked
+    stream.cancel()
+
+
+def test_direct_and_ordinary_readers_share_a_stream() -> None:
+    stream = Stream(paced(300, 3))
+    plain = stream.subscribe(0)
+    direct = stream.subscribe(0)
+    got_plain: list[Event] = []
+
+    def read_plain() -> None:
+        with gevent.Timeout(10):
+            while not plain.done:
+                got_plain.extend(plain.poll(30))
+
+    readers = [gevent.spawn(read_plain), gevent.spawn(read_direct, direct, Recorder())]
+    stream.start()
+    gevent.joinall(readers, raise_error=True)
+    assert [e.id for e in got_plain] == list(range(1, 303))
+    assert [e.id for e in readers[1].value[0]] == list(range(1, 303))
+
+
+# -- over HTTP, on gunicorn -----------------------------------------------------------------------
+
+
+def _parked_while_reading(server: LiveServer) -> int:
+    """How many readers are parked while one client follows an idle stream."""
+    stream_id = start_stream(server.url, "stall")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /api/streams/{stream_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"waiting" not in data:  # the catch-up went out through the server
+            data += sock.recv(65536)
+        time.sleep(0.05)
+        found: int = httpx.get(f"{server.url}/test/resources", timeout=10).json()["parked"]
+    wait_done(server.url, stream_id)
+    return found
+
+
+def test_gunicorn_readers_park_unless_direct_writes_are_off(server_factory: Any) -> None:
+    on: LiveServer = server_factory({}, app="tests.live_app:app")
+    off: LiveServer = server_factory({"SSE_DIRECT_WRITES": False}, app="tests.live_app:app")
+    assert _parked_while_reading(on) == 1
+    assert _parked_while_reading(off) == 0
+
+
+def test_a_reader_behind_a_full_socket_gets_every_byte_through_partial_writes(
+    server_factory: Any,
+) -> None:
+    """20 MB to a client that pauses: more than the kernel buffers (``tcp_wmem`` grows a send
+    buffer to 4 MB), so direct writes go out in part and its greenlet writes the rest."""
+    server: LiveServer = server_factory({"SSE_CLIENT_QUEUE": 4096}, app="tests.live_app:app")
+    size, count = 100_000, 200
+    stream_id = start_stream(server.url, "flood", count=count, size=size, interval_ms=5)
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    chunks: list[bytes] = []
+    with sock:
+        sock.sendall(f"GET /api/streams/{stream_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(1.0)  # the producer runs ahead; the buffers fill; writes go out in parts
+        while True:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection before the end of the body"
+            chunks.append(chunk)
+            if chunk.endswith(b"0\r\n\r\n") and b"".join(chunks[-2:]).endswith(b"\r\n0\r\n\r\n"):
+                break
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding: chunked" in head.lower()
+    # Undo the chunked framing by the rules: a stray or missing byte breaks the sizes.
+    parts: list[bytes] = []
+    at = 0
+    while True:
+        eol = body.index(b"\r\n", at)
+        length = int(body[at:eol], 16)
+        if not length:
+            break
+        parts.append(body[eol + 2 : eol + 2 + length])
+        assert body[eol + 2 + length : eol + 4 + length] == b"\r\n"
+        at = eol + 4 + length
+    events = SSEParser().feed(b"".join(parts), final=True)
+    transcript = Transcript()
+    for event in events:
+        transcript.apply(event.id, event.type, event.json())
+    assert [e.id for e in events] == list(range(1, count + 3))  # every id, in order, once
+    assert events[-1].type == "done"
+    assert transcript.text() == "".join(chr(ord("a") + i % 26) * size for i in range(count))
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "protocol", "http_protocols", "possible"),
+    [
+        ("gevent", "http", ["h1"], True),
+        ("gevent", "uwsgi", ["h1"], False),  # nginx's uwsgi_pass: no HTTP chunks on the wire
+        ("gevent", "http", ["h2", "h1"], False),  # HTTP/2 shares the connection
+        ("sync", "http", ["h1"], False),
+    ],
+)
+def test_direct_writes_only_where_gunicorn_frames_http_1_1_on_gevent_sockets(
+    worker_class: str, protocol: str, http_protocols: list[str], possible: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from gunicorn.workers.ggevent import GeventWorker
+    from gunicorn.workers.sync import SyncWorker
+
+    from sse_blueprint.gunicorn import _speaks_plain_http
+
+    cls = GeventWorker if worker_class == "gevent" else SyncWorker
+    worker = cls.__new__(cls)
+    worker.cfg = SimpleNamespace(protocol=protocol, http_protocols=http_protocols)
+    assert _speaks_plain_http(worker) is possible
