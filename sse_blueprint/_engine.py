@@ -353,6 +353,10 @@ class Subscription:
                 stream._trim(stream._trim_to)  # this reader may have been holding it back
 
 
+#: Seconds a fan-out runs before it lets other greenlets run.
+FAN_OUT_SLICE = 0.02
+
+
 class _Block:
     """A block's text as it is being streamed, and how much of it the store has."""
 
@@ -422,7 +426,8 @@ class Stream:
         self._min_pos_hint = 0
         self._news: gevent.event.Event | None = None
         self._parked: set[Subscription] = set()  # direct subscribers waiting in poll
-        self._fanning_out = False  # a fan-out to the parked subscribers is scheduled
+        self._fanning_out = False  # a fan-out to the parked subscribers is scheduled or running
+        self._fan_again = False  # news came while a fan-out paused: it makes another pass
         self._wake_pending = False
         self._wake_timer: Any = None  # a libev timer, made on first use
         self.start_event: Event | None = None
@@ -588,9 +593,12 @@ class Stream:
         if news is not None:
             self._news = None
             news.set()
-        if self._parked and not self._fanning_out:
-            self._fanning_out = True
-            gevent.spawn_raw(self._fan_out)
+        if self._parked:
+            if self._fanning_out:
+                self._fan_again = True
+            else:
+                self._fanning_out = True
+                gevent.spawn_raw(self._fan_out)
 
     def _park(self, sub: Subscription, timeout: float | None) -> None:
         """Wait in :meth:`Subscription.poll` while the fan-out delivers ``sub``'s events."""
@@ -607,13 +615,29 @@ class Stream:
             self._parked.discard(sub)
 
     def _fan_out(self) -> None:
-        """Deliver new events to every parked subscriber; wake those it cannot serve.
+        """Deliver new events to every parked subscriber; wake those it cannot serve."""
+        try:
+            self._fan_again = True
+            while self._fan_again:
+                self._fan_again = False
+                self._fan_out_once()
+        finally:
+            self._fanning_out = False
 
-        Nothing here may block or switch greenlets: a parked subscriber's connection belongs
-        to this loop until the subscriber is woken (and unparked) or its wait times out.
-        """
-        self._fanning_out = False
-        for sub in list(self._parked):
+    def _fan_out_once(self) -> None:
+        # A parked subscriber's connection belongs to this loop until the subscriber is woken
+        # (and unparked) or its wait times out, which it can only do while this loop pauses:
+        # hence the membership check. The pause lets the rest of the worker run when a round
+        # is long (many clients, big events).
+        parked = self._parked
+        clock = time.perf_counter
+        began = clock()
+        for i, sub in enumerate(list(parked)):
+            if i & 63 == 63 and clock() - began > FAN_OUT_SLICE:
+                gevent.sleep(0)
+                began = clock()
+            if sub not in parked:
+                continue
             try:
                 if not (sub.cut or sub.closed) and sub._pos < self._end:
                     events = sub._take()

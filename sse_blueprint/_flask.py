@@ -737,7 +737,7 @@ class _DirectWriter:
         self.sock = sock  # gevent's socket: blocking writes from the reader's greenlet
         self.raw = raw  # the non-blocking socket under it
         self.ndjson = ndjson
-        self.backlog = b""
+        self.backlog: bytes | memoryview = b""
         self.failed = False
 
     @classmethod
@@ -772,7 +772,7 @@ class _DirectWriter:
             return False
         _observe.METRICS.sent(len(events), size)
         if sent < len(data):
-            self.backlog = data[sent:]
+            self.backlog = memoryview(data)[sent:]  # no copy of a big chunk
             return False
         return True
 

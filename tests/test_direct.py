@@ -141,6 +141,43 @@ def test_direct_and_ordinary_readers_share_a_stream() -> None:
     assert [e.id for e in readers[1].value[0]] == list(range(1, 303))
 
 
+def test_a_long_fan_out_lets_the_rest_of_the_worker_run() -> None:
+    """300 parked readers whose writes take 0.5 ms each: a 150 ms round, paused every ~20 ms."""
+
+    class Slow(Recorder):
+        def __call__(self, events: list[Event]) -> bool:
+            until = time.perf_counter() + 0.0005
+            while time.perf_counter() < until:
+                pass  # a big chunk being copied into the socket buffer
+            return super().__call__(events)
+
+    def three(ctx: ProducerContext) -> None:
+        for i in range(3):
+            ctx.send("tick", {"n": i})
+
+    stream = Stream(three)
+    subs = [stream.subscribe(0) for _ in range(300)]
+    readers = [gevent.spawn(read_direct, s, Slow()) for s in subs]
+    gevent.sleep(0.01)  # all parked
+    gaps: list[float] = []
+
+    def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            gevent.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = gevent.spawn(ticker)
+    stream.start()
+    gevent.joinall(readers, timeout=10, raise_error=True)
+    tick.kill()
+    for reader in readers:
+        assert [e.id for e in reader.value[0]] == [1, 2, 3, 4, 5]
+    assert max(gaps) < 0.1  # without the pauses: one gap of the whole 150 ms round
+
+
 # -- over HTTP, on gunicorn -----------------------------------------------------------------------
 
 
