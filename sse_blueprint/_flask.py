@@ -21,6 +21,7 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import gevent
@@ -471,6 +472,13 @@ def _make_blueprint() -> Blueprint:
             address = request.remote_addr or ""
             if state.clients_by_address.get(address, 0) >= config.max_clients_per_address:
                 _error(429, "too many open streams from your address", {"Retry-After": "5"})
+            release = None  # frees this response's place in the count across workers (Redis)
+            if state.backend is not None:
+                place = state.backend.claim_client(address, config.max_clients_per_address)
+                if place is None:
+                    _error(429, "too many open streams from your address", {"Retry-After": "5"})
+                if place:
+                    release = partial(state.backend.release_client, place)
             closer = _connection_closer(request.environ)
             direct = _DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
             sub = found.subscribe(last_id, on_cut=closer)
@@ -486,6 +494,7 @@ def _make_blueprint() -> Blueprint:
                 counts=state.clients_by_address,
                 address=address,
                 direct=direct,
+                release=release,
             )
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
@@ -816,15 +825,17 @@ def _follow(
     counts: dict[str, int],
     address: str,
     direct: _DirectWriter | None = None,
+    release: Callable[[], None] | None = None,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
     It runs in the WSGI server's greenlet for this connection, outside any request context.
     A client that goes away is noticed at the next write (heartbeats make that timely); the
     server then closes this generator and ``finally`` releases the subscription. The producer
-    carries on. The response is counted in ``counts[address]`` while it is open. With a
-    ``direct`` writer, live events may reach the client without passing through here once the
-    server has sent the headers (after the first write).
+    carries on. The response is counted in ``counts[address]`` while it is open, and across
+    workers until ``release`` is called (with Redis). With a ``direct`` writer, live events may
+    reach the client without passing through here once the server has sent the headers (after
+    the first write).
     """
     metrics = _observe.METRICS
     metrics.client_connected()
@@ -868,6 +879,8 @@ def _follow(
         counts[address] -= 1
         if not counts[address]:
             del counts[address]
+        if release is not None:
+            release()
 
 
 def _add_cors_headers(response: BaseResponse, allowed: tuple[str, ...]) -> None:

@@ -21,6 +21,15 @@ producer, filled from ``XRANGE`` once its channel subscription is confirmed, the
 published events (a gap in ids is filled with ``XRANGE``). All of that worker's readers follow the
 mirror with the engine's usual cursors: the commands per event do not grow with the clients.
 
+**Clients per address, everywhere.** ``sse:clients:{<address>}`` is a sorted set of the open
+responses of one client address on every worker and instance (member: a response's token,
+score: when it expires, by Redis's clock). A Lua script drops the expired members, counts and
+adds in one step, so ``SSE_MAX_CLIENTS_PER_ADDRESS`` holds across the deployment. Each worker
+renews its members every ``lease`` seconds and removes them when the responses end; a worker that
+dies without doing so frees its places within three leases. One greenlet per worker sends all of
+that, batched in pipelines on one connection: however many clients connect at once, counting
+them takes one connection per worker.
+
 **Cancel from anywhere.** A Lua script appends ``cancelled`` itself (if the stream still runs)
 and publishes it; the owner adopts that terminal event and stops its producer. The state in
 ``meta`` is the durable flag, re-read when the owner renews its lease, so a lost message only
@@ -98,9 +107,34 @@ return state
 """
 
 
+# KEYS: an address's set. ARGV: token, limit, ttl s. 1: added; 0: the address is at its limit.
+_CLAIM_CLIENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
+"""
+
+# KEYS: an address's set. ARGV: ttl s, then this worker's tokens in it (renewed if still there).
+_RENEW_CLIENTS = """
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])))
+return 1
+"""
+
+
 def _keys(stream_id: str) -> tuple[str, str, str, str]:
     tag = "{" + stream_id + "}"
     return f"sse:{tag}:meta", f"sse:{tag}:events", f"sse:{tag}:lease", f"sse:{tag}"
+
+
+def _client_key(address: str) -> str:
+    return "sse:clients:{" + address + "}"
 
 
 def _event_from_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
@@ -138,6 +172,16 @@ class RedisBackend:
         self._end = self.redis.register_script(_END)
         self._renew = self.redis.register_script(_RENEW)
         self._set_metadata = self.redis.register_script(_SET_METADATA)
+        self._claim_client = self.redis.register_script(_CLAIM_CLIENT)
+        self._renew_clients = self.redis.register_script(_RENEW_CLIENTS)
+        self._clients: dict[str, str] = {}  # token -> address: this worker's open responses
+        self._client_tokens = f"{secrets.token_hex(6)}:"
+        self._client_serial = 0
+        # Work for the accountant greenlet: (address, token, limit, result), (address, token).
+        self._claims: list[tuple[str, str, int, gevent.event.AsyncResult]] = []
+        self._releases: list[tuple[str, str]] = []
+        self._accounting = gevent.event.Event()
+        self._accountant: gevent.Greenlet | None = None
         self.owned: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
         self.mirrors: dict[str, Stream] = {}
         self._making: dict[str, gevent.event.AsyncResult] = {}  # mirrors being made
@@ -501,6 +545,78 @@ class RedisBackend:
                     idle.pop(stream_id, None)
                     self.mirrors.pop(stream_id, None)
                     self._unfollow(_keys(stream_id)[3])
+
+    # -- clients per address ------------------------------------------------------------------
+
+    @property
+    def _client_ttl(self) -> float:
+        return 3 * self.lease
+
+    def claim_client(self, address: str, limit: int) -> str | None:
+        """Count one more open response from ``address`` everywhere: its token, or None if the
+        address is at ``limit``. If Redis cannot be reached the response is let through (""),
+        so an outage does not refuse readers; this worker's own count still applies."""
+        self._client_serial += 1
+        token = f"{self._client_tokens}{self._client_serial}"
+        result = gevent.event.AsyncResult()
+        self._claims.append((address, token, limit, result))
+        self._account()
+        try:
+            added = result.get(timeout=max(self.lease, 5.0))
+        except (redis.RedisError, gevent.Timeout) as exc:
+            log.warning("cannot count clients of %s in Redis: %s", address, exc)
+            return ""
+        if not added:
+            return None
+        self._clients[token] = address
+        return token
+
+    def release_client(self, token: str) -> None:
+        """The response of ``token`` (from :meth:`claim_client`) has ended."""
+        address = self._clients.pop(token, None)
+        if address is not None:
+            self._releases.append((address, token))
+            self._account()
+
+    def _account(self) -> None:
+        self._accounting.set()
+        if self._accountant is None or self._accountant.dead:
+            self._accountant = gevent.spawn(self._accountant_loop)
+
+    def _accountant_loop(self) -> None:
+        """Send the claims, releases and renewals of this worker's clients, batched."""
+        renewed = time.monotonic()
+        while self._claims or self._releases or self._clients:
+            self._accounting.wait(max(renewed + self.lease - time.monotonic(), 0))
+            self._accounting.clear()
+            claims, self._claims = self._claims, []
+            releases, self._releases = self._releases, []
+            renew: dict[str, list[str]] = {}
+            if time.monotonic() - renewed >= self.lease:
+                renewed = time.monotonic()
+                for token, address in self._clients.items():
+                    renew.setdefault(address, []).append(token)
+            if not (claims or releases or renew):
+                continue
+            ttl = self._client_ttl
+            pipe = self.redis.pipeline(transaction=False)
+            for address, token in releases:  # first: the places they free count at once
+                pipe.zrem(_client_key(address), token)
+            for address, token, limit, _ in claims:
+                self._claim_client([_client_key(address)], [token, limit, ttl], pipe)
+            for address, tokens in renew.items():
+                self._renew_clients([_client_key(address)], [ttl, *tokens], pipe)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except redis.RedisError as exc:
+                replies = [exc] * (len(releases) + len(claims) + len(renew))
+                if releases or renew:  # the members expire by themselves
+                    log.warning("cannot update this worker's clients in Redis: %s", exc)
+            for (_, _, _, result), reply in zip(claims, replies[len(releases) :], strict=False):
+                if isinstance(reply, Exception):
+                    result.set_exception(reply)
+                else:
+                    result.set(reply)
 
     def _retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call Redis; on a connection error retry with backoff for a while, then raise."""

@@ -235,7 +235,12 @@ class PostgresServer:
         return self.start()
 
     def start(self) -> PostgresServer:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        # Every gunicorn worker of every test server holds a small pool: more than the default
+        # 100 connections when several multi-worker servers are up at once.
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            " -c max_connections=400"
+        )
         log = str(self.dir / "postgres.log")
         self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
         return self

@@ -15,6 +15,7 @@ import sys
 import time
 import types
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,7 +43,12 @@ PARAGRAPHS = "".join(f"Part {i}: " + "streams and blocks " * 4 + "\n\n" for i in
 
 
 @pytest.fixture(scope="module")
-def shared(server_factory: Any, redis_server: RedisServer, postgres: PostgresServer) -> Any:
+def shared(
+    server_factory: Any, redis_server: RedisServer, postgres: PostgresServer
+) -> Iterator[Any]:
+    """Two instances of 3 workers on one Redis and one database; tests may start more. All
+    are stopped when this module is done (their logs are checked at the end of the session),
+    so that their database pools do not crowd later modules out of PostgreSQL."""
     name = "r_" + uuid.uuid4().hex[:12]
     postgres.psql(f"CREATE DATABASE {name}")
     config = {
@@ -53,19 +59,24 @@ def shared(server_factory: Any, redis_server: RedisServer, postgres: PostgresSer
         "SSE_RETRY_MS": 200,
     }
 
+    started: list[LiveServer] = []
+
     def instance_with(extra: dict[str, Any], workers: int = 3) -> LiveServer:
         server: LiveServer = server_factory(
             {**config, **extra}, app="tests.live_app:app", workers=workers
         )
+        started.append(server)
         return server
 
     def instance() -> LiveServer:
         return instance_with({})
 
-    return types.SimpleNamespace(
+    yield types.SimpleNamespace(
         a=instance(), b=instance(), instance=instance, instance_with=instance_with,
         redis=redis_server,
     )  # fmt: skip
+    for server in started:
+        server.stop()
 
 
 def demo(base: str, text: str = DEMO_TEXT, chunk: int = 5, interval: int = 10) -> str:
@@ -274,39 +285,48 @@ def test_a_fenced_producer_cannot_write(redis_server: RedisServer) -> None:
     assert outcome["terminal"]["message"] == "producer fenced out"
 
 
-def redis_totals(client: redis.Redis) -> tuple[int, int]:
-    stats = client.info("commandstats")
-    calls = sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
-    return calls, int(client.info("clients")["connected_clients"])
+#: Commands that only the count of clients per address sends (a claim, a release, a renewal).
+ACCOUNTING = ("zadd", "zrem", "zremrangebyscore", "zcard", "time")
+
+
+def redis_totals(client: redis.Redis) -> tuple[int, int, int]:
+    """Commands for streams, commands for counting clients, and connections, so far."""
+    stats = {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+    # Each claim is one EVALSHA running one ZCARD and one EXPIRE among the accounting commands.
+    accounting = sum(stats.get(name, 0) for name in ACCOUNTING) + 2 * stats.get("zcard", 0)
+    calls = sum(stats.values()) - accounting
+    return calls, accounting, int(client.info("clients")["connected_clients"])
 
 
 def test_redis_traffic_per_event_does_not_grow_with_clients(shared: Any) -> None:
     report = []
     for clients in (10, 200):
-        before, _ = redis_totals(shared.redis_client)
+        before, accounting_before, _ = redis_totals(shared.redis_client)
         stream_id = demo(shared.a.url, "x" * 300, chunk=2, interval=15)
         peak = 0
         with ThreadPoolExecutor(clients) as pool:
             bases = [(shared.a.url, shared.b.url)[i % 2] for i in range(clients)]
             futures = [pool.submit(read_stream, base, stream_id, timeout=120) for base in bases]
             while not all(f.done() for f in futures):
-                peak = max(peak, redis_totals(shared.redis_client)[1])
+                peak = max(peak, redis_totals(shared.redis_client)[2])
                 time.sleep(0.1)
             results = [f.result() for f in futures]
         assert all(r.transcript.text() == "x" * 300 for r in results)
-        after, _ = redis_totals(shared.redis_client)
+        time.sleep(0.5)  # the responses' places are given back after they end
+        after, accounting_after, _ = redis_totals(shared.redis_client)
         events = results[0].events[-1].id
-        measuring = 2 * (1 + int(time.monotonic()))  # our own INFO calls are counted too
-        report.append((clients, events, (after - before) / events, peak))
-        del measuring
+        per_client = (accounting_after - accounting_before) / clients
+        report.append((clients, events, (after - before) / events, peak, per_client))
     line = ", ".join(
-        f"{c} clients: {e} events, {per:.2f} commands/event, {p} connections"
-        for c, e, per, p in report
+        f"{c} clients: {e} events, {per:.2f} commands/event, {p} connections, "
+        f"{pc:.1f} commands/client to count clients per address"
+        for c, e, per, p, pc in report
     )
     print(f"\nREDIS TRAFFIC: {line}", file=sys.stderr)
     (small, large) = report
     assert large[2] < small[2] * 1.5 + 1  # commands per event do not scale with clients
     assert large[3] <= small[3] + 6  # nor do connections (6 workers, a few each)
+    assert large[4] <= 8  # a claim (6 commands) and a release (1) per response, plus renewals
 
 
 def test_several_workers_without_redis_refuse_to_start(tmp_path: Any) -> None:
@@ -421,3 +441,66 @@ def test_metrics_are_off_unless_configured(shared: Any) -> None:
     response = httpx.get(f"{shared.a.url}/api/metrics")
     assert response.status_code == 404
     assert "SSE_METRICS" in response.json()["error"]
+
+
+def test_clients_per_address_are_limited_across_instances(shared: Any) -> None:
+    """3 open responses per address on two instances of 3 workers each (about one per worker:
+    each worker alone is far below the limit); a killed worker's places come back by themselves."""
+    limits = {"SSE_MAX_CLIENTS_PER_ADDRESS": 3, "SSE_HEARTBEAT_INTERVAL": 0.3}
+    first, second = shared.instance_with(limits), shared.instance_with(limits)
+    stream_id = demo(first.url, PARAGRAPHS, chunk=1, interval=100)  # runs for a minute
+    places = redis.Redis.from_url(shared.redis.url)
+    key = "sse:clients:{127.0.0.1}"
+    held: list[httpx.Response] = []
+    with httpx.Client(timeout=30) as client:
+
+        def open_on(base: str) -> httpx.Response:
+            request = client.build_request("GET", f"{base}/api/streams/{stream_id}")
+            return client.send(request, stream=True)
+
+        for base in (first.url, first.url, second.url):
+            response = open_on(base)
+            assert response.status_code == 200
+            held.append(response)
+        for base in (first.url, second.url):
+            refused = httpx.get(f"{base}/api/streams/{stream_id}")
+            assert refused.status_code == 429
+            assert "your address" in refused.json()["error"]
+            assert refused.headers["retry-after"]
+        assert places.zcard(key) == 3
+
+        held.pop(0).close()  # the server notices at its next heartbeat and frees the place
+        deadline = time.monotonic() + 5
+        while places.zcard(key) != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        response = open_on(second.url)
+        assert response.status_code == 200
+        held.append(response)  # first: 1, second: 2
+
+        # Kill second's workers: their places stay taken until they expire (3 leases).
+        assert second.proc is not None
+        workers = subprocess.run(
+            ["pgrep", "-P", str(second.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        killed_at = time.monotonic()
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+        assert httpx.get(f"{first.url}/api/streams/{stream_id}").status_code == 429
+        while time.monotonic() - killed_at < 3 * LEASE + 5:
+            probe = open_on(first.url)
+            if probe.status_code == 200:
+                held.append(probe)
+                break
+            probe.close()
+            time.sleep(0.25)
+        freed_after = time.monotonic() - killed_at
+        assert held[-1] is probe, "the dead worker's places never came back"
+        # Renewed every lease, they expire 3 leases after the last renewal: 2 to 3 after the kill.
+        assert 2 * LEASE - 0.5 < freed_after < 3 * LEASE + 3
+        for response in held:
+            response.close()
+    httpx.post(f"{first.url}/api/streams/{stream_id}/cancel")
+    deadline = time.monotonic() + 10
+    while places.zcard(key) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert places.zcard(key) == 0  # every response that ended gave its place back
