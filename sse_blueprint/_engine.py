@@ -499,6 +499,22 @@ class Stream:
             # A producer that returns or dies before its end leaves no stream "running forever".
             if not self.finished:
                 self._finish(StreamState.ERROR, {"message": "producer stopped"})
+            if not self.finished:
+                self._end_here("producer stopped")
+
+    def _end_here(self, message: str) -> None:
+        """The last resort when no end can be written (a backend that keeps refusing): end the
+        stream in this process anyway. With Redis, this worker stops renewing its lease, so the
+        other workers' watchdogs end it there once the lease lapses ("producer lost")."""
+        log.error(
+            "stream %s: its end could not be written; ending it here",
+            self.id,
+            extra={"stream_id": self.id},
+        )
+        data = {"stream_id": self.id, "message": message}
+        ev = Event(self._last_id + 1, StreamState.ERROR.value, data)
+        self._log_append(ev)
+        self._ended(ev)
 
     def _expire(self) -> None:
         self._timer = None

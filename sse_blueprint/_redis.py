@@ -57,9 +57,13 @@ __all__ = ["RedisBackend"]
 log = logging.getLogger("sse_blueprint")
 
 # KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel
+# Returns 1, or 2 for an append that is already there: a retry whose first attempt ran but whose
+# reply was lost (Redis stopped, the connection broke). Only the generation's holder appends while
+# the stream runs, so an id it already has can only be that.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return redis.error_reply('FENCED') end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
+if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[1], 'last_id') or '0') then return 2 end
 redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
 redis.call('HSET', KEYS[1], 'last_id', ARGV[2])
 if ARGV[5] ~= '' then
@@ -612,6 +616,10 @@ class RedisBackend:
                 replies = [exc] * (len(releases) + len(claims) + len(renew))
                 if releases or renew:  # the members expire by themselves
                     log.warning("cannot update this worker's clients in Redis: %s", exc)
+            finally:
+                # redis-py loads the pipeline's scripts before the part of execute() that gives
+                # its connection back: when that fails, only reset() does.
+                pipe.reset()
             for (_, _, _, result), reply in zip(claims, replies[len(releases) :], strict=False):
                 if isinstance(reply, Exception):
                     result.set_exception(reply)

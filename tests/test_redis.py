@@ -504,3 +504,30 @@ def test_clients_per_address_are_limited_across_instances(shared: Any) -> None:
     while places.zcard(key) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert places.zcard(key) == 0  # every response that ended gave its place back
+
+
+def test_a_lost_reply_or_a_refusing_redis_never_leaves_a_stream_running(
+    redis_server: RedisServer,
+) -> None:
+    """An append that ran in Redis but whose reply was lost is retried: it is already there, and
+    the stream goes on (it used to end the producer silently and leave the stream running, its
+    lease renewed, for ever). A Redis that refuses every append: the stream still ends."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.redis_lost_reply", redis_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    outcome = json.loads(result.stdout)
+    lost = outcome["lost_replies"]
+    assert lost["ended"]
+    assert lost["state"] == "done"
+    assert lost["local_ids"] == lost["redis_ids"] == list(range(1, 13))  # each once
+    assert lost["redis_state"] == "done"
+    assert lost["text"] == "".join(f"{i} " for i in range(10))
+    refused = outcome["refused"]
+    assert refused["ended"]
+    assert refused["terminal"]["message"] == "producer stopped"
+    assert not refused["still_renewing"]  # its lease lapses: no worker sees it running
+    assert "its end could not be written" in result.stderr
+    outage = outcome["outage"]
+    assert outage["places"] == [""] * 3  # let through: an outage refuses no reader
+    assert outage["free"] == outage["size"]  # and the pool is whole

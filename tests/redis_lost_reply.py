@@ -1,0 +1,108 @@
+"""Run as ``python -m tests.redis_lost_reply REDIS_URL``: appends whose reply is lost.
+
+Redis can run an append and stop (or lose the connection) before its reply arrives; the owner
+then retries an append that is already there. Another case: a Redis that refuses every append.
+Neither may leave a stream "running forever". A separate process for gevent's patched sockets
+(as in a gunicorn gevent worker); it prints what happened as JSON for the test to check.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import redis  # noqa: E402
+from gevent.server import StreamServer  # noqa: E402
+
+from sse_blueprint import ProducerContext, Stream  # noqa: E402
+from sse_blueprint._redis import RedisBackend  # noqa: E402
+
+
+def producer(ctx: ProducerContext) -> None:
+    for i in range(10):
+        ctx.text(0, f"{i} ")
+
+
+def lost_replies(url: str) -> dict[str, Any]:
+    """Every third append runs in Redis, then its reply is 'lost'."""
+    backend = RedisBackend(url, lease=5)
+    script = backend._append
+    calls = 0
+
+    def append_then_lose_the_reply(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = script(*args, **kwargs)
+        if calls % 3 == 0:
+            raise redis.ConnectionError("the reply was lost")
+        return reply
+
+    backend._append = append_then_lose_the_reply  # type: ignore[assignment]
+    stream = Stream(producer, backend=backend)
+    stream.start()
+    ended = stream.wait(10)
+    client = redis.Redis.from_url(url)
+    entries: Any = client.xrange(f"sse:{{{stream.id}}}:events")
+    return {
+        "ended": ended,
+        "state": stream.state.value,
+        "local_ids": [e.id for e in stream._log],
+        "redis_ids": [int(e[0].split(b"-")[0]) for e in entries],
+        "redis_state": client.hget(f"sse:{{{stream.id}}}:meta", "state").decode(),  # type: ignore[union-attr]
+        "text": "".join(e.data["text"] for e in stream._log if e.event == "text_delta"),
+    }
+
+
+def refused(url: str) -> dict[str, Any]:
+    """Redis refuses every append after the start (not a fencing, not an end elsewhere)."""
+    backend = RedisBackend(url, lease=1)
+    script = backend._append
+    calls = 0
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise redis.ResponseError("ERR something unexpected")
+        return script(*args, **kwargs)
+
+    backend._append = refuse  # type: ignore[assignment]
+    stream = Stream(producer, backend=backend)
+    stream.start()
+    ended = stream.wait(10)
+    terminal = stream.terminal_event
+    gevent.sleep(0.6)  # the renew loop looks every third of a lease
+    return {
+        "ended": ended,
+        "terminal": terminal.data if terminal else None,
+        "still_renewing": stream.id in backend.owned,
+    }
+
+
+def outage() -> dict[str, Any]:
+    """Counting clients while Redis breaks every connection: each claim lets its client through,
+    and the pool keeps every connection it had."""
+
+    def hang_up(sock: socket.socket, _address: Any) -> None:
+        sock.recv(65536)
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), hang_up)
+    server.start()
+    backend = RedisBackend(f"redis://127.0.0.1:{server.server_port}/0", lease=1)
+    places = [backend.claim_client("192.0.2.1", 5) for _ in range(3)]
+    pool: Any = backend.redis.connection_pool
+    server.stop()
+    return {"places": places, "free": pool.pool.qsize(), "size": pool.max_connections}
+
+
+if __name__ == "__main__":
+    url = sys.argv[1]
+    print(
+        json.dumps({"lost_replies": lost_replies(url), "refused": refused(url), "outage": outage()})
+    )
