@@ -512,9 +512,7 @@ class Stream:
             extra={"stream_id": self.id},
         )
         data = {"stream_id": self.id, "message": message}
-        ev = Event(self._last_id + 1, StreamState.ERROR.value, data)
-        self._log_append(ev)
-        self._ended(ev)
+        self._adopt_terminal(Event(self._last_id + 1, StreamState.ERROR.value, data))
 
     def _expire(self) -> None:
         self._timer = None

@@ -553,6 +553,11 @@ class RedisBackend:
     # -- clients per address ------------------------------------------------------------------
 
     @property
+    def _patience(self) -> float:
+        """Seconds a call waits for Redis (retrying) before it gives up."""
+        return max(self.lease, 5.0)
+
+    @property
     def _client_ttl(self) -> float:
         return 3 * self.lease
 
@@ -566,7 +571,7 @@ class RedisBackend:
         self._claims.append((address, token, limit, result))
         self._account()
         try:
-            added = result.get(timeout=max(self.lease, 5.0))
+            added = result.get(timeout=self._patience)
         except (redis.RedisError, gevent.Timeout) as exc:
             log.warning("cannot count clients of %s in Redis: %s", address, exc)
             return ""
@@ -628,7 +633,7 @@ class RedisBackend:
 
     def _retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call Redis; on a connection error retry with backoff for a while, then raise."""
-        delay, deadline = 0.05, time.monotonic() + max(self.lease, 5.0)
+        delay, deadline = 0.05, time.monotonic() + self._patience
         while True:
             try:
                 return func(*args, **kwargs)

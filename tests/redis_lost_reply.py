@@ -13,6 +13,7 @@ monkey.patch_all()
 import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -28,23 +29,33 @@ def producer(ctx: ProducerContext) -> None:
         ctx.text(0, f"{i} ")
 
 
-def lost_replies(url: str) -> dict[str, Any]:
-    """Every third append runs in Redis, then its reply is 'lost'."""
-    backend = RedisBackend(url, lease=5)
+def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]], Any]) -> Stream:
+    """A stream of :func:`producer` on ``backend``, its appends made by ``append(n, run)``:
+    ``n`` counts them, ``run()`` runs the real append script."""
     script = backend._append
     calls = 0
 
-    def append_then_lose_the_reply(*args: Any, **kwargs: Any) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        reply = script(*args, **kwargs)
-        if calls % 3 == 0:
+        return append(calls, lambda: script(*args, **kwargs))
+
+    backend._append = counted  # type: ignore[assignment]
+    stream = Stream(producer, backend=backend)
+    stream.start()
+    return stream
+
+
+def lost_replies(url: str) -> dict[str, Any]:
+    """Every third append runs in Redis, then its reply is 'lost'."""
+
+    def lose_every_third_reply(n: int, run: Callable[[], Any]) -> Any:
+        reply = run()
+        if n % 3 == 0:
             raise redis.ConnectionError("the reply was lost")
         return reply
 
-    backend._append = append_then_lose_the_reply  # type: ignore[assignment]
-    stream = Stream(producer, backend=backend)
-    stream.start()
+    stream = started_with(RedisBackend(url, lease=5), lose_every_third_reply)
     ended = stream.wait(10)
     client = redis.Redis.from_url(url)
     entries: Any = client.xrange(f"sse:{{{stream.id}}}:events")
@@ -61,19 +72,13 @@ def lost_replies(url: str) -> dict[str, Any]:
 def refused(url: str) -> dict[str, Any]:
     """Redis refuses every append after the start (not a fencing, not an end elsewhere)."""
     backend = RedisBackend(url, lease=1)
-    script = backend._append
-    calls = 0
 
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
+    def refuse_after_the_start(n: int, run: Callable[[], Any]) -> Any:
+        if n > 1:
             raise redis.ResponseError("ERR something unexpected")
-        return script(*args, **kwargs)
+        return run()
 
-    backend._append = refuse  # type: ignore[assignment]
-    stream = Stream(producer, backend=backend)
-    stream.start()
+    stream = started_with(backend, refuse_after_the_start)
     ended = stream.wait(10)
     terminal = stream.terminal_event
     gevent.sleep(0.6)  # the renew loop looks every third of a lease
