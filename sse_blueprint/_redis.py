@@ -41,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -159,8 +161,10 @@ class RedisBackend:
     ) -> None:
         # A bounded pool (greenlets wait for a connection rather than open more); blocking reads
         # stay shorter than the socket timeout; dead connections are noticed by health checks.
+        # Each connection is named for its worker, so CLIENT LIST tells whose it is.
         pool = redis.BlockingConnectionPool.from_url(
             url,
+            client_name=f"sse-blueprint:{socket.gethostname()}:{os.getpid()}",
             max_connections=16,
             timeout=10,
             socket_timeout=10,

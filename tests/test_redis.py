@@ -15,6 +15,7 @@ import sys
 import time
 import types
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -285,48 +286,69 @@ def test_a_fenced_producer_cannot_write(redis_server: RedisServer) -> None:
     assert outcome["terminal"]["message"] == "producer fenced out"
 
 
-#: Commands that only the count of clients per address sends (a claim, a release, a renewal).
-ACCOUNTING = ("zadd", "zrem", "zremrangebyscore", "zcard", "time")
+def command_calls(client: redis.Redis) -> Counter[str]:
+    """How many times Redis has run each command so far (scripts' own commands included)."""
+    stats = client.info("commandstats").items()
+    return Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats})
 
 
-def redis_totals(client: redis.Redis) -> tuple[int, int, int]:
-    """Commands for streams, commands for counting clients, and connections, so far."""
-    stats = {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
-    # Each claim is one EVALSHA running one ZCARD and one EXPIRE among the accounting commands.
-    accounting = sum(stats.get(name, 0) for name in ACCOUNTING) + 2 * stats.get("zcard", 0)
-    calls = sum(stats.values()) - accounting
-    return calls, accounting, int(client.info("clients")["connected_clients"])
+def split_traffic(delta: Counter[str]) -> tuple[int, int, int, int]:
+    """Commands for streams, and the claims, releases and renewed places of the count of
+    clients per address. A claim is one EVALSHA running TIME, ZREMRANGEBYSCORE, ZCARD, ZADD and
+    EXPIRE; a release one ZREM; a renewal one EVALSHA running TIME, then one ZADD per place,
+    then EXPIRE. Nothing else runs ZCARD, ZREM or TIME."""
+    claims, releases = delta["zcard"], delta["zrem"]
+    renewals = delta["time"] - claims  # one per address per worker per lease
+    renewed = delta["zadd"] - claims  # every claim here is granted
+    accounting = 6 * claims + releases + 3 * renewals + renewed
+    return delta.total() - accounting, claims, releases, renewed
+
+
+def worker_connections(client: redis.Redis) -> Counter[str]:
+    """Redis connections open now, by the worker that holds them (named for it)."""
+    names = (c["name"] for c in client.client_list())
+    return Counter(n for n in names if n.startswith("sse-blueprint:"))
 
 
 def test_redis_traffic_per_event_does_not_grow_with_clients(shared: Any) -> None:
     report = []
     for clients in (10, 200):
-        before, accounting_before, _ = redis_totals(shared.redis_client)
+        before = command_calls(shared.redis_client)
         stream_id = demo(shared.a.url, "x" * 300, chunk=2, interval=15)
         peak = 0
+        started = time.monotonic()
         with ThreadPoolExecutor(clients) as pool:
             bases = [(shared.a.url, shared.b.url)[i % 2] for i in range(clients)]
             futures = [pool.submit(read_stream, base, stream_id, timeout=120) for base in bases]
             while not all(f.done() for f in futures):
-                peak = max(peak, redis_totals(shared.redis_client)[2])
+                peak = max(peak, max(worker_connections(shared.redis_client).values(), default=0))
                 time.sleep(0.1)
             results = [f.result() for f in futures]
+        elapsed = time.monotonic() - started
         assert all(r.transcript.text() == "x" * 300 for r in results)
-        time.sleep(0.5)  # the responses' places are given back after they end
-        after, accounting_after, _ = redis_totals(shared.redis_client)
+        deadline = time.monotonic() + 10  # the responses' places are given back after they end
+        while time.monotonic() < deadline:
+            delta = command_calls(shared.redis_client) - before
+            if delta["zrem"] >= clients:
+                break
+            time.sleep(0.1)
+        calls, claims, releases, renewed = split_traffic(delta)
         events = results[0].events[-1].id
-        per_client = (accounting_after - accounting_before) / clients
-        report.append((clients, events, (after - before) / events, peak, per_client))
+        report.append((clients, events, calls / events, peak, claims, releases, renewed, elapsed))
     line = ", ".join(
-        f"{c} clients: {e} events, {per:.2f} commands/event, {p} connections, "
-        f"{pc:.1f} commands/client to count clients per address"
-        for c, e, per, p, pc in report
+        f"{c} clients: {e} events, {per:.2f} commands/event, at most {p} connections a worker; "
+        f"to count clients per address {cl} claims, {rel} releases and {ren} renewals in {t:.1f} s"
+        for c, e, per, p, cl, rel, ren, t in report
     )
     print(f"\nREDIS TRAFFIC: {line}", file=sys.stderr)
     (small, large) = report
     assert large[2] < small[2] * 1.5 + 1  # commands per event do not scale with clients
-    assert large[3] <= small[3] + 6  # nor do connections (6 workers, a few each)
-    assert large[4] <= 8  # a claim (6 commands) and a release (1) per response, plus renewals
+    # Nor do connections: a worker has its Pub/Sub reader, its accountant, the lease renewals
+    # and a few for catch-ups and appends, whatever its number of clients.
+    assert large[3] <= 8  # (33 clients a worker here)
+    for clients, _, _, _, claims, releases, renewed, elapsed in report:
+        assert claims == releases == clients  # one claim and one release per response
+        assert renewed <= clients * (elapsed / LEASE + 1)  # and a renewal per lease while open
 
 
 def test_several_workers_without_redis_refuse_to_start(tmp_path: Any) -> None:
