@@ -627,7 +627,8 @@ class RedisBackend:
                     log.warning("cannot update this worker's clients in Redis: %s", exc)
             finally:
                 # redis-py loads the pipeline's scripts before the part of execute() that gives
-                # its connection back: when that fails, only reset() does.
+                # its connection back: when that fails (an error reply such as BUSY), only
+                # reset() gives it back before the pipeline is collected.
                 pipe.reset()
             for (_, _, _, result), reply in zip(claims, replies[len(releases) :], strict=False):
                 if isinstance(reply, Exception):

@@ -2,14 +2,17 @@
 
 Redis can run an append and stop (or lose the connection) before its reply arrives; the owner
 then retries an append that is already there. Another case: a Redis that refuses every append.
-Neither may leave a stream "running forever". A separate process for gevent's patched sockets
-(as in a gunicorn gevent worker); it prints what happened as JSON for the test to check.
+Neither may leave a stream "running forever". And the count of clients per address, through an
+outage and through a Redis busy with another client's script, may lose no pool connection.
+A separate process for gevent's patched sockets (as in a gunicorn gevent worker); it prints
+what happened as JSON for the test to check.
 """
 
 from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -106,8 +109,36 @@ def outage() -> dict[str, Any]:
     return {"places": places, "free": pool.pool.qsize(), "size": pool.max_connections}
 
 
+def busy(url: str) -> dict[str, Any]:
+    """Counting clients while Redis is busy running another client's endless script: it answers
+    BUSY, an error reply rather than a broken connection, to the accountant's pipeline as it
+    loads its scripts. Each claim lets its client through, the pool has every connection back at
+    once (not only when the failed pipeline is collected), and claims are counted again once the
+    script is killed."""
+    backend = RedisBackend(url, lease=1)
+    pool: Any = backend.redis.connection_pool
+    held = backend.claim_client("192.0.2.2", 5) or ""  # the accountant has work, and a connection
+    admin = redis.Redis.from_url(url)
+    admin.config_set("busy-reply-threshold", 100)
+
+    def run_for_ever() -> None:
+        with contextlib.suppress(redis.ResponseError):  # killed
+            redis.Redis.from_url(url).eval("while true do end", 0)
+
+    endless = gevent.spawn(run_for_ever)
+    gevent.sleep(0.5)
+    places = [backend.claim_client("192.0.2.2", 5) for _ in range(3)]
+    free = pool.pool.qsize()
+    admin.script_kill()
+    endless.join(10)
+    admin.config_set("busy-reply-threshold", 5000)
+    after = backend.claim_client("192.0.2.2", 5)
+    for token in (held, after):
+        backend.release_client(token or "")
+    return {"places": places, "free": free, "size": pool.max_connections, "after": after}
+
+
 if __name__ == "__main__":
     url = sys.argv[1]
-    print(
-        json.dumps({"lost_replies": lost_replies(url), "refused": refused(url), "outage": outage()})
-    )
+    outcome = {"lost_replies": lost_replies(url), "refused": refused(url), "outage": outage()}
+    print(json.dumps({**outcome, "busy": busy(url)}))

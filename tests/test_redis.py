@@ -553,3 +553,7 @@ def test_a_lost_reply_or_a_refusing_redis_never_leaves_a_stream_running(
     outage = outcome["outage"]
     assert outage["places"] == [""] * 3  # let through: an outage refuses no reader
     assert outage["free"] == outage["size"]  # and the pool is whole
+    busy = outcome["busy"]
+    assert busy["places"] == [""] * 3  # BUSY: let through too
+    assert busy["free"] == busy["size"]  # the pipeline gave its connection back
+    assert busy["after"]  # and counted again once Redis is free
