@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.janitor import as_postgres, pg_bin
 from tests.sse_parser import ParsedEvent, SSEParser, Transcript
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +43,46 @@ DEMO_TEXT = (
     "  Leading spaces, a trailing one \n"
     "and a last line without newline"
 )
+
+
+class Janitor:
+    """Tells :mod:`tests.janitor`, a process of its own, what this session starts and stops: if
+    pytest ends without its teardowns (a hung test's timeout calls ``os._exit``), it stops what
+    is left. It ends when this process does, however it does."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self._proc = self._proc or subprocess.Popen(
+                [sys.executable, "-m", "tests.janitor"],
+                cwd=ROOT, stdin=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
+
+    def _tell(self, line: str) -> None:
+        self.start()
+        with self._lock:
+            assert self._proc is not None
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+
+    def started(self, kind: str, value: object) -> None:
+        self._tell(f"+ {kind} {value}")
+
+    def stopped(self, kind: str, value: object) -> None:
+        self._tell(f"- {kind} {value}")
+
+
+janitor = Janitor()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        janitor.start()  # with the session's own stderr, not a test's captured one
 
 
 class LiveServer:
@@ -93,6 +133,7 @@ class LiveServer:
                 cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=[sock.fileno()], start_new_session=True,
             )  # fmt: skip
+        janitor.started("group", self.proc.pid)
         sock.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -114,6 +155,7 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        janitor.stopped("group", self.proc.pid)
         self.proc = None
 
     def log(self) -> str:
@@ -205,32 +247,25 @@ def cancel_reaches_every_reader(
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or ""]
-    if not found[-1]:
-        raise RuntimeError(f"PostgreSQL's {name} is missing: run `make test` (it installs it)")
-    return found[-1]
-
-
 class PostgresServer:
     """A throw-away PostgreSQL cluster on a loopback port (as user postgres when run as root)."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sse-pg-"))
+        janitor.started("dir", self.dir)
         self.dir.chmod(0o755)
         self.data = self.dir / "data"
         self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *cmd: str) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=60)
+        subprocess.run(as_postgres(*cmd), check=True, capture_output=True, timeout=60)
 
     def init(self) -> PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run(
-            _pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync"
+            pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync"
         )
         return self.start()
 
@@ -242,12 +277,14 @@ class PostgresServer:
             " -c max_connections=400"
         )
         log = str(self.dir / "postgres.log")
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+        janitor.started("pgdata", self.data)
+        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
         return self
 
     def stop(self, mode: str = "fast") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+            self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        janitor.stopped("pgdata", self.data)
 
     def psql(self, sql: str) -> None:
         subprocess.run(
@@ -258,6 +295,7 @@ class PostgresServer:
     def remove(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+        janitor.stopped("dir", self.dir)
 
 
 @pytest.fixture(scope="session")
@@ -277,6 +315,7 @@ class RedisServer:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sse-redis-"))
+        janitor.started("dir", self.dir)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -291,6 +330,7 @@ class RedisServer:
                 ],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
+        janitor.started("pid", self.proc.pid)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
@@ -302,6 +342,7 @@ class RedisServer:
         if self.proc is not None:
             self.proc.terminate()  # SIGTERM: redis finishes its append-only file and exits
             self.proc.wait(timeout=20)
+            janitor.stopped("pid", self.proc.pid)
             self.proc = None
 
     def restart(self, down_for: float = 0.5) -> None:
@@ -313,7 +354,9 @@ class RedisServer:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            janitor.stopped("pid", self.proc.pid)
         shutil.rmtree(self.dir, ignore_errors=True)
+        janitor.stopped("dir", self.dir)
 
 
 @pytest.fixture(scope="session")

@@ -177,8 +177,7 @@ def test_stream_of_a_killed_server_ends_as_producer_lost(
     partial = read_stream(first.url, stream_id, stop_after=120)
     assert first.proc is not None
     os.killpg(first.proc.pid, signal.SIGKILL)  # no goodbye, no final write
-    first.proc.wait()
-    first.proc = None
+    first.stop()  # it has exited: stop() only waits for it
     second = app_server()
     resumed = read_stream(second.url, stream_id, partial.events[-1].id)
     assert resumed.events[-1].type == "error"

@@ -62,7 +62,7 @@ def _sigterm_and_time(server: LiveServer, idle: socket.socket) -> tuple[float, f
     idle_closed = time.monotonic() - sent
     server.proc.wait(timeout=40)
     exited = time.monotonic() - sent
-    server.proc = None
+    server.stop()
     return idle_closed, exited
 
 
