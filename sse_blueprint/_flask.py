@@ -612,13 +612,13 @@ def _is_outage(exc: BaseException) -> bool:
         sa_exc.TimeoutError,
         sa_exc.DisconnectionError,
     )
+    if isinstance(exc, outages):
+        return True
     try:
-        import redis
-    except ImportError:
-        pass
-    else:
-        outages += (redis.ConnectionError, redis.TimeoutError)
-    return isinstance(exc, outages)
+        from ._redis import is_transient
+    except ImportError:  # redis is not installed
+        return False
+    return is_transient(exc)
 
 
 def _json_body(limit: int) -> dict[str, Any]:

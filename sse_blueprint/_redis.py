@@ -51,6 +51,7 @@ from typing import Any
 import gevent
 import gevent.event
 import redis
+from redis.client import Pipeline
 
 from ._engine import Event, Stream, StreamClosed, StreamState
 
@@ -134,6 +135,22 @@ return 1
 """
 
 
+# Error replies for a command Redis did not run because it cannot now (not a refusal).
+_BUSY_REPLIES = ("BUSY ", "TRYAGAIN ", "MASTERDOWN ")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether Redis did not run the call and will answer it later: the connection broke or
+    timed out, or Redis is busy (another client's long script, loading its data set, a
+    failover) and refused it untried."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # LOADING is one of them
+        return True
+    # In a pipeline redis-py prefixes the reply: "Command # 1 (HSET ...) of pipeline caused
+    # error: BUSY ...".
+    reply = str(exc).rpartition(" of pipeline caused error: ")[2]
+    return isinstance(exc, redis.ResponseError) and reply.startswith(_BUSY_REPLIES)
+
+
 def _keys(stream_id: str) -> tuple[str, str, str, str]:
     tag = "{" + stream_id + "}"
     return f"sse:{tag}:meta", f"sse:{tag}:events", f"sse:{tag}:lease", f"sse:{tag}"
@@ -206,20 +223,22 @@ class RedisBackend:
     def claim(self, stream: Stream) -> None:
         meta, _, lease, channel = _keys(stream.id)
         gen = secrets.token_hex(8)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            meta,
-            mapping={
-                "gen": gen,
-                "state": "running",
-                "producer": stream.producer_name,
-                "created_at": repr(stream.created_at),
-                "last_id": 0,
-                "metadata": json.dumps(stream.metadata),
-            },
-        )
-        pipe.set(lease, gen, px=int(self.lease * 1000))
-        self._retrying(pipe.execute)
+
+        def start(pipe: Pipeline) -> None:
+            pipe.hset(
+                meta,
+                mapping={
+                    "gen": gen,
+                    "state": "running",
+                    "producer": stream.producer_name,
+                    "created_at": repr(stream.created_at),
+                    "last_id": 0,
+                    "metadata": json.dumps(stream.metadata),
+                },
+            )
+            pipe.set(lease, gen, px=int(self.lease * 1000))
+
+        self._pipelined(start, transaction=True)
         self.owned[stream.id] = (stream, gen)
         self._follow(channel, stream)  # to hear of a cancel made elsewhere
         self._start_greenlets()
@@ -364,10 +383,12 @@ class RedisBackend:
 
     def active(self, stream_ids: list[str]) -> dict[str, bool]:
         """Which of these streams are running, on any worker or instance."""
-        pipe = self.redis.pipeline(transaction=False)
-        for stream_id in stream_ids:
-            pipe.hget(_keys(stream_id)[0], "state")
-        states = self._retrying(pipe.execute)
+
+        def states_of(pipe: Pipeline) -> None:
+            for stream_id in stream_ids:
+                pipe.hget(_keys(stream_id)[0], "state")
+
+        states = self._pipelined(states_of)
         return {sid: st == b"running" for sid, st in zip(stream_ids, states, strict=True)}
 
     def mirror(self, stream_id: str) -> Stream | None:
@@ -468,7 +489,9 @@ class RedisBackend:
             self._watchdog = gevent.spawn(self._watch)
 
     def _listen(self) -> None:
-        """The one Pub/Sub reader of this worker; reconnects with backoff when Redis goes away."""
+        """The one Pub/Sub reader of this worker. Whatever fails (Redis gone, or busy and
+        refusing a SUBSCRIBE), it reconnects with backoff and subscribes again to every channel
+        it follows; each mirror then reads what it missed from the Redis Stream."""
         delay = 0.1
         while True:
             try:
@@ -485,8 +508,11 @@ class RedisBackend:
                     if message is not None:
                         self._on_message(message)
                     delay = 0.1
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                log.warning("Redis Pub/Sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+            except Exception as exc:  # the worker's live events stop if this greenlet does
+                if isinstance(exc, redis.RedisError | OSError):
+                    log.warning("Redis Pub/Sub failed (%s); reconnecting in %.1fs", exc, delay)
+                else:
+                    log.exception("Redis Pub/Sub reader failed; reconnecting in %.1fs", delay)
                 for event in self._confirmed.values():
                     event.clear()
                 with contextlib.suppress(Exception):
@@ -637,13 +663,26 @@ class RedisBackend:
                     result.set(reply)
 
     def _retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call Redis; on a connection error retry with backoff for a while, then raise."""
+        """Call Redis; while it cannot answer (see :func:`is_transient`) retry with backoff for a
+        while, then raise."""
         delay, deadline = 0.05, time.monotonic() + self._patience
         while True:
             try:
                 return func(*args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + delay > deadline:
+            except redis.RedisError as exc:
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
                     raise
                 gevent.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _pipelined(self, build: Callable[[Pipeline], None], *, transaction: bool = False) -> Any:
+        """Run the commands ``build`` queues, in one round trip, retried as :meth:`_retrying`
+        does. Each attempt builds a new pipeline: one forgets its commands when it runs, sent
+        or not, and retrying it would run nothing."""
+
+        def run() -> Any:
+            pipe = self.redis.pipeline(transaction=transaction)
+            build(pipe)
+            return pipe.execute()
+
+        return self._retrying(run)

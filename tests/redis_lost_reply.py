@@ -21,6 +21,7 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import redis  # noqa: E402
+import redis.client  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 from sse_blueprint import ProducerContext, Stream  # noqa: E402
@@ -138,7 +139,46 @@ def busy(url: str) -> dict[str, Any]:
     return {"places": places, "free": free, "size": pool.max_connections, "after": after}
 
 
+def pipeline_blip(url: str) -> dict[str, Any]:
+    """The connection breaks once as a pipeline is sent (a transaction when a stream starts, a
+    plain pipeline when asking which streams run). redis-py empties a pipeline when it runs it,
+    sent or not: a retry used to run nothing, and the stream was then fenced out for want of
+    its metadata, and ``active`` failed on a short reply."""
+    broken: list[str] = []
+    originals = {}
+    for name in ("_execute_transaction", "_execute_pipeline"):
+        original = originals[name] = getattr(redis.client.Pipeline, name)
+
+        def once(self: Any, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            if _name not in broken:
+                broken.append(_name)
+                raise redis.ConnectionError("the connection broke")
+            return _original(self, *args)
+
+        setattr(redis.client.Pipeline, name, once)
+    try:
+        backend = RedisBackend(url, lease=5)
+        stream = Stream(producer, backend=backend)
+        stream.start()
+        ended = stream.wait(10)
+        running = Stream(lambda ctx: ctx.sleep(10), backend=backend)
+        running.start()
+        active = backend.active([stream.id, running.id, "AAAAAAAAAAAAAAAAAAAAAA"])
+        running.cancel()
+    finally:
+        for name, original in originals.items():
+            setattr(redis.client.Pipeline, name, original)
+    return {
+        "broken": broken,
+        "ended": ended,
+        "state": stream.state.value,
+        "ids": [e.id for e in stream._log],
+        "active": list(active.values()),
+    }
+
+
 if __name__ == "__main__":
     url = sys.argv[1]
+    blip = pipeline_blip(url)  # first: no other backend's accountant may meet its breaks
     outcome = {"lost_replies": lost_replies(url), "refused": refused(url), "outage": outage()}
-    print(json.dumps({**outcome, "busy": busy(url)}))
+    print(json.dumps({**outcome, "busy": busy(url), "pipeline_blip": blip}))
