@@ -145,10 +145,11 @@ def is_transient(exc: BaseException) -> bool:
     failover) and refused it untried."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # LOADING is one of them
         return True
+    if not isinstance(exc, redis.ResponseError):
+        return False
     # In a pipeline redis-py prefixes the reply: "Command # 1 (HSET ...) of pipeline caused
     # error: BUSY ...".
-    reply = str(exc).rpartition(" of pipeline caused error: ")[2]
-    return isinstance(exc, redis.ResponseError) and reply.startswith(_BUSY_REPLIES)
+    return str(exc).rpartition(" of pipeline caused error: ")[2].startswith(_BUSY_REPLIES)
 
 
 def _keys(stream_id: str) -> tuple[str, str, str, str]:

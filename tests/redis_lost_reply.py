@@ -12,7 +12,6 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -26,6 +25,7 @@ from gevent.server import StreamServer  # noqa: E402
 
 from sse_blueprint import ProducerContext, Stream  # noqa: E402
 from sse_blueprint._redis import RedisBackend  # noqa: E402
+from tests.redis_busy import busy_redis  # noqa: E402
 
 
 def producer(ctx: ProducerContext) -> None:
@@ -119,20 +119,9 @@ def busy(url: str) -> dict[str, Any]:
     backend = RedisBackend(url, lease=1)
     pool: Any = backend.redis.connection_pool
     held = backend.claim_client("192.0.2.2", 5) or ""  # the accountant has work, and a connection
-    admin = redis.Redis.from_url(url)
-    admin.config_set("busy-reply-threshold", 100)
-
-    def run_for_ever() -> None:
-        with contextlib.suppress(redis.ResponseError):  # killed
-            redis.Redis.from_url(url).eval("while true do end", 0)
-
-    endless = gevent.spawn(run_for_ever)
-    gevent.sleep(0.5)
-    places = [backend.claim_client("192.0.2.2", 5) for _ in range(3)]
-    free = pool.pool.qsize()
-    admin.script_kill()
-    endless.join(10)
-    admin.config_set("busy-reply-threshold", 5000)
+    with busy_redis(url):
+        places = [backend.claim_client("192.0.2.2", 5) for _ in range(3)]
+        free = pool.pool.qsize()
     after = backend.claim_client("192.0.2.2", 5)
     for token in (held, after):
         backend.release_client(token or "")

@@ -6,7 +6,6 @@ land on random workers of either instance, so most reads go through another work
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -37,6 +36,7 @@ from tests.conftest import (
     start_stream,
     wait_done,
 )
+from tests.redis_busy import busy_redis
 from tests.sse_parser import Transcript
 
 LEASE = 2.0
@@ -79,6 +79,18 @@ def shared(
     )  # fmt: skip
     for server in started:
         server.stop()
+
+
+def kill_workers(server: LiveServer) -> tuple[int, float]:
+    """SIGKILL every worker of ``server`` (its arbiter stays): how many, and when."""
+    assert server.proc is not None
+    workers = subprocess.run(
+        ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    killed_at = time.monotonic()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    return len(workers), killed_at
 
 
 def demo(base: str, text: str = DEMO_TEXT, chunk: int = 5, interval: int = 10) -> str:
@@ -195,14 +207,8 @@ def test_killing_the_owner_ends_its_streams_elsewhere_but_others_go_on(shared: A
             pool.submit(read_stream, shared.a.url, survivor, timeout=60) for _ in range(2)
         ]
         time.sleep(1)
-        assert doomed_instance.proc is not None
-        workers = subprocess.run(
-            ["pgrep", "-P", str(doomed_instance.proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        assert len(workers) == 3
-        killed_at = time.monotonic()
-        for pid in workers:
-            os.kill(int(pid), signal.SIGKILL)
+        killed, killed_at = kill_workers(doomed_instance)
+        assert killed == 3
         for reader in doomed_readers:
             result = reader.result(timeout=30)
             ended_after = time.monotonic() - killed_at
@@ -248,27 +254,14 @@ def test_a_busy_redis_delays_streams_and_loses_nothing(shared: Any) -> None:
     worker's Pub/Sub reader, whose readers then heard nothing)."""
     text = "busy " * 80
     stream_id = demo(shared.a.url, text, chunk=2, interval=15)  # about 3 s
-    admin = shared.redis_client
-
-    def run_for_ever() -> None:
-        with contextlib.suppress(redis.ResponseError):  # killed
-            redis.Redis.from_url(shared.redis.url).eval("while true do end", 0)
-
     with ThreadPoolExecutor(8) as pool:
         bases = [shared.a.url, shared.b.url] * 3
         readers = [pool.submit(read_stream, base, stream_id, timeout=60) for base in bases]
         time.sleep(0.8)
-        admin.config_set("busy-reply-threshold", 100)
-        try:
-            endless = pool.submit(run_for_ever)
-            time.sleep(0.3)
+        with busy_redis(shared.redis.url):
             created = pool.submit(demo, shared.b.url, DEMO_TEXT)  # a create while Redis is busy
             time.sleep(1.0)
             assert not created.done()  # it waited for Redis...
-        finally:
-            admin.script_kill()
-            endless.result(timeout=10)
-            admin.config_set("busy-reply-threshold", 5000)
         other = created.result(timeout=30)  # ...and was created
         results = [r.result(timeout=60) for r in readers]
     for result in results:
@@ -539,13 +532,7 @@ def test_clients_per_address_are_limited_across_instances(shared: Any) -> None:
         held.append(response)  # first: 1, second: 2
 
         # Kill second's workers: their places stay taken until they expire (3 leases).
-        assert second.proc is not None
-        workers = subprocess.run(
-            ["pgrep", "-P", str(second.proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        killed_at = time.monotonic()
-        for pid in workers:
-            os.kill(int(pid), signal.SIGKILL)
+        _, killed_at = kill_workers(second)
         assert httpx.get(f"{first.url}/api/streams/{stream_id}").status_code == 429
         while time.monotonic() - killed_at < 3 * LEASE + 5:
             probe = open_on(first.url)
