@@ -39,6 +39,8 @@ class SSEConfig:
     metrics: bool = False
     log_format: str = ""
     direct_writes: bool = True
+    body_timeout: float = 10.0
+    max_streams_per_address: int = 100
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -74,6 +76,10 @@ class SSEConfig:
             metrics=_boolean(config, "SSE_METRICS", d.metrics),
             log_format=_choice(config, "SSE_LOG_FORMAT", ("", "text", "json")),
             direct_writes=_boolean(config, "SSE_DIRECT_WRITES", d.direct_writes),
+            body_timeout=_number(config, "SSE_BODY_TIMEOUT", d.body_timeout),
+            max_streams_per_address=_integer(
+                config, "SSE_MAX_STREAMS_PER_ADDRESS", d.max_streams_per_address, minimum=1
+            ),
         )
 
 

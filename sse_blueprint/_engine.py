@@ -306,6 +306,11 @@ class Subscription:
         return self._stream.id
 
     @property
+    def from_store(self) -> bool:
+        """The buffer no longer covers the position: the first :meth:`poll` reads the store."""
+        return self._catchup
+
+    @property
     def lag(self) -> int:
         """Events appended but not yet taken by this subscriber."""
         return self._stream._end - self._pos
@@ -538,8 +543,11 @@ class Stream:
 
     def _stop_producer(self) -> None:
         g = self._greenlet
-        if g is not None and not g.dead and g is not gevent.getcurrent():
-            # Raised where the producer blocks (sleep, I/O); its ``finally`` blocks run.
+        # Raised where the producer blocks (sleep, I/O); its ``finally`` blocks run. One that has
+        # not begun (cancelled at once) is left to begin: its first send or sleep raises
+        # StreamClosed, so its own clean-up runs too.
+        begun = g is not None and g.gr_frame is not None
+        if g is not None and begun and not g.dead and g is not gevent.getcurrent():
             g.kill(StreamClosed(self.id), block=False)
 
     def _append(self, event: str, data: Mapping[str, Any]) -> Event:
@@ -574,6 +582,8 @@ class Stream:
         self._last_id = ev.id
         self._log.append(ev)
         self._end += 1
+        if ev.id == 1 and self.start_event is None:
+            self.start_event = ev  # a mirror's: the owner's is set when it starts
         if ev.event == "text_delta":
             data = ev.data
             index: int = data["block"]

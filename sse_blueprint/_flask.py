@@ -13,7 +13,6 @@ Bad input never produces a 5xx: every refusal is a 4xx with a JSON body ``{"erro
 from __future__ import annotations
 
 import _socket
-import contextlib
 import logging
 import os
 import re
@@ -41,6 +40,15 @@ from ._engine import (
     StreamRegistry,
     Subscription,
 )
+from ._guard import (
+    REFUSAL_SUFFIX,
+    RequestRefused,
+    check_post,
+    connection_shutter,
+    read_json_body,
+    routing_refusal,
+    shut_connection,
+)
 from ._records import BlockStore, StreamRecord
 from ._storage import SQLStore
 
@@ -49,7 +57,7 @@ if TYPE_CHECKING:
 
     from ._redis import RedisBackend
 
-__all__ = ["SSE", "InputError", "shutdown"]
+__all__ = ["SSE", "InputError", "shut_connection", "shutdown"]
 
 log = logging.getLogger("sse_blueprint")
 
@@ -102,6 +110,7 @@ class _AppState:
                 lease=config.redis_lease,
                 retention=config.retention,
                 make_mirror=self._mirror,
+                store=store,
             )
         self.registry = StreamRegistry(
             max_streams=config.max_streams,
@@ -111,6 +120,9 @@ class _AppState:
         )
         self.retry = _wire.encode_retry(config.retry_ms)
         self.clients_by_address: dict[str, int] = {}  # open responses per address, this worker
+        self.streams_by_address: dict[str, int] = {}  # running streams per creator's address
+        self.url_prefix = ""  # where the blueprint is mounted
+        self.warned_multiprocess = False
         self.write_watch = _WriteWatch(config.write_timeout)
         _STATES.add(self)
 
@@ -245,8 +257,9 @@ class SSE:
                 os.makedirs(app.instance_path, exist_ok=True)
                 url = "sqlite:///" + os.path.join(app.instance_path, "sse_blueprint.sqlite3")
             store = SQLStore(url, create_tables=config.create_tables)
-        app.extensions[EXTENSION_KEY] = _AppState(self, config, store)
+        state = app.extensions[EXTENSION_KEY] = _AppState(self, config, store)
         prefix = self.url_prefix if url_prefix is None else url_prefix
+        state.url_prefix = prefix.rstrip("/")
         app.register_blueprint(self.blueprint, url_prefix=prefix)
 
     def producer(
@@ -343,6 +356,17 @@ class SSE:
         Raises ``KeyError`` for an unknown producer, :class:`InputError` for refused input and
         :class:`~sse_blueprint.StreamLimitReached` when the registry is full.
         """
+        return self._start(name, input, app=app, metadata=metadata)
+
+    def _start(
+        self,
+        name: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        app: Flask | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        on_complete: Callable[[Stream], None] | None = None,
+    ) -> Stream:
         state = _state(app)
         spec = self._producers.get(name)
         if spec is None:
@@ -363,6 +387,7 @@ class SSE:
             buffer_size=state.config.buffer_size,
             metadata=metadata,
             max_event_bytes=state.config.max_event_bytes,
+            on_complete=on_complete,
         )
 
 
@@ -402,7 +427,7 @@ def _make_blueprint() -> Blueprint:
         """Register a view, and JSON 405s for the other methods on the same rule."""
 
         def decorator(view: Callable[..., Any]) -> Any:
-            bp.add_url_rule(rule, view_func=view, methods=methods)
+            bp.add_url_rule(rule, view_func=view, methods=methods, merge_slashes=False)
             others = sorted(_ALL_METHODS - set(methods) - ({"HEAD"} if "GET" in methods else set()))
             allowed = ", ".join(methods)
 
@@ -411,10 +436,11 @@ def _make_blueprint() -> Blueprint:
 
             bp.add_url_rule(
                 rule,
-                endpoint=f"{view.__name__}_not_allowed",
+                endpoint=f"{view.__name__}_method{REFUSAL_SUFFIX}",
                 view_func=not_allowed,
                 methods=others,
                 provide_automatic_options=False,
+                merge_slashes=False,
             )
             return view
 
@@ -425,7 +451,12 @@ def _make_blueprint() -> Blueprint:
         state = _state()
         if state.draining:
             _error(503, "the server is shutting down; retry", {"Retry-After": "1"})
-        body = _json_body(state.config.max_request_bytes)
+        config = state.config
+        check_post(request, config.cors_origins)
+        address = request.remote_addr or ""
+        if state.streams_by_address.get(address, 0) >= config.max_streams_per_address:
+            _error(429, "too many running streams from your address", {"Retry-After": "5"})
+        body = read_json_body(request, config.max_request_bytes, config.body_timeout)
         name = body.get("producer")
         if not isinstance(name, str) or not name:
             _error(400, '"producer" must be a non-empty string')
@@ -437,8 +468,15 @@ def _make_blueprint() -> Blueprint:
         ext = state.ext
         metadata = dict(ext._stream_metadata(name, input)) if ext._stream_metadata else {}
         ext._check("create", metadata)
+        counts = state.streams_by_address
+
+        def finished(_: Stream) -> None:
+            counts[address] -= 1
+            if not counts[address]:
+                del counts[address]
+
         try:
-            stream = ext.start(name, input, metadata=metadata)
+            stream = ext._start(name, input, metadata=metadata, on_complete=finished)
         except ValueError as exc:  # InputError
             _error(400, str(exc))
         except ShuttingDown:
@@ -448,6 +486,8 @@ def _make_blueprint() -> Blueprint:
         except Exception as exc:
             _log_unavailable("could not start a stream", exc)
             _error(503, "the stream backend is unavailable; retry shortly", {"Retry-After": "2"})
+        if not stream.finished:
+            counts[address] = counts.get(address, 0) + 1
         url = url_for(".read_stream", stream_id=stream.id)
         return {"stream_id": stream.id, "stream_url": url}, 201, {"Location": url}
 
@@ -462,7 +502,7 @@ def _make_blueprint() -> Blueprint:
         if isinstance(found, Stream):
             terminal = found.terminal_event
             if terminal is not None and last_id >= terminal.id:
-                return Response(status=204)  # tells EventSource to stop reconnecting
+                return _no_content()  # tells EventSource to stop reconnecting
             if state.draining and state.backend is not None:
                 # This worker is leaving and another can serve the stream: come back there.
                 body: Iterator[bytes] = iter([b"" if ndjson else state.retry])
@@ -479,9 +519,21 @@ def _make_blueprint() -> Blueprint:
                     _error(429, "too many open streams from your address", {"Retry-After": "5"})
                 if place:
                     release = partial(state.backend.release_client, place)
-            closer = _connection_closer(request.environ)
+            closer = connection_shutter(request.environ)
             direct = _DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
             sub = found.subscribe(last_id, on_cut=closer)
+            first: list[Event] = []
+            if sub.from_store:
+                # Read the store now, not in the body: if it is down, the answer is a 503 that
+                # the client retries, not a 200 that ends with nothing in it.
+                first = sub.poll(0)
+                if sub.cut and not first:
+                    sub.close()
+                    if release is not None:
+                        release()
+                    _error(
+                        503, "stream storage is unavailable; retry shortly", {"Retry-After": "2"}
+                    )
             if closer is not None:
                 state.write_watch.add(sub, closer)
             body = _follow(
@@ -495,10 +547,11 @@ def _make_blueprint() -> Blueprint:
                 address=address,
                 direct=direct,
                 release=release,
+                first=first,
             )
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
-                return Response(status=204)
+                return _no_content()
             events = _store_call(state.registry.replay, found, last_id)
             _observe.METRICS.catch_up("database")
             body = iter([_encode(events, ndjson, b"" if ndjson else state.retry)])
@@ -518,6 +571,7 @@ def _make_blueprint() -> Blueprint:
     @route("/streams/<stream_id>/cancel", ["POST"])
     def cancel_stream(stream_id: str) -> tuple[dict[str, Any], int]:
         state = _state()
+        check_post(request, state.config.cors_origins)
         found = _find(state, stream_id)
         state.ext._check("cancel", found.metadata)
         if isinstance(found, Stream) and found.mirror and state.backend is not None:
@@ -540,12 +594,39 @@ def _make_blueprint() -> Blueprint:
         return current_app.response_class(body, content_type=content_type)
 
     @bp.before_request
-    def no_stream_yet() -> None:
+    def no_stream_yet() -> Response | None:
         _observe.current_stream.set(None)
+        state = _state()
+        if state.backend is None and request.environ.get("wsgi.multiprocess"):
+            return _refuse_multiprocess(state)
+        return None
 
-    @bp.route("/streams/<path:rest>", methods=sorted(_ALL_METHODS))
+    @bp.before_app_request
+    def unrouted() -> Response | None:
+        """JSON answers for requests under the blueprint that no view matched."""
+        if request.routing_exception is None:
+            return None
+        state = current_app.extensions.get(EXTENSION_KEY)
+        path = re.sub("/{2,}", "/", request.path)
+        if state is None or not path.startswith(
+            (state.url_prefix + "/streams", state.url_prefix + "/metrics")
+        ):
+            return None
+        refused = routing_refusal(request)
+        return _refusal(refused) if refused is not None else None
+
+    @bp.route(
+        "/streams/<path:rest>",
+        endpoint=f"no_such_path{REFUSAL_SUFFIX}",
+        methods=sorted(_ALL_METHODS),
+        merge_slashes=False,
+    )
     def no_such_path(rest: str) -> NoReturn:
         _error(404, "no such stream endpoint")
+
+    @bp.errorhandler(RequestRefused)
+    def refused(exc: RequestRefused) -> Response:
+        return _refusal(exc)
 
     @bp.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> BaseResponse | Response:
@@ -564,6 +645,42 @@ def _make_blueprint() -> Blueprint:
         return response
 
     return bp
+
+
+def _no_content() -> Response:
+    """A ``204`` with no body and no body type (some SSE clients check the type of a 204)."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+def _refusal(exc: RequestRefused) -> Response:
+    """The JSON answer to a refused request; shuts the connection after it if asked."""
+    response = current_app.response_class(
+        json.dumps({"error": exc.message}) + "\n", status=exc.status, mimetype="application/json"
+    )
+    response.headers.update(exc.headers)
+    shut = connection_shutter(request.environ) if exc.close else None
+    if shut is not None:
+        response.call_on_close(shut)
+    return response
+
+
+def _refuse_multiprocess(state: _AppState) -> Response:
+    """This process is one of several (``wsgi.multiprocess``) and has no shared backend.
+
+    Each process would run its streams alone: a reader served by another process would find
+    the stream "running" in the database with no producer there, and end it as lost while it
+    still runs. Refuse everything instead, loudly.
+    """
+    message = (
+        "sse-blueprint: this app runs in several worker processes but streams are kept in "
+        "one process: set SSE_REDIS_URL to share them, or run a single worker (gunicorn -w 1)"
+    )
+    if not state.warned_multiprocess:
+        state.warned_multiprocess = True
+        log.error("%s", message)
+    return _refusal(RequestRefused(500, message))
 
 
 def _stream_response(body: Iterator[bytes], ndjson: bool) -> Response:
@@ -619,21 +736,6 @@ def _is_outage(exc: BaseException) -> bool:
     except ImportError:  # redis is not installed
         return False
     return is_transient(exc)
-
-
-def _json_body(limit: int) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > limit:
-        _error(413, f"request body is larger than {limit} bytes")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        _error(413, f"request body is larger than {limit} bytes")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        _error(400, "request body must be a JSON object")
-    if not isinstance(body, dict):
-        _error(400, "request body must be a JSON object")
-    return body
 
 
 def _last_event_id() -> int:
@@ -693,35 +795,6 @@ def _encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
     if len(events) == 1 and not preamble:
         return events[0].sse  # the common case live: one event, bytes shared by every reader
     return preamble + b"".join([e.sse for e in events])
-
-
-def _connection_closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
-    """A function that shuts the client's connection (gunicorn exposes its socket), or None.
-
-    Used when a subscriber is cut while blocked writing to a client that stopped reading: the
-    write fails at once (EPIPE, which gunicorn treats as a client that went away), the server
-    closes the response and the greenlet is free. The shutdown goes through a duplicate of the
-    descriptor: gevent's own ``shutdown`` would cancel the blocked write with EBADF, which
-    gunicorn logs as an error.
-    """
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return None
-    return lambda: shut_connection(sock)
-
-
-def shut_connection(sock: socket.socket) -> None:
-    """Shut a connection through a duplicate of its descriptor (see :func:`_connection_closer`).
-
-    A greenlet blocked reading it sees end-of-file, one blocked writing it gets EPIPE: gunicorn
-    treats both as a client that went away.
-    """
-    with contextlib.suppress(OSError):
-        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
-        try:
-            dup.shutdown(socket.SHUT_RDWR)
-        finally:
-            dup.close()
 
 
 #: Set by :func:`sse_blueprint.gunicorn.post_worker_init` when this process is a gunicorn
@@ -826,6 +899,7 @@ def _follow(
     address: str,
     direct: _DirectWriter | None = None,
     release: Callable[[], None] | None = None,
+    first: list[Event] | None = None,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
@@ -835,14 +909,19 @@ def _follow(
     carries on. The response is counted in ``counts[address]`` while it is open, and across
     workers until ``release`` is called (with Redis). With a ``direct`` writer, live events may
     reach the client without passing through here once the server has sent the headers (after
-    the first write).
+    the first write). ``first`` is what the subscription already took (its catch-up).
     """
     metrics = _observe.METRICS
     metrics.client_connected()
     counts[address] = counts.get(address, 0) + 1
     monotonic = time.monotonic
     try:
-        if preamble:
+        if first:  # the catch-up, read before the response began
+            data = _encode(first, ndjson, preamble)
+            metrics.sent(len(first), len(data))
+            yield data
+            sub.direct = direct
+        elif preamble:
             yield preamble
             sub.direct = direct
         while True:

@@ -53,18 +53,26 @@ import gevent.event
 import redis
 from redis.client import Pipeline
 
-from ._engine import Event, Stream, StreamClosed, StreamState
+from . import _wire
+from ._engine import Event, Stream, StreamClosed, StreamState, lost
+from ._records import BlockStore
 
 __all__ = ["RedisBackend"]
 
 log = logging.getLogger("sse_blueprint")
 
-# KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel
+#: The end of a stream whose state Redis lost while it ran (the owner's, written to the store).
+LOST_IN_REDIS = "stream state lost in Redis"
+
+# KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel,
+# the message to publish (wire.relay_message)
 # Returns 1, or 2 for an append that is already there: a retry whose first attempt ran but whose
 # reply was lost (Redis stopped, the connection broke). Only the generation's holder appends while
 # the stream runs, so an id it already has can only be that.
 _APPEND = """
-if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return redis.error_reply('FENCED') end
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if not gen then return redis.error_reply('LOST') end
+if gen ~= ARGV[1] then return redis.error_reply('FENCED') end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
 if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[1], 'last_id') or '0') then return 2 end
 redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
@@ -75,13 +83,13 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-local payload = '{"id":' .. ARGV[2] .. ',"o":1,"e":"' .. ARGV[3] .. '","d":' .. ARGV[4] .. '}'
-redis.call('PUBLISH', ARGV[8], payload)
+redis.call('PUBLISH', ARGV[8], ARGV[9])
 return 1
 """
 
 # End a running stream from any worker. KEYS: meta, events, lease.
-# ARGV: state ("cancelled" or "error"), data json, ttl, now, channel, only_if_lease_gone ("1"/"0")
+# ARGV: state ("cancelled" or "error"), data json, ttl, now, channel, only_if_lease_gone ("1"/"0"),
+# the message to publish less its id (wire.relay_message_head: the script adds the id and "}")
 _END = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return nil end
@@ -93,13 +101,15 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'last_id', id, 'finished_at', ARGV
 redis.call('DEL', KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[5], '{"id":' .. id .. ',"e":"' .. ARGV[1] .. '","d":' .. ARGV[2] .. '}')
+redis.call('PUBLISH', ARGV[5], ARGV[7] .. id .. '}')
 return 'ok'
 """
 
 # KEYS: meta. ARGV: gen, metadata json. The owner's writes only, while it runs.
 _SET_METADATA = """
-if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return redis.error_reply('FENCED') end
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if not gen then return redis.error_reply('LOST') end
+if gen ~= ARGV[1] then return redis.error_reply('FENCED') end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
 redis.call('HSET', KEYS[1], 'metadata', ARGV[2])
 return 1
@@ -107,7 +117,9 @@ return 1
 
 # KEYS: meta, lease. ARGV: gen, lease ms. Returns the state (the owner stops if not running).
 _RENEW = """
-if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return 'fenced' end
+local gen = redis.call('HGET', KEYS[1], 'gen')
+if not gen then return 'lost' end
+if gen ~= ARGV[1] then return 'fenced' end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
 return state
@@ -176,6 +188,7 @@ class RedisBackend:
         lease: float = 10.0,
         retention: float = 300.0,
         make_mirror: Callable[[str], Stream] | None = None,
+        store: BlockStore | None = None,
     ) -> None:
         # A bounded pool (greenlets wait for a connection rather than open more); blocking reads
         # stay shorter than the socket timeout; dead connections are noticed by health checks.
@@ -194,6 +207,7 @@ class RedisBackend:
         self.lease = lease
         self.retention = retention
         self.make_mirror = make_mirror
+        self.store = store  # where a mirror learns how a stream that Redis lost ended
         self._append = self.redis.register_script(_APPEND)
         self._end = self.redis.register_script(_END)
         self._renew = self.redis.register_script(_RENEW)
@@ -258,6 +272,7 @@ class RedisBackend:
             int(self.retention),
             time.time(),
             channel,
+            _wire.relay_message(event.id, event.event, event.json, own=True),
         ]
         try:
             self._retrying(self._append, keys=[meta, events, lease], args=args)
@@ -266,8 +281,17 @@ class RedisBackend:
             raise StreamClosed(stream.id) from exc
 
     def _refused(self, stream: Stream, exc: Exception) -> None:
-        """Our write was refused: the stream ended elsewhere, or another producer owns it."""
-        if "FENCED" in str(exc):
+        """Our write was refused: the stream ended elsewhere, another producer owns it, or Redis
+        no longer knows it (restarted empty, flushed, evicted, a failover that lost writes)."""
+        if "LOST" in str(exc):
+            log.error(
+                "stream %s: Redis no longer knows this stream (its data was lost); ending it",
+                stream.id,
+                extra={"stream_id": stream.id},
+            )
+            data = {"stream_id": stream.id, "message": LOST_IN_REDIS}
+            stream._adopt_terminal(Event(stream.last_event_id + 1, "error", data))
+        elif "FENCED" in str(exc):
             # Not ours any more: end it here (for this worker's readers) without writing.
             log.error(
                 "stream %s: fenced out by another producer; stopping",
@@ -328,8 +352,8 @@ class RedisBackend:
                 )
                 continue
             state = state.decode() if isinstance(state, bytes) else state
-            if state == "fenced":
-                self._refused(stream, redis.ResponseError("FENCED"))
+            if state in ("fenced", "lost"):
+                self._refused(stream, redis.ResponseError(state.upper()))
             elif state != StreamState.RUNNING.value:
                 self._adopt_remote_end(stream)  # the durable flag says it ended (a lost message)
         self.owned.pop(stream.id, None)
@@ -345,16 +369,18 @@ class RedisBackend:
         held and ``if_lease_gone``), or None if Redis does not know the stream.
         """
         meta, events, lease, channel = _keys(stream_id)
+        data_json = _wire.dumps(data)
         result = self._retrying(
             self._end,
             keys=[meta, events, lease],
             args=[
                 state,
-                json.dumps(data),
+                data_json,
                 int(self.retention),
                 time.time(),
                 channel,
                 "1" if if_lease_gone else "0",
+                _wire.relay_message_head(state, data_json),
             ],
         )
         return result.decode() if isinstance(result, bytes) else result
@@ -560,6 +586,7 @@ class RedisBackend:
     def _watch(self) -> None:
         """Lease watchdog and mirror housekeeping for the streams this worker follows."""
         idle: dict[str, float] = {}
+        unknown: dict[str, float] = {}  # mirrored streams Redis has lost: since when
         while True:
             gevent.sleep(max(self.lease / 2, 0.2))
             now = time.monotonic()
@@ -568,18 +595,60 @@ class RedisBackend:
                     try:
                         lease = _keys(stream_id)[2]
                         if not self.redis.exists(lease):
-                            lost = {"stream_id": stream_id, "message": "producer lost"}
-                            if self.end(stream_id, "error", lost, if_lease_gone=True) != "running":
+                            gone = {"stream_id": stream_id, "message": "producer lost"}
+                            ended = self.end(stream_id, "error", gone, if_lease_gone=True)
+                            if ended is None:  # Redis lost the stream: its end is in the store
+                                self._end_from_store(stream, unknown.setdefault(stream_id, now))
+                            elif ended != "running":
                                 # Ended (now, or while we were not listening): take the end.
                                 self._fill(stream)
                     except redis.RedisError:
                         continue
+                    except Exception:
+                        log.exception(
+                            "stream %s: could not end a stream Redis lost; retrying",
+                            stream_id,
+                            extra={"stream_id": stream_id},
+                        )
+                        continue
+                if stream.finished:
+                    unknown.pop(stream_id, None)
                 if stream.subscriber_count:
                     idle.pop(stream_id, None)
                 elif now - idle.setdefault(stream_id, now) > max(30.0, self.lease):
                     idle.pop(stream_id, None)
                     self.mirrors.pop(stream_id, None)
                     self._unfollow(_keys(stream_id)[3])
+
+    def _end_from_store(self, mirror: Stream, missing_since: float) -> None:
+        """End a mirror of a stream that Redis no longer knows (restarted empty, flushed,
+        evicted, a failover that lost writes), as the store says it ended.
+
+        The owner, refused at its next write or lease renewal, ends the stream and saves its end;
+        a mirror takes that end. If the store still says "running" two leases on, the owner is
+        gone too: the stream is ended there as lost (the first end saved wins).
+        """
+        store = self.store
+        record = store.load_stream(mirror.id) if store is not None else None
+        if record is None or record.terminal is None:
+            if time.monotonic() - missing_since < 2 * self.lease:
+                return  # give the owner time to notice and save its end
+            if record is not None and store is not None:
+                store.save(lost(record), [])
+                record = store.load_stream(mirror.id)
+        if record is not None and record.terminal is not None and record.terminal_id is not None:
+            end = Event(record.terminal_id, record.terminal, record.terminal_data or {})
+        else:  # no store, or it never heard of the stream
+            end = Event(
+                mirror.last_event_id + 1,
+                "error",
+                {"stream_id": mirror.id, "message": LOST_IN_REDIS},
+            )
+        log.warning(
+            "stream %s: Redis lost this stream; it ended with %s", mirror.id, end.event,
+            extra={"stream_id": mirror.id},
+        )  # fmt: skip
+        mirror._ingest(end)
 
     # -- clients per address ------------------------------------------------------------------
 

@@ -34,6 +34,8 @@ __all__ = [
     "encode_ndjson",
     "encode_retry",
     "NDJSON_KEEPALIVE",
+    "relay_message",
+    "relay_message_head",
 ]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -101,3 +103,18 @@ def encode_ndjson(id: int, event: str, data: Mapping[str, Any] | str) -> bytes:
     """Encode one event as an NDJSON line. ``data`` may be pre-serialized JSON text."""
     body = data if isinstance(data, str) else dumps(data)
     return ('{"id":%d,"event":%s,"data":%s}\n' % (id, dumps(event), body)).encode("utf-8")
+
+
+def relay_message(id: int, event: str, data_json: str, *, own: bool = False) -> str:
+    """One event as a message between workers (the Redis backend's Pub/Sub channel).
+
+    ``{"id", "e", "d"}`` and ``"o": 1`` for the owner's own appends; ``data_json`` is the event's
+    data already serialized. The event name is escaped like any JSON string.
+    """
+    return '{"id":%d,%s"e":%s,"d":%s}' % (id, '"o":1,' if own else "", dumps(event), data_json)
+
+
+def relay_message_head(event: str, data_json: str) -> str:
+    """:func:`relay_message` without its id, for a script that numbers the event itself: it
+    appends the id and ``}`` (``head .. id .. '}'`` in Lua)."""
+    return '{"e":%s,"d":%s,"id":' % (dumps(event), data_json)

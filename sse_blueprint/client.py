@@ -241,10 +241,10 @@ class StreamClient:
         return self._call("GET", f"/streams/{stream_id}/status")
 
     def cancel(self, stream_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/streams/{stream_id}/cancel")
+        return self._call("POST", f"/streams/{stream_id}/cancel", {})
 
-    def _call(self, method: str, path: str) -> dict[str, Any]:
-        response = self.http.request(method, self.url(path))
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = self.http.request(method, self.url(path), json=body)
         _raise_for_4xx(response)
         response.raise_for_status()
         result: dict[str, Any] = response.json()

@@ -35,6 +35,7 @@ import gc
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 import gevent
@@ -46,6 +47,8 @@ __all__ = ["post_worker_init", "worker_exit"]
 
 log = logging.getLogger("sse_blueprint")
 
+#: The exit status by which a gunicorn worker tells the arbiter it cannot boot (it then halts).
+WORKER_BOOT_ERROR = 3
 #: Seconds between looks at ``worker.alive`` (gunicorn itself looks once a second).
 POLL = 0.1
 
@@ -69,7 +72,18 @@ def post_worker_init(worker: Any) -> None:
     It also moves everything made at start-up (modules, the app) out of the garbage collector's
     reach (``gc.freeze()``): a full collection then scans only what requests made since, which
     keeps its pauses out of the latency tail.
+
+    A worker that is one of several but whose app keeps streams in-process (no
+    ``SSE_REDIS_URL``) refuses to boot: gunicorn then stops with "Worker failed to boot".
     """
+    workers = getattr(worker.cfg, "workers", 1)
+    if workers > 1 and any(state.backend is None for state in list(_flask._STATES)):
+        log.error(
+            "sse-blueprint: %d workers, but streams are kept in one process: set "
+            "SSE_REDIS_URL to share them, or run a single worker (--workers 1)",
+            workers,
+        )
+        sys.exit(WORKER_BOOT_ERROR)
     gc.collect()
     gc.freeze()
     _flask._direct_writes_possible = _speaks_plain_http(worker)

@@ -180,7 +180,7 @@ $("composer").addEventListener("submit", (event) => {
   send(text).catch((err) => setConnection(`failed: ${err.message}`));
 });
 $("cancel").addEventListener("click", () => {
-  if (page.streamId) api("POST", `/api/streams/${page.streamId}/cancel`).catch(() => {});
+  if (page.streamId) api("POST", `/api/streams/${page.streamId}/cancel`, {}).catch(() => {});
 });
 $("new-chat").addEventListener("click", () => {
   page.conversation = null;

@@ -234,7 +234,7 @@ def cancel_reaches_every_reader(
     with ThreadPoolExecutor(len(reader_bases)) as pool:
         readers = [pool.submit(read_stream, base, stream_id) for base in reader_bases]
         time.sleep(after)
-        response = httpx.post(f"{cancel_base}/api/streams/{stream_id}/cancel")
+        response = httpx.post(f"{cancel_base}/api/streams/{stream_id}/cancel", json={})
         assert response.status_code == 202
         assert response.json()["state"] == "cancelled"
         results = [reader.result(timeout=20) for reader in readers]
@@ -311,9 +311,11 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 class RedisServer:
-    """A throw-away redis-server on a loopback port, with an append-only file (fsync always)."""
+    """A throw-away redis-server on a loopback port, with an append-only file (fsync always);
+    with ``persistent=False``, none: a restart comes back empty, as a Redis that lost its data."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = True) -> None:
+        self.persistent = persistent
         self.dir = Path(tempfile.mkdtemp(prefix="sse-redis-"))
         janitor.started("dir", self.dir)
         self.port = free_port()
@@ -325,7 +327,8 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [
                     "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                    "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+                    "--dir", str(self.dir), "--appendonly", "yes" if self.persistent else "no",
+                    "--appendfsync", "always",
                     "--save", "", "--protected-mode", "no",
                 ],
                 stdout=log, stderr=subprocess.STDOUT,

@@ -37,6 +37,17 @@ def stall(ctx: ProducerContext) -> None:
     ctx.sleep(3600)
 
 
+@sse.producer("named")
+def named(ctx: ProducerContext) -> dict[str, Any]:
+    """Sends ``events`` ([name, data] pairs) one every ``interval_ms``, then ``text`` in block 0."""
+    interval = int(ctx.input.get("interval_ms", 0)) / 1000
+    for name, data in ctx.input.get("events", []):
+        ctx.send(name, data)
+        ctx.sleep(interval)
+    ctx.text(0, str(ctx.input.get("text", "")))
+    return {}
+
+
 app = create_app()
 
 

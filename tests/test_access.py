@@ -11,6 +11,8 @@ from tests.conftest import LiveServer, read_stream
 
 def call(method: str, url: str, user: str | None, **kwargs: Any) -> httpx.Response:
     headers = {"X-User": user} if user else {}
+    if method == "POST":
+        kwargs.setdefault("json", {})
     return httpx.request(method, url, headers=headers, timeout=30, **kwargs)
 
 

@@ -234,5 +234,5 @@ def test_sse_tail_exit_codes(server: LiveServer) -> None:
         text=True,
     )
     time.sleep(0.5)
-    httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+    httpx.post(f"{server.url}/api/streams/{stream_id}/cancel", json={})
     assert tail.wait(timeout=30) == 3

@@ -115,7 +115,7 @@ def test_heartbeat_comments_on_an_idle_stream(server: LiveServer) -> None:
     stream_id = start_demo(server.url, text="slow", chunk_size=1, interval_ms=1400)
     result = read_stream(server.url, stream_id, stop_after=3, timeout=10)  # start, "s", "l"
     assert result.parser.comments.count(" heartbeat") >= 2  # every 0.5 s between 1.4 s events
-    httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+    httpx.post(f"{server.url}/api/streams/{stream_id}/cancel", json={})
 
 
 def test_204_once_the_client_holds_the_terminal_event(server: LiveServer) -> None:
@@ -152,7 +152,7 @@ def test_204_once_the_client_holds_the_terminal_event(server: LiveServer) -> Non
 )
 def test_unknown_streams_are_404_json(server: LiveServer, path: str) -> None:
     method = "POST" if path.endswith("/cancel") else "GET"
-    response = httpx.request(method, server.url + path)
+    response = httpx.request(method, server.url + path, json={} if method == "POST" else None)
     if path == "/api/streams/../../etc/passwd":
         assert response.status_code == 404  # normalized away by the client: not our route
         return
@@ -292,7 +292,7 @@ def test_cancel_gives_every_reader_cancelled(server: LiveServer) -> None:
     status = httpx.get(f"{server.url}/api/streams/{stream_id}/status").json()
     assert status["state"] == "cancelled"
     assert status["finished_at"] is not None
-    again = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+    again = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel", json={})
     assert again.status_code == 200
     assert again.json()["state"] == "cancelled"
 
@@ -300,7 +300,7 @@ def test_cancel_gives_every_reader_cancelled(server: LiveServer) -> None:
 def test_cancel_after_done_is_200_and_keeps_done(server: LiveServer) -> None:
     stream_id = start_demo(server.url, interval_ms=0)
     wait_done(server.url, stream_id)
-    response = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel")
+    response = httpx.post(f"{server.url}/api/streams/{stream_id}/cancel", json={})
     assert response.status_code == 200
     assert response.json()["state"] == "done"
 
@@ -534,9 +534,13 @@ def test_wrong_methods_are_405_json(server: LiveServer) -> None:
         ("POST", f"/api/streams/{stream_id}"),
         ("GET", f"/api/streams/{stream_id}/cancel"),
         ("PUT", f"/api/streams/{stream_id}/status"),
+        ("TRACE", f"/api/streams/{stream_id}"),
+        ("CONNECT", f"/api/streams/{stream_id}/status"),
+        ("BREW", "/api/streams"),
     ]:
         response = httpx.request(method, server.url + path)
         assert response.status_code == 405, (method, path)
+        assert response.headers["content-type"] == "application/json", (method, path)
         assert "error" in response.json()
         assert response.headers["allow"]
 
@@ -617,4 +621,4 @@ def test_client_limits_per_stream_and_per_address(server_factory: Any) -> None:
     again = read_stream(limited.url, slow[0], stop_after=2)
     assert again.status == 200
     for stream_id in slow:
-        httpx.post(f"{limited.url}/api/streams/{stream_id}/cancel")
+        httpx.post(f"{limited.url}/api/streams/{stream_id}/cancel", json={})

@@ -117,7 +117,7 @@ def test_two_thousand_cycles_leave_no_trace(
             time.sleep(0.05)
             # (This once found a race: a cancel numbered its event while the producer's append
             # was in flight to Redis, got the same id, and was refused.)
-            assert httpx.post(f"{server.url}/api/streams/{sid}/cancel").status_code == 202
+            assert httpx.post(f"{server.url}/api/streams/{sid}/cancel", json={}).status_code == 202
             assert b"event: cancelled" in reader.result(timeout=20)
             return 2
         elif kind == 8:  # one that fails, one that times out
@@ -141,7 +141,7 @@ def test_two_thousand_cycles_leave_no_trace(
                 flood = start_stream(server.url, "flood", count=400, size=2000)
                 _frozen(port, f"/api/streams/{flood}")
                 made += 1
-            httpx.post(f"{server.url}/api/streams/{live}/cancel")
+            httpx.post(f"{server.url}/api/streams/{live}/cancel", json={})
         return made
 
     def outside_pools(found: dict[str, int]) -> int:

@@ -164,7 +164,7 @@ def test_finished_stream_is_served_from_the_database_after_a_restart(
     for k in range(0, terminal_id, 3):
         client = rebuild(read_stream(second.url, stream_id, k).events, live.events[:k])
         assert client.text() == LONG_TEXT, k
-    cancel = httpx.post(f"{second.url}/api/streams/{stream_id}/cancel")
+    cancel = httpx.post(f"{second.url}/api/streams/{stream_id}/cancel", json={})
     assert cancel.status_code == 200
     assert cancel.json()["state"] == "done"
 
@@ -220,3 +220,36 @@ def test_database_outage_during_persist_loses_nothing(
     replayed = read_stream(again.url, stream_id)
     assert replayed.transcript.text() == LONG_TEXT
     assert replayed.events[-1].type == "done"
+
+
+def test_a_reader_that_needs_the_database_while_it_is_down_gets_503(
+    server_factory: Any, postgres: PostgresServer
+) -> None:
+    """A live stream whose first blocks are only in the database: a reader from the start while
+    PostgreSQL is down is told to retry (503 + Retry-After), not given a 200 with nothing in it;
+    once the database is back the same request gets the whole turn."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    postgres.psql(f"CREATE DATABASE {name}")
+    url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    server = server_factory({"SSE_DATABASE_URL": url}, app="tests.live_app:app")
+    text = "".join(PARAGRAPHS * 3)
+    stream_id = start_demo(server.url, text, chunk_size=3, interval_ms=20)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until a reader from the start needs the database
+        probe = read_stream(server.url, stream_id, 0, stop_after=2)
+        if [e.type for e in probe.events] == ["start", "turnblock_catchup"]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the buffer was never trimmed")
+    postgres.stop("fast")
+    try:
+        down = httpx.get(f"{server.url}/api/streams/{stream_id}", timeout=30)
+        assert down.status_code == 503
+        assert down.headers["retry-after"]
+        assert "error" in down.json()
+    finally:
+        postgres.start()
+    after = read_stream(server.url, stream_id, 0, timeout=60)
+    assert after.transcript.text() == text
+    assert after.transcript.terminal == "done"

@@ -172,7 +172,7 @@ def test_cancel_from_another_instance(shared: Any) -> None:
     assert (
         httpx.get(f"{shared.a.url}/api/streams/{stream_id}/status").json()["state"] == "cancelled"
     )
-    again = httpx.post(f"{shared.a.url}/api/streams/{stream_id}/cancel")
+    again = httpx.post(f"{shared.a.url}/api/streams/{stream_id}/cancel", json={})
     assert again.status_code == 200
     # The producer on the owner stopped: nothing follows the terminal event in Redis.
     time.sleep(0.3)
@@ -192,7 +192,7 @@ def test_active_streams_across_instances(shared: Any) -> None:
     ]
     answer = httpx.get(f"{shared.b.url}/test/active", params=params).json()
     assert answer == {running: True, finished: False, unknown: False}
-    httpx.post(f"{shared.b.url}/api/streams/{running}/cancel")
+    httpx.post(f"{shared.b.url}/api/streams/{running}/cancel", json={})
 
 
 def test_killing_the_owner_ends_its_streams_elsewhere_but_others_go_on(shared: Any) -> None:
@@ -547,7 +547,7 @@ def test_clients_per_address_are_limited_across_instances(shared: Any) -> None:
         assert 2 * LEASE - 0.5 < freed_after < 3 * LEASE + 3
         for response in held:
             response.close()
-    httpx.post(f"{first.url}/api/streams/{stream_id}/cancel")
+    httpx.post(f"{first.url}/api/streams/{stream_id}/cancel", json={})
     deadline = time.monotonic() + 10
     while places.zcard(key) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -589,3 +589,95 @@ def test_a_lost_reply_or_a_refusing_redis_never_leaves_a_stream_running(
     assert blip["state"] == "done"  # its start was written on the retry
     assert blip["ids"] == list(range(1, 13))
     assert blip["active"] == [False, True, False]
+
+
+def test_event_names_with_quotes_reach_other_workers(shared: Any) -> None:
+    """The Pub/Sub message between workers is JSON made in one place, escaped: an event name
+    with a quote or a backslash used to break it, and the worker's Pub/Sub reader with it."""
+    events = [['say "hi"', {"n": 1}], ["back\\slash", {"n": 2}], ["plain", {"n": 3}]]
+    stream_id = start_stream(shared.a.url, "named", events=events, interval_ms=150, text="end")
+    readers = [shared.b.url] * 6  # several, so that every worker of b has a mirror
+    with ThreadPoolExecutor(len(readers)) as pool:
+        results = list(pool.map(lambda base: read_stream(base, stream_id, timeout=20), readers))
+    for result in results:
+        got = [(e.type, e.json()) for e in result.events if e.type not in ("start", "done")]
+        assert got[:3] == [(name, data) for name, data in events]
+        assert result.transcript.text() == "end"
+    assert "Pub/Sub reader failed" not in shared.b.log()
+
+
+def test_every_reader_on_every_worker_gets_start_first(shared: Any) -> None:
+    """Readers on a worker whose mirror was made before the first blocks were persisted (and
+    trimmed from Redis) begin with ``start`` like everyone else."""
+    stream_id = demo(shared.a.url, PARAGRAPHS, chunk=3, interval=15)
+    with ThreadPoolExecutor(12) as pool:
+        early = [pool.submit(read_stream, shared.b.url, stream_id, timeout=30) for _ in range(6)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until blocks are persisted and trimmed from Redis
+            first = shared.redis_client.xrange(f"sse:{{{stream_id}}}:events", count=1)
+            if first and int(first[0][0].split(b"-")[0]) > 30:
+                break
+            time.sleep(0.05)
+        late = [pool.submit(read_stream, shared.b.url, stream_id, timeout=30) for _ in range(12)]
+        results = [r.result(timeout=60) for r in early + late]
+    for result in results:
+        assert result.events[0].type == "start", [e.type for e in result.events[:3]]
+        assert result.transcript.text() == PARAGRAPHS
+
+
+def test_readers_everywhere_end_when_redis_loses_its_data(
+    server_factory: Any, postgres: PostgresServer
+) -> None:
+    """A Redis without persistence restarts empty mid-stream (as after FLUSHALL, an eviction or
+    a failover that lost writes). The owner is refused ("lost") and ends the stream; readers on
+    the other instance, which used to get heartbeats for ever, end too, with the same event;
+    and a reader who comes later gets the turn as the database has it."""
+    volatile = RedisServer(persistent=False).start()
+    try:
+        name = "r_" + uuid.uuid4().hex[:12]
+        postgres.psql(f"CREATE DATABASE {name}")
+        config = {
+            "SSE_REDIS_URL": volatile.url,
+            "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
+            "SSE_REDIS_LEASE": LEASE,
+            "SSE_HEARTBEAT_INTERVAL": 1,
+        }
+        owner = server_factory(config, app="tests.live_app:app", workers=1)
+        other = server_factory(config, app="tests.live_app:app", workers=1)
+        stream_id = demo(owner.url, PARAGRAPHS * 2, chunk=2, interval=15)
+        pool = ThreadPoolExecutor(4)
+        bases = [owner.url, owner.url, other.url, other.url]
+        readers = [pool.submit(read_stream, base, stream_id, timeout=60) for base in bases]
+        time.sleep(1.5)
+        volatile.restart(down_for=3)  # back empty
+        back = time.monotonic()
+        try:
+            results = [
+                r.result(timeout=max(1.0, back + 10 * LEASE - time.monotonic())) for r in readers
+            ]
+        except TimeoutError:  # heartbeats would keep them open for ever: end the test
+            owner.stop()
+            other.stop()
+            raise AssertionError("readers still open 10 leases after Redis came back") from None
+        finally:
+            pool.shutdown(wait=True)
+        ends = {(r.events[-1].id, r.events[-1].type, r.events[-1].data) for r in results}
+        assert len(ends) == 1  # the same end on both instances
+        assert next(iter(ends))[1] == "error"
+        for base in (owner.url, other.url):
+            status = httpx.get(f"{base}/api/streams/{stream_id}/status").json()
+            assert status["state"] == "error"
+        stored = read_stream(other.url, stream_id)  # from the database now
+        assert stored.transcript.text() == results[0].transcript.text()
+        for result in results:
+            assert result.transcript.text() == stored.transcript.text()
+            assert result.transcript.ids == sorted(set(result.transcript.ids))
+            again = httpx.get(
+                f"{other.url}/api/streams/{stream_id}",
+                headers={"Last-Event-ID": str(result.events[-1].id)},
+            )
+            assert again.status_code == 204  # it holds the end: nothing more
+        owner.stop()
+        other.stop()
+    finally:
+        volatile.remove()
