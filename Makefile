@@ -5,18 +5,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.run-stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test bench lint typecheck system-deps clean
 
-$(STAMP): pyproject.toml
+# `make run` installs only what serving needs (the library and the reference app's Redis and
+# PostgreSQL drivers); `make test` adds the development tools.
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[redis,postgres]'
+	touch $@
+
+$(STAMP): pyproject.toml $(RUN_STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-run: $(STAMP)
+# Serves the reference app on 127.0.0.1:8000; SSE_BIND=0.0.0.0:9000, SSE_WORKERS=4 (with
+# FLASK_SSE_REDIS_URL) and SSE_ACCESS_LOG=1 change it (see gunicorn.conf.py).
+run: $(RUN_STAMP)
 	$(BIN)/gunicorn -c gunicorn.conf.py app:app
 
 lint: $(STAMP)

@@ -84,6 +84,17 @@ def markdown(results: dict[str, Any]) -> str:
             *_fanout_rows(results["redis"]),
             "",
         ]
+    if "delivery" in results:
+        out += [
+            "## Delivery modes: 300 events at 50 events/s to 10 clients, one stream",
+            "",
+            "`SSE_DELIVERY = live` hands an event to readers at once; `durable` only once the",
+            "database has it (the stream's writes go one after another, each taking what came",
+            "meanwhile). The difference in latency is the price of durable delivery.",
+            "",
+            *_fanout_rows(results["delivery"]),
+            "",
+        ]
     if "catchup" in results:
         out += [
             "## Reconnect to first catch-up byte",

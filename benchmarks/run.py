@@ -269,6 +269,8 @@ def main() -> None:
     clients, count = (200, 100) if args.quick else (1000, 500)
     idle_n = 2000 if args.quick else 15000
     results: dict[str, Any] = {"machine": machine(), "clients": clients, "events": count}
+    if only and (OUT / "results.json").exists():  # a partial run updates the last full one
+        results = {**json.loads((OUT / "results.json").read_text()), "machine": machine()}
 
     sys.path.insert(0, str(ROOT))
     from tests.conftest import PostgresServer, RedisServer
@@ -313,6 +315,23 @@ def main() -> None:
                         Target(server, "ours"), clients, count, 64
                     )
                 print("redis", workers, results["redis"][f"{workers} worker(s)"], flush=True)
+        if not only or "delivery" in only:
+            # SSE_DELIVERY: live (readers get an event at once) against durable (only once the
+            # database has it), paced like a model's tokens, to a few readers each.
+            results["delivery"] = {}
+            for db, db_env in (
+                ("SQLite", {}),
+                ("PostgreSQL", {"FLASK_SSE_DATABASE_URL": postgres.url}),
+            ):
+                for mode in ("live", "durable"):
+                    env = {**db_env, "FLASK_SSE_DELIVERY": mode}
+                    with serving(lambda e=env: ours(1, **e)) as server:
+                        fanout(Target(server, "ours"), 10, 20, 64)
+                        key = f"{mode}, {db}"
+                        results["delivery"][key] = fanout(
+                            Target(server, "ours"), 10, 300, 64, interval_ms=20
+                        )
+                    print("delivery", key, results["delivery"][key], flush=True)
         if not only or "catchup" in only:
             results["catchup"] = {}
             for db, env in (

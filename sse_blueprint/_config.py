@@ -41,6 +41,7 @@ class SSEConfig:
     direct_writes: bool = True
     body_timeout: float = 10.0
     max_streams_per_address: int = 100
+    delivery: str = "live"
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -80,7 +81,15 @@ class SSEConfig:
             max_streams_per_address=_integer(
                 config, "SSE_MAX_STREAMS_PER_ADDRESS", d.max_streams_per_address, minimum=1
             ),
+            delivery=_choice(config, "SSE_DELIVERY", ("live", "durable")),
         )
+
+    def __post_init__(self) -> None:
+        if self.delivery == "durable" and self.redis_url:
+            raise ConfigError(
+                'SSE_DELIVERY = "durable" works with the in-process backend only; with '
+                "SSE_REDIS_URL, readers get what Redis has acknowledged (run it with appendonly)"
+            )
 
 
 def _optional_str(config: Mapping[str, Any], key: str) -> str | None:

@@ -313,7 +313,7 @@ class Subscription:
     @property
     def lag(self) -> int:
         """Events appended but not yet taken by this subscriber."""
-        return self._stream._end - self._pos
+        return self._stream._visible - self._pos
 
     @property
     def done(self) -> bool:
@@ -326,7 +326,7 @@ class Subscription:
         if self._catchup:
             self._catchup = False
             return stream._catch_up(self)
-        if self._pos >= stream._end and not self.done:
+        if self._pos >= stream._visible and not self.done:
             self._waiting = True
             try:
                 if self.direct is None:
@@ -404,6 +404,7 @@ class Stream:
         backend: StreamBackend | None = None,
         mirror: bool = False,
         max_event_bytes: int = 1 << 20,
+        durable: bool = False,
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.max_event_bytes = max_event_bytes
@@ -425,6 +426,9 @@ class Stream:
         self._log: list[Event] = []
         self._base = 0
         self._end = 0
+        # Readers see the log up to here (absolute index): its end, or in durable delivery
+        # (``SSE_DELIVERY = "durable"``) only as far as the store has it.
+        self._visible = 0
         self._last_id = 0
         self._subscribers: set[Subscription] = set()
         # Lower bound of every subscriber's position, refreshed when a lag scan runs.
@@ -455,6 +459,7 @@ class Stream:
         self._append_lock = gevent.lock.Semaphore()
         self.mirror = mirror
         self._writes = store is not None and not mirror
+        self._durable = durable and self._writes
         if not self._writes:
             self.saved.set()
 
@@ -582,6 +587,7 @@ class Stream:
         self._last_id = ev.id
         self._log.append(ev)
         self._end += 1
+        durable = self._durable
         if ev.id == 1 and self.start_event is None:
             self.start_event = ev  # a mirror's: the owner's is set when it starts
         if ev.event == "text_delta":
@@ -593,9 +599,17 @@ class Stream:
             state.parts.append(data["text"])
             state.last_id = ev.id
             self._dirty.add(index)
-            if self._end - self._persisted_pos > self.buffer_size:
+            if self._end - self._persisted_pos > self.buffer_size and not durable:
                 self._request_flush()
-        if self._end - self._min_pos_hint > self.client_queue:
+        if durable:
+            self._request_flush()  # readers see it once it is written (see _reveal)
+        else:
+            self._reveal(self._end)
+
+    def _reveal(self, pos: int) -> None:
+        """Readers may now take the log up to ``pos``: wake them (on the loop's next turn)."""
+        self._visible = pos
+        if pos - self._min_pos_hint > self.client_queue:
             self._cut_laggards()
         if (self._news is not None or self._parked) and not self._wake_pending:
             # Readers wake on the event loop's next turn, not now: a producer that appends
@@ -663,7 +677,7 @@ class Stream:
             if sub not in parked:
                 continue
             try:
-                if not (sub.cut or sub.closed) and sub._pos < self._end:
+                if not (sub.cut or sub.closed) and sub._pos < self._visible:
                     events = sub._take()
                     if events and not sub.direct(events):  # type: ignore[misc]
                         self._unpark(sub)  # its greenlet finishes the write, or ends
@@ -813,6 +827,8 @@ class Stream:
                     self._dirty.discard(saved.block)
             if last_id > self._persisted_id:
                 self._persisted_id, self._persisted_pos = last_id, end_pos
+                if self._durable:
+                    self._reveal(end_pos)
             if blocks or len(self._log) > self.buffer_size:
                 # (A write of the record alone trims nothing: that would only send new readers
                 # to the store for the ``start`` event.)
@@ -872,7 +888,7 @@ class Stream:
             merged.parts.append(row.content)
             merged.last_id = row.last_event_id
         out: list[Event] = []
-        for ev in self._log[sub._pos - self._base :]:
+        for ev in self._log[sub._pos - self._base : self._visible - self._base]:
             found = blocks.get(ev.data["block"]) if ev.event == "text_delta" else None
             if found is not None:
                 if ev.id > found.last_id:
@@ -887,7 +903,7 @@ class Stream:
         if start is not None and after < start.id <= self._trimmed_id:
             out.append(start)
         out.sort(key=_event_id)
-        sub._pos = self._end
+        sub._pos = self._visible
         return out
 
     # -- reader side ---------------------------------------------------------------------------
@@ -942,7 +958,7 @@ class Stream:
         return bisect.bisect_right(self._log, last_event_id, key=_event_id)
 
     def _events_from(self, pos: int) -> list[Event]:
-        return self._log[pos - self._base :]
+        return self._log[pos - self._base : self._visible - self._base]
 
     def _wait_for_news(self, timeout: float | None) -> None:
         news = self._news
@@ -970,8 +986,8 @@ class Stream:
 
     def _cut_laggards(self) -> None:
         """Cut every subscriber more than ``client_queue`` events behind; refresh the hint."""
-        limit = self._end - self.client_queue
-        low = self._end
+        limit = self._visible - self.client_queue
+        low = self._visible
         for sub in list(self._subscribers):
             if sub._pos < limit:
                 sub.cut = True
@@ -987,7 +1003,7 @@ class Stream:
                 log.info(
                     "stream %s: cut a subscriber %d events behind (limit %d)",
                     self.id,
-                    self._end - sub._pos,
+                    self._visible - sub._pos,
                     self.client_queue,
                     extra={"stream_id": self.id},
                 )

@@ -388,6 +388,7 @@ class SSE:
             metadata=metadata,
             max_event_bytes=state.config.max_event_bytes,
             on_complete=on_complete,
+            durable=state.config.delivery == "durable",
         )
 
 
@@ -502,7 +503,7 @@ def _make_blueprint() -> Blueprint:
         if isinstance(found, Stream):
             terminal = found.terminal_event
             if terminal is not None and last_id >= terminal.id:
-                return _no_content()  # tells EventSource to stop reconnecting
+                return _no_content(ndjson)  # tells EventSource to stop reconnecting
             if state.draining and state.backend is not None:
                 # This worker is leaving and another can serve the stream: come back there.
                 body: Iterator[bytes] = iter([b"" if ndjson else state.retry])
@@ -551,7 +552,7 @@ def _make_blueprint() -> Blueprint:
             )
         else:  # only in the store: it has ended
             if found.terminal_id is not None and last_id >= found.terminal_id:
-                return _no_content()
+                return _no_content(ndjson)
             events = _store_call(state.registry.replay, found, last_id)
             _observe.METRICS.catch_up("database")
             body = iter([_encode(events, ndjson, b"" if ndjson else state.retry)])
@@ -647,11 +648,14 @@ def _make_blueprint() -> Blueprint:
     return bp
 
 
-def _no_content() -> Response:
-    """A ``204`` with no body and no body type (some SSE clients check the type of a 204)."""
-    response = Response(status=204)
-    del response.headers["Content-Type"]
-    return response
+def _no_content(ndjson: bool) -> Response:
+    """A ``204``: the client holds the stream's end. EventSource stops reconnecting on it.
+
+    It carries the type the client asked for: a client library that checks the type of every
+    answer (``httpx-sse`` raises on anything but ``text/event-stream``) then reads an empty
+    stream instead of failing.
+    """
+    return Response(status=204, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE)
 
 
 def _refusal(exc: RequestRefused) -> Response:

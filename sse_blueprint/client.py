@@ -24,8 +24,10 @@ ignored, as the WHATWG rules say.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import sys
 import threading
@@ -408,13 +410,15 @@ EXIT_DONE, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_NOT_FOUND, EXIT_UNREACHA
     4,
     5,
 )
+EXIT_PIPE_CLOSED = 141  # as a shell tool killed by SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
     """``sse-tail``: print a stream's text as it arrives; survive disconnects.
 
     Exit status: 0 done, 1 the stream ended with an error, 2 bad usage or request, 3 cancelled,
-    4 no such stream, 5 server unreachable (gave up).
+    4 no such stream, 5 server unreachable (at once if it never answered; after
+    ``--max-retries`` failed reconnects if it went away), 141 the output was closed (``| head``).
     """
     parser = argparse.ArgumentParser(
         prog="sse-tail", description="Follow an sse-blueprint stream and print its text."
@@ -426,11 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print raw events, one JSON per line")
     parser.add_argument("--max-retries", type=int, default=20)
     args = parser.parse_args(argv)
+    try:
+        input = json.loads(args.input)
+    except ValueError as exc:
+        parser.error(f"--input is not JSON ({exc})")
+    if not isinstance(input, dict):
+        parser.error("--input must be a JSON object, e.g. '{\"text\": \"hi\"}'")
     out = sys.stdout
     try:
         if args.start:
             client = StreamClient(args.url, max_retries=args.max_retries)
-            reader = client.start(args.start, json.loads(args.input))
+            reader = client.start(args.start, input)
             print(f"stream {reader.stream_id}", file=sys.stderr)
         else:
             base, sep, stream_id = args.url.rstrip("/").rpartition("/streams/")
@@ -438,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("url must end in /streams/<id> (or use --start)")
             root, _, prefix = base.rpartition("/")
             client = StreamClient(root, prefix="/" + prefix, max_retries=args.max_retries)
+            with contextlib.suppress(httpx.HTTPStatusError):  # (a 5xx: retried below)
+                client.status(stream_id)  # a server that never answers fails now, not later
             reader = client.open(stream_id, args.last_event_id)
         shown = ""
         for event in reader:
@@ -450,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:  # a catch-up replaced something already printed
                     out.write("\n" + text)
                 shown = text
+            out.flush()
+        if not args.json:
+            out.write("\n")
             out.flush()
     except StreamNotFound as exc:
         print(f"sse-tail: no such stream: {exc}", file=sys.stderr)
@@ -464,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
-    if not args.json:
-        out.write("\n")
+    except BrokenPipeError:  # the reader of our output went away (``| head``): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush does not fail again
+        return EXIT_PIPE_CLOSED
     state = reader.state
     if state == "error" and reader.terminal is not None:
         print(f"sse-tail: stream error: {reader.terminal.data.get('message')}", file=sys.stderr)

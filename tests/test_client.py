@@ -236,3 +236,37 @@ def test_sse_tail_exit_codes(server: LiveServer) -> None:
     time.sleep(0.5)
     httpx.post(f"{server.url}/api/streams/{stream_id}/cancel", json={})
     assert tail.wait(timeout=30) == 3
+
+
+def test_sse_tail_stops_quietly_when_its_output_is_closed(server: LiveServer) -> None:
+    """``sse-tail URL --json | head -5``: head exits after 5 lines; sse-tail used to end in a
+    BrokenPipeError traceback."""
+    text = "x" * 400
+    stream_id = start_demo(server.url, text, chunk_size=1, interval_ms=5)
+    url = f"{server.url}/api/streams/{stream_id}"
+    piped = subprocess.run(
+        f"{sys.executable} -m sse_blueprint.client {url} --json | head -5; "
+        'echo "status=${PIPESTATUS[0]}" >&2',
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert len(piped.stdout.splitlines()) == 5
+    assert "Traceback" not in piped.stderr
+    assert "status=141" in piped.stderr
+
+
+def test_sse_tail_fails_fast_when_nothing_answers() -> None:
+    """A server that never answered is exit 5 at once, not after 20 backed-off retries."""
+    began = time.monotonic()
+    gone = run_tail(f"http://127.0.0.1:{free_port()}/api/streams/x")  # default --max-retries
+    assert gone.returncode == 5
+    assert "unreachable" in gone.stderr
+    assert time.monotonic() - began < 10
+
+
+def test_sse_tail_names_the_flag_in_errors(server: LiveServer) -> None:
+    bad = run_tail(server.url, "--start", "demo", "--input", "notjson")
+    assert bad.returncode == 2
+    assert "--input is not JSON" in bad.stderr
+    not_object = run_tail(server.url, "--start", "demo", "--input", "[1]")
+    assert not_object.returncode == 2
+    assert "--input must be a JSON object" in not_object.stderr

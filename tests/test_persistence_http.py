@@ -15,6 +15,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from tests.conftest import (
     start_demo,
     wait_done,
 )
-from tests.sse_parser import Transcript
+from tests.sse_parser import SSEParser, Transcript
 
 PARAGRAPHS = [f"Paragraph {i}: " + "words and more words " * (3 + i % 3) + "\n\n" for i in range(8)]
 LONG_TEXT = "".join(PARAGRAPHS) + "The end."
@@ -253,3 +254,43 @@ def test_a_reader_that_needs_the_database_while_it_is_down_gets_503(
     after = read_stream(server.url, stream_id, 0, timeout=60)
     assert after.transcript.text() == text
     assert after.transcript.terminal == "done"
+
+
+def _follow_until_cut(base: str, stream_id: str) -> list[Any]:
+    """Read a stream until it ends or the server dies; the events that arrived whole."""
+    parser, events = SSEParser(), []
+    url = f"{base}/api/streams/{stream_id}"
+    with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=30) as response:
+        for chunk in response.iter_raw():
+            events += parser.feed(chunk)
+    return events
+
+
+def test_durable_delivery_gives_everyone_the_same_turn_after_kill_9(
+    server_factory: Any, database: Database
+) -> None:
+    """SSE_DELIVERY = "durable": a reader gets an event only once the database has it. The
+    worker is killed mid-stream (no goodbye); readers resume on a restarted server with their
+    last ids and all end with exactly the turn that a reader who comes later gets."""
+    config = {"SSE_DATABASE_URL": database.url, "SSE_DELIVERY": "durable"}
+    first = server_factory(config, app="tests.live_app:app")
+    stream_id = start_demo(first.url, LONG_TEXT, chunk_size=3, interval_ms=10)
+    with ThreadPoolExecutor(3) as pool:
+        readers = [pool.submit(_follow_until_cut, first.url, stream_id) for _ in range(3)]
+        time.sleep(1.0)
+        assert first.proc is not None
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        seen = [r.result(timeout=30) for r in readers]
+    first.stop()
+    assert all(len(events) > 10 for events in seen)
+    second = server_factory(config, app="tests.live_app:app")
+    fresh = read_stream(second.url, stream_id)
+    assert fresh.events[-1].type == "error"
+    assert fresh.events[-1].json()["message"] == "producer lost"
+    assert LONG_TEXT.startswith(fresh.transcript.text())
+    for events in seen:
+        rest = read_stream(second.url, stream_id, events[-1].id)
+        client = rebuild(rest.events, events)
+        assert client.text() == fresh.transcript.text()  # nobody holds text the others lack
+        ids = [e.id for e in [*events, *rest.events]]
+        assert ids == sorted(set(ids))

@@ -22,8 +22,9 @@ from tests.sse_parser import Transcript
 
 STREAMS = 200
 GRACE = 2.0
-LONG = "".join(f"Paragraph {i}: " + "a resumable stream of words " * 3 + "\n\n" for i in range(8))
 SHORT = "A short reply that ends well within the grace period."
+ENDLESS = 100_000  # deltas of a stream that only a shutdown ends (one every 100 ms)
+ENDLESS_TEXT = "".join(chr(ord("a") + i % 26) * 4 for i in range(ENDLESS))  # the flood's text
 
 
 def _idle_keepalive(url: str) -> socket.socket:
@@ -77,11 +78,13 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
         "SSE_HEARTBEAT_INTERVAL": 1,
     }
     first: LiveServer = server_factory(config, app="tests.live_app:app")
-    texts: dict[str, str] = {}
+    texts: dict[str, str] = {}  # what each stream sends in all
     for i in range(STREAMS):
-        text = SHORT if i % 10 == 0 else LONG  # 20 finish within the grace, 180 do not
-        interval = 30 if text is SHORT else 100
-        texts[start_stream(first.url, "demo", text=text, chunk_size=4, interval_ms=interval)] = text
+        if i % 10 == 0:  # 20 finish within the grace
+            texts[start_stream(first.url, "demo", text=SHORT, chunk_size=4, interval_ms=30)] = SHORT
+        else:  # 180 would run for hours: only the shutdown ends them
+            sid = start_stream(first.url, "flood", count=ENDLESS, size=4, interval_ms=100)
+            texts[sid] = ENDLESS_TEXT
     with ThreadPoolExecutor(STREAMS) as pool:
         readers = {sid: pool.submit(read_stream, first.url, sid, timeout=60) for sid in texts}
         idle = _idle_keepalive(first.url)
@@ -109,10 +112,8 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
             assert terminal.type == "error"
             assert terminal.json()["message"] == "server shutting down"
             assert texts[sid].startswith(result.transcript.text())
-    # A long stream runs ~20 s, so all 180 are still open at SIGTERM unless the machine took
-    # that long to start them; allow a few such stragglers but require the bulk to be cut.
-    assert done >= STREAMS // 10
-    assert stopped >= STREAMS * 8 // 10
+    assert done == STREAMS // 10
+    assert stopped == STREAMS - STREAMS // 10
 
     # A restarted server has all of it: resumes from a random id are exact, the end is a 204.
     second: LiveServer = server_factory(config, app="tests.live_app:app")
