@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--input is not JSON ({exc})")
     if not isinstance(input, dict):
-        parser.error("--input must be a JSON object, e.g. '{\"text\": \"hi\"}'")
+        parser.error('--input must be a JSON object, e.g. \'{"text": "hi"}\'')
     out = sys.stdout
     try:
         if args.start:
