@@ -12,12 +12,9 @@ Bad input never produces a 5xx: every refusal is a 4xx with a JSON body ``{"erro
 
 from __future__ import annotations
 
-import _socket
 import logging
 import os
 import re
-import socket
-import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -25,7 +22,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import gevent
 import gevent.monkey
-import gevent.socket
 from flask import Blueprint, Flask, Response, current_app, json, request, url_for
 from werkzeug.exceptions import HTTPException
 
@@ -38,7 +34,6 @@ from ._engine import (
     Stream,
     StreamLimitReached,
     StreamRegistry,
-    Subscription,
 )
 from ._guard import (
     REFUSAL_SUFFIX,
@@ -51,6 +46,7 @@ from ._guard import (
 )
 from ._records import BlockStore, StreamRecord
 from ._storage import SQLStore
+from ._transport import DirectWriter, WriteWatch, encode, follow
 
 if TYPE_CHECKING:
     from werkzeug.wrappers import Response as BaseResponse
@@ -123,7 +119,7 @@ class _AppState:
         self.streams_by_address: dict[str, int] = {}  # running streams per creator's address
         self.url_prefix = ""  # where the blueprint is mounted
         self.warned_multiprocess = False
-        self.write_watch = _WriteWatch(config.write_timeout)
+        self.write_watch = WriteWatch(config.write_timeout)
         _STATES.add(self)
 
     @property
@@ -166,40 +162,6 @@ def shutdown(grace: float | None = None) -> None:
     """
     greenlets = [gevent.spawn(state.shutdown, grace) for state in list(_STATES)]
     gevent.joinall(greenlets)
-
-
-class _WriteWatch:
-    """Cuts clients whose write stays blocked longer than ``SSE_WRITE_TIMEOUT`` seconds.
-
-    A client that stops reading but keeps its connection open is cut by the lag check while its
-    stream runs; once the stream has ended nothing more is appended, so a write that the client
-    never takes would hold the connection (and its greenlet) forever. One sweeper per app
-    shuts such connections; a response only stamps ``writing_since`` around each write.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.readers: dict[Subscription, Callable[[], None]] = {}
-        self._sweeper: gevent.Greenlet | None = None
-
-    def add(self, sub: Subscription, closer: Callable[[], None]) -> None:
-        self.readers[sub] = closer
-        if self._sweeper is None:
-            self._sweeper = gevent.spawn(self._sweep)
-
-    def _sweep(self) -> None:
-        while True:
-            gevent.sleep(min(1.0, self.timeout / 4))
-            limit = time.monotonic() - self.timeout
-            for sub, closer in list(self.readers.items()):
-                if 0 < sub.writing_since < limit:
-                    del self.readers[sub]
-                    _observe.METRICS.cut()
-                    log.info(
-                        "cut a client that took nothing for %.0f s", self.timeout,
-                        extra={"stream_id": sub.stream_id},
-                    )  # fmt: skip
-                    closer()
 
 
 def _no_producer(ctx: Any) -> None:
@@ -521,7 +483,7 @@ def _make_blueprint() -> Blueprint:
                 if place:
                     release = partial(state.backend.release_client, place)
             closer = connection_shutter(request.environ)
-            direct = _DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
+            direct = DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
             sub = found.subscribe(last_id, on_cut=closer)
             first: list[Event] = []
             if sub.from_store:
@@ -537,7 +499,7 @@ def _make_blueprint() -> Blueprint:
                     )
             if closer is not None:
                 state.write_watch.add(sub, closer)
-            body = _follow(
+            body = follow(
                 sub,
                 config.heartbeat_interval,
                 b"" if ndjson else state.retry,
@@ -555,7 +517,7 @@ def _make_blueprint() -> Blueprint:
                 return _no_content(ndjson)
             events = _store_call(state.registry.replay, found, last_id)
             _observe.METRICS.catch_up("database")
-            body = iter([_encode(events, ndjson, b"" if ndjson else state.retry)])
+            body = iter([encode(events, ndjson, b"" if ndjson else state.retry)])
         return _stream_response(body, ndjson)
 
     @route("/streams/<stream_id>/status", ["GET"])
@@ -791,179 +753,6 @@ def _status(found: Stream | StreamRecord) -> dict[str, Any]:
         "subscribers": found.subscriber_count,
         "metadata": found.metadata,
     }
-
-
-def _encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
-    if ndjson:
-        return preamble + b"".join([e.ndjson for e in events])
-    if len(events) == 1 and not preamble:
-        return events[0].sse  # the common case live: one event, bytes shared by every reader
-    return preamble + b"".join([e.sse for e in events])
-
-
-#: Set by :func:`sse_blueprint.gunicorn.post_worker_init` when this process is a gunicorn
-#: gevent worker speaking plain HTTP/1.x, the only server whose sockets we write to directly.
-_direct_writes_possible = False
-
-
-class _DirectWriter:
-    """Writes live events straight to a client's socket, as HTTP/1.1 chunks, without blocking.
-
-    Under gunicorn's gevent worker, a stream's new events reach all its idle readers from one
-    greenlet (see :class:`~sse_blueprint._engine.Subscription`): one non-blocking ``send`` per
-    client instead of a greenlet switch and the server's write path. gunicorn frames the body
-    in chunks (HTTP/1.1, no Content-Length), sends the headers with the first chunk, and ends
-    it with the last; this only adds whole chunks in between. What a full socket did not take
-    is the ``backlog``, which the reader's own greenlet writes (blocking) before anything else.
-    """
-
-    __slots__ = ("backlog", "failed", "ndjson", "raw", "sock")
-
-    def __init__(self, sock: Any, raw: _socket.socket, ndjson: bool) -> None:
-        self.sock = sock  # gevent's socket: blocking writes from the reader's greenlet
-        self.raw = raw  # the non-blocking socket under it
-        self.ndjson = ndjson
-        self.backlog: bytes | memoryview = b""
-        self.failed = False
-
-    @classmethod
-    def for_request(
-        cls, environ: Mapping[str, Any], ndjson: bool, enabled: bool
-    ) -> _DirectWriter | None:
-        """A writer for this response, or None where direct writes would not be safe."""
-        if not (enabled and _direct_writes_possible):
-            return None
-        sock: Any = environ.get("gunicorn.socket")
-        if (
-            type(sock) is not gevent.socket.socket  # not TLS, not some other server's socket
-            or environ.get("SERVER_PROTOCOL") != "HTTP/1.1"  # chunked framing, not HTTP/2
-            or environ.get("REQUEST_METHOD") != "GET"
-        ):
-            return None
-        # The OS socket under gevent's (whose class is socket.socket once gevent has patched).
-        raw = getattr(sock, "_sock", None)
-        if not isinstance(raw, _socket.socket) or raw.gettimeout() != 0.0:
-            return None
-        return cls(sock, raw, ndjson)
-
-    def __call__(self, events: list[Event]) -> bool:
-        """Send ``events`` as one chunk; False if the reader's greenlet must take over."""
-        data, size = _chunk(events, self.ndjson)
-        try:
-            sent = self.raw.send(data, _MSG_NOSIGNAL)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.failed = True  # the client went away; the reader ends its response
-            return False
-        _observe.METRICS.sent(len(events), size)
-        if sent < len(data):
-            self.backlog = memoryview(data)[sent:]  # no copy of a big chunk
-            return False
-        return True
-
-    def flush(self) -> bool:
-        """Write the backlog (blocking this greenlet); False if the client has gone."""
-        if self.failed:
-            return False
-        backlog, self.backlog = self.backlog, b""
-        try:
-            self.sock.sendall(backlog)
-        except OSError:
-            self.failed = True
-            return False
-        return True
-
-
-_MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
-# The last chunk made, per format: readers at the same position share it.
-_last_chunk: dict[bool, tuple[Event, int, bytes, int]] = {}
-
-
-def _chunk(events: list[Event], ndjson: bool) -> tuple[bytes, int]:
-    """``events`` encoded and framed as one HTTP/1.1 chunk, and the size of the payload."""
-    last = _last_chunk.get(ndjson)
-    if last is not None and last[0] is events[0] and last[1] == len(events):
-        return last[2], last[3]
-    data = _encode(events, ndjson, b"")
-    chunk = b"%X\r\n%b\r\n" % (len(data), data)
-    _last_chunk[ndjson] = (events[0], len(events), chunk, len(data))
-    return chunk, len(data)
-
-
-def _follow(
-    sub: Subscription,
-    heartbeat_interval: float,
-    preamble: bytes,
-    heartbeat: bytes,
-    ndjson: bool,
-    *,
-    watch: _WriteWatch,
-    counts: dict[str, int],
-    address: str,
-    direct: _DirectWriter | None = None,
-    release: Callable[[], None] | None = None,
-    first: list[Event] | None = None,
-) -> Iterator[bytes]:
-    """The response body: catch-up, then live events, heartbeats while idle.
-
-    It runs in the WSGI server's greenlet for this connection, outside any request context.
-    A client that goes away is noticed at the next write (heartbeats make that timely); the
-    server then closes this generator and ``finally`` releases the subscription. The producer
-    carries on. The response is counted in ``counts[address]`` while it is open, and across
-    workers until ``release`` is called (with Redis). With a ``direct`` writer, live events may
-    reach the client without passing through here once the server has sent the headers (after
-    the first write). ``first`` is what the subscription already took (its catch-up).
-    """
-    metrics = _observe.METRICS
-    metrics.client_connected()
-    counts[address] = counts.get(address, 0) + 1
-    monotonic = time.monotonic
-    try:
-        if first:  # the catch-up, read before the response began
-            data = _encode(first, ndjson, preamble)
-            metrics.sent(len(first), len(data))
-            yield data
-            sub.direct = direct
-        elif preamble:
-            yield preamble
-            sub.direct = direct
-        while True:
-            events = sub.poll(heartbeat_interval)
-            if direct is not None and (direct.backlog or direct.failed):
-                # A direct write did not finish: its rest goes first, before ``events``.
-                sub.writing_since = monotonic()
-                written = direct.flush()
-                sub.writing_since = 0.0
-                if not written:
-                    return
-                if not events:
-                    if sub.done:
-                        return
-                    continue
-            if events:
-                data = _encode(events, ndjson, b"")
-            elif sub.done:
-                return
-            else:
-                data = heartbeat
-            metrics.sent(len(events), len(data))
-            sub.writing_since = monotonic()
-            yield data  # the server writes it before asking for more
-            sub.writing_since = 0.0
-            if sub.done:
-                # After the terminal event; or cut for lagging: the client resumes from its id.
-                return
-            sub.direct = direct  # the headers are out
-    finally:
-        watch.readers.pop(sub, None)
-        sub.close()
-        metrics.client_disconnected()
-        counts[address] -= 1
-        if not counts[address]:
-            del counts[address]
-        if release is not None:
-            release()
 
 
 def _add_cors_headers(response: BaseResponse, allowed: tuple[str, ...]) -> None:

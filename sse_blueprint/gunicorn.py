@@ -40,7 +40,7 @@ from typing import Any
 
 import gevent
 
-from . import _flask
+from . import _flask, _transport
 from ._flask import shut_connection, shutdown
 
 __all__ = ["post_worker_init", "worker_exit"]
@@ -86,7 +86,7 @@ def post_worker_init(worker: Any) -> None:
         sys.exit(WORKER_BOOT_ERROR)
     gc.collect()
     gc.freeze()
-    _flask._direct_writes_possible = _speaks_plain_http(worker)
+    _transport.direct_writes_possible = _speaks_plain_http(worker)
     conns = _Connections()
     handle, handle_request = worker.handle, worker.handle_request
 

@@ -482,8 +482,13 @@ def read_stream(
     headers: Mapping[str, str] | None = None,
     stop_after: int | None = None,
     timeout: float = 30,
+    tolerate_cuts: bool = False,
 ) -> ReadResult:
-    """Read a stream as SSE until the server ends it (or ``stop_after`` events, then hang up)."""
+    """Read a stream as SSE until the server ends it (or ``stop_after`` events, then hang up).
+
+    With ``tolerate_cuts``, a connection the server cuts (a reader that lagged more than
+    ``SSE_CLIENT_QUEUE`` events, which a loaded machine makes of any reader) ends the read with
+    what had arrived, as it ends an EventSource's connection; the caller resumes from there."""
     hdrs = dict(headers or {})
     if last_event_id is not None:
         hdrs["Last-Event-ID"] = str(last_event_id)
@@ -492,18 +497,22 @@ def read_stream(
     events: list[ParsedEvent] = []
     raw = b""
     url = f"{base}/api/streams/{stream_id}"
-    with httpx.stream("GET", url, params=params, headers=hdrs, timeout=timeout) as response:
-        for chunk in response.iter_raw():
-            raw += chunk
-            for event in parser.feed(chunk):
-                events.append(event)
-                transcript.apply(event.id, event.type, event.json())
-                if stop_after is not None and len(events) >= stop_after:
-                    return ReadResult(
-                        response.status_code, response.headers, raw, events, parser, transcript
-                    )
-        events += parser.feed(b"", final=True)
-        return ReadResult(response.status_code, response.headers, raw, events, parser, transcript)
+    status, got_headers = 0, httpx.Headers()
+    try:
+        with httpx.stream("GET", url, params=params, headers=hdrs, timeout=timeout) as response:
+            status, got_headers = response.status_code, response.headers
+            for chunk in response.iter_raw():
+                raw += chunk
+                for event in parser.feed(chunk):
+                    events.append(event)
+                    transcript.apply(event.id, event.type, event.json())
+                    if stop_after is not None and len(events) >= stop_after:
+                        return ReadResult(status, got_headers, raw, events, parser, transcript)
+            events += parser.feed(b"", final=True)
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        if not tolerate_cuts:
+            raise
+    return ReadResult(status, got_headers, raw, events, parser, transcript)
 
 
 def read_ndjson(base: str, stream_id: str, **kwargs: Any) -> tuple[httpx.Response, list[Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,11 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], check=True, timeout=120)
     pip = [str(home / "venv/bin/python"), "-m", "pip", "install", "-q"]
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    subprocess.run([*pip, str(ROOT)], check=True, timeout=600, env=env, cwd=home)
+    # From a copy of the sources, as a user's clone: building in place would leave build/ here.
+    source = home / "sse-blueprint"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache")
+    shutil.copytree(ROOT, source, ignore=skip)
+    subprocess.run([*pip, str(source)], check=True, timeout=600, env=env, cwd=home)
     (home / "app").mkdir()
     (home / "app/myapp.py").write_text(readme_example())
     return home

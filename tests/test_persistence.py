@@ -69,8 +69,11 @@ def apply_all(client: Transcript, events: list[Event]) -> None:
         client.apply(e.id, e.event, e.data)
 
 
-def read_session(stream: Stream, client: Transcript, budget: int) -> None:
-    """One connection: subscribe at the client's last id, take up to ``budget`` events."""
+def read_session(
+    stream: Stream, client: Transcript, budget: int, store: FlakyStore | None = None
+) -> None:
+    """One connection: subscribe at the client's last id, take up to ``budget`` events. With
+    ``store`` (durable delivery), every event taken must already be in it."""
     sub = stream.subscribe(client.last_id)
     try:
         with gevent.Timeout(10):
@@ -80,6 +83,10 @@ def read_session(stream: Stream, client: Transcript, budget: int) -> None:
                 ids = [e.id for e in events]
                 assert ids == sorted(set(ids)), "ids must strictly increase within a response"
                 assert all(i > client.last_id for i in ids), "nothing at or before the position"
+                if store is not None and ids:
+                    record = store.inner.load_stream(stream.id)
+                    assert record is not None
+                    assert record.last_event_id >= ids[-1], "delivered before it was durable"
                 apply_all(client, events)
                 taken += len(events)
     finally:
@@ -106,6 +113,7 @@ ops = st.lists(
     write_delay=st.sampled_from([0.0, 0.003, 0.01]),
     clients=st.lists(st.lists(st.integers(1, 15), min_size=1, max_size=8), min_size=1, max_size=4),
     seed=st.integers(0, 2**32),
+    durable=st.booleans(),
 )
 def test_resume_invariant_under_random_persist_trim_and_reconnects(
     script: list[tuple[str, int, str]],
@@ -114,8 +122,10 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     write_delay: float,
     clients: list[list[int]],
     seed: int,
+    durable: bool,
 ) -> None:
-    """Whatever the persist/trim schedule, failures and reconnect points, clients end exact."""
+    """Whatever the persist/trim schedule, failures and reconnect points, clients end exact; in
+    durable delivery, no event reaches a reader before the store has it."""
     rng = random.Random(seed)
     store = FlakyStore(rng, failure_rate)
     store.write_delay = write_delay
@@ -133,7 +143,9 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
             else:
                 gevent.sleep(rng.choice([0, 0.001, 0.004]))
 
-    stream = Stream(producer, buffer_size=buffer_size, store=store, client_queue=10_000)
+    stream = Stream(
+        producer, buffer_size=buffer_size, store=store, client_queue=10_000, durable=durable
+    )
 
     sent: list[tuple[int, int, str]] = []  # (id, block, text) of every delta, as sent
 
@@ -148,13 +160,13 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     def client_run(budgets: list[int]) -> Transcript:
         client = Transcript()
         for budget in budgets:
-            read_session(stream, client, budget)
+            read_session(stream, client, budget, store if durable else None)
             assert client.text() == text_at(client.last_id), "inexact after a session"
             gevent.sleep(rng.choice([0, 0.001, 0.003, 0.02]))  # writes and trims happen meanwhile
             if client.terminal:
                 return client
         while client.terminal is None:
-            read_session(stream, client, 10**6)
+            read_session(stream, client, 10**6, store if durable else None)
         return client
 
     def coverage_monitor() -> int:

@@ -76,6 +76,7 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
         "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
         "SSE_SHUTDOWN_TIMEOUT": GRACE,
         "SSE_HEARTBEAT_INTERVAL": 1,
+        "SSE_MAX_STREAMS_PER_ADDRESS": STREAMS,  # all from this one test client
     }
     first: LiveServer = server_factory(config, app="tests.live_app:app")
     texts: dict[str, str] = {}  # what each stream sends in all
