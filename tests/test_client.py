@@ -28,6 +28,7 @@ from tests.conftest import (
     LiveServer,
     free_port,
     start_demo,
+    start_stream,
     wait_done,
 )
 
@@ -241,8 +242,10 @@ def test_sse_tail_exit_codes(server: LiveServer) -> None:
 def test_sse_tail_stops_quietly_when_its_output_is_closed(server: LiveServer) -> None:
     """``sse-tail URL --json | head -5``: head exits after 5 lines; sse-tail used to end in a
     BrokenPipeError traceback."""
-    text = "x" * 400
-    stream_id = start_demo(server.url, text, chunk_size=1, interval_ms=5)
+    # App events, one every 50 ms for 30 s: all kept in the buffer (there is no text block to
+    # persist), so sse-tail gets many however late it starts, and head goes before the end.
+    events = [["tick", {"n": n}] for n in range(600)]
+    stream_id = start_stream(server.url, "named", events=events, interval_ms=50, text="end")
     url = f"{server.url}/api/streams/{stream_id}"
     piped = subprocess.run(
         f"{sys.executable} -m sse_blueprint.client {url} --json | head -5; "
@@ -252,6 +255,7 @@ def test_sse_tail_stops_quietly_when_its_output_is_closed(server: LiveServer) ->
     assert len(piped.stdout.splitlines()) == 5
     assert "Traceback" not in piped.stderr
     assert "status=141" in piped.stderr
+    httpx.post(f"{server.url}/api/streams/{stream_id}/cancel", json={})
 
 
 def test_sse_tail_fails_fast_when_nothing_answers() -> None:
