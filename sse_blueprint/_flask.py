@@ -312,23 +312,14 @@ class SSE:
         *,
         app: Flask | None = None,
         metadata: Mapping[str, Any] | None = None,
+        on_complete: Callable[[Stream], None] | None = None,
     ) -> Stream:
         """Start a stream from Python (not HTTP): validate ``input`` and run producer ``name``.
 
-        Raises ``KeyError`` for an unknown producer, :class:`InputError` for refused input and
+        ``on_complete(stream)`` is called once the stream has ended, however it ended. Raises
+        ``KeyError`` for an unknown producer, :class:`InputError` for refused input and
         :class:`~sse_blueprint.StreamLimitReached` when the registry is full.
         """
-        return self._start(name, input, app=app, metadata=metadata)
-
-    def _start(
-        self,
-        name: str,
-        input: Mapping[str, Any] | None = None,
-        *,
-        app: Flask | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        on_complete: Callable[[Stream], None] | None = None,
-    ) -> Stream:
         state = _state(app)
         spec = self._producers.get(name)
         if spec is None:
@@ -439,7 +430,7 @@ def _make_blueprint() -> Blueprint:
                 del counts[address]
 
         try:
-            stream = ext._start(name, input, metadata=metadata, on_complete=finished)
+            stream = ext.start(name, input, metadata=metadata, on_complete=finished)
         except ValueError as exc:  # InputError
             _error(400, str(exc))
         except ShuttingDown:

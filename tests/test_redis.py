@@ -44,6 +44,18 @@ SHORT = "A short reply: it ends within the grace period of the instance that lea
 PARAGRAPHS = "".join(f"Part {i}: " + "streams and blocks " * 4 + "\n\n" for i in range(6)) + "End."
 
 
+def shared_config(redis_server: RedisServer, postgres: PostgresServer) -> dict[str, Any]:
+    """Config for instances that share ``redis_server`` and a new database of ``postgres``."""
+    name = "r_" + uuid.uuid4().hex[:12]
+    postgres.psql(f"CREATE DATABASE {name}")
+    return {
+        "SSE_REDIS_URL": redis_server.url,
+        "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
+        "SSE_REDIS_LEASE": LEASE,
+        "SSE_HEARTBEAT_INTERVAL": 1,
+    }
+
+
 @pytest.fixture(scope="module")
 def shared(
     server_factory: Any, redis_server: RedisServer, postgres: PostgresServer
@@ -51,15 +63,7 @@ def shared(
     """Two instances of 3 workers on one Redis and one database; tests may start more. All
     are stopped when this module is done (their logs are checked at the end of the session),
     so that their database pools do not crowd later modules out of PostgreSQL."""
-    name = "r_" + uuid.uuid4().hex[:12]
-    postgres.psql(f"CREATE DATABASE {name}")
-    config = {
-        "SSE_REDIS_URL": redis_server.url,
-        "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
-        "SSE_REDIS_LEASE": LEASE,
-        "SSE_HEARTBEAT_INTERVAL": 1,
-        "SSE_RETRY_MS": 200,
-    }
+    config = {**shared_config(redis_server, postgres), "SSE_RETRY_MS": 200}
 
     started: list[LiveServer] = []
 
@@ -634,14 +638,7 @@ def test_readers_everywhere_end_when_redis_loses_its_data(
     and a reader who comes later gets the turn as the database has it."""
     volatile = RedisServer(persistent=False).start()
     try:
-        name = "r_" + uuid.uuid4().hex[:12]
-        postgres.psql(f"CREATE DATABASE {name}")
-        config = {
-            "SSE_REDIS_URL": volatile.url,
-            "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
-            "SSE_REDIS_LEASE": LEASE,
-            "SSE_HEARTBEAT_INTERVAL": 1,
-        }
+        config = shared_config(volatile, postgres)
         owner = server_factory(config, app="tests.live_app:app", workers=1)
         other = server_factory(config, app="tests.live_app:app", workers=1)
         stream_id = demo(owner.url, PARAGRAPHS * 2, chunk=2, interval=15)
