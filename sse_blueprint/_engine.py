@@ -57,6 +57,7 @@ __all__ = [
     "Subscription",
     "TERMINAL_EVENTS",
     "lost",
+    "lost_data",
     "new_stream_id",
     "replay",
 ]
@@ -1033,6 +1034,11 @@ def replay(record: StreamRecord, blocks: list[TurnBlock], after: int) -> list[Ev
     return out
 
 
+def lost_data(stream_id: str) -> dict[str, Any]:
+    """The data of the ``error`` event that ends a stream whose producer is gone."""
+    return {"stream_id": stream_id, "message": "producer lost"}
+
+
 def lost(record: StreamRecord) -> StreamRecord:
     """The record of a stream whose producer is gone: ended with ``error: producer lost``."""
     terminal_id = record.last_event_id + LOST_ID_GAP
@@ -1043,7 +1049,7 @@ def lost(record: StreamRecord) -> StreamRecord:
         finished_at=time.time(),
         terminal="error",
         terminal_id=terminal_id,
-        terminal_data={"stream_id": record.stream_id, "message": "producer lost"},
+        terminal_data=lost_data(record.stream_id),
     )
 
 

@@ -54,7 +54,7 @@ import redis
 from redis.client import Pipeline
 
 from . import _wire
-from ._engine import Event, Stream, StreamClosed, StreamState, lost
+from ._engine import Event, Stream, StreamClosed, StreamState, lost, lost_data
 from ._records import BlockStore
 
 __all__ = ["RedisBackend"]
@@ -394,8 +394,8 @@ class RedisBackend:
         if fields.get("state") == "running" and not self._retrying(
             self.redis.exists, _keys(stream_id)[2]
         ):
-            lost = {"stream_id": stream_id, "message": "producer lost"}
-            if self.end(stream_id, "error", lost, if_lease_gone=True) == "ok":
+            gone = lost_data(stream_id)
+            if self.end(stream_id, "error", gone, if_lease_gone=True) == "ok":
                 return self.status(stream_id)
         finished = fields.get("finished_at")
         return {
@@ -595,7 +595,7 @@ class RedisBackend:
                     try:
                         lease = _keys(stream_id)[2]
                         if not self.redis.exists(lease):
-                            gone = {"stream_id": stream_id, "message": "producer lost"}
+                            gone = lost_data(stream_id)
                             ended = self.end(stream_id, "error", gone, if_lease_gone=True)
                             if ended is None:  # Redis lost the stream: its end is in the store
                                 self._end_from_store(stream, unknown.setdefault(stream_id, now))

@@ -59,6 +59,7 @@ app.config.update(
     SSE_MAX_CLIENTS_PER_STREAM=100_000,
     SSE_MAX_CLIENTS_PER_ADDRESS=100_000,
     SSE_MAX_STREAMS=100_000,
+    SSE_MAX_STREAMS_PER_ADDRESS=100_000,  # every load client is on 127.0.0.1
     SSE_STREAM_TIMEOUT=3600,
 )
 app.config.from_prefixed_env()
