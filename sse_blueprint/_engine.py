@@ -1034,9 +1034,9 @@ def replay(record: StreamRecord, blocks: list[TurnBlock], after: int) -> list[Ev
     return out
 
 
-def lost_data(stream_id: str) -> dict[str, Any]:
-    """The data of the ``error`` event that ends a stream whose producer is gone."""
-    return {"stream_id": stream_id, "message": "producer lost"}
+def lost_data(stream_id: str, message: str = "producer lost") -> dict[str, Any]:
+    """The data of the ``error`` event that ends a stream whose producer (or its state) is gone."""
+    return {"stream_id": stream_id, "message": message}
 
 
 def lost(record: StreamRecord) -> StreamRecord:

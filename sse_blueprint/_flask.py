@@ -65,6 +65,11 @@ _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
 _ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _HEARTBEAT = _wire.encode_comment("heartbeat")
+#: Why streams are not served from several worker processes without Redis (logged and answered).
+MULTIPROCESS_REFUSAL = (
+    "sse-blueprint: this app runs in several worker processes but streams are kept in "
+    "one process: set SSE_REDIS_URL to share them, or run a single worker (gunicorn -w 1)"
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -358,20 +363,12 @@ def _state(app: Flask | None = None) -> _AppState:
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> NoReturn:
-    """Abort the request with a JSON error body."""
-    response = current_app.response_class(
-        json.dumps({"error": message}) + "\n", status=status, mimetype="application/json"
-    )
-    if headers:
-        response.headers.update(headers)
-    raise _JSONAbort(response)
+    """Abort the request with a JSON error body (answered by :func:`_refusal`)."""
+    raise RequestRefused(status, message, headers)
 
 
-class _JSONAbort(HTTPException):
-    def __init__(self, response: Response) -> None:
-        super().__init__(response=response)
-        self.code = response.status_code
-        self.json_response = response
+def _storage_unavailable() -> NoReturn:
+    _error(503, "stream storage is unavailable; retry shortly", {"Retry-After": "2"})
 
 
 def _make_blueprint() -> Blueprint:
@@ -485,9 +482,7 @@ def _make_blueprint() -> Blueprint:
                     sub.close()
                     if release is not None:
                         release()
-                    _error(
-                        503, "stream storage is unavailable; retry shortly", {"Retry-After": "2"}
-                    )
+                    _storage_unavailable()
             if closer is not None:
                 state.write_watch.add(sub, closer)
             body = follow(
@@ -583,15 +578,8 @@ def _make_blueprint() -> Blueprint:
         return _refusal(exc)
 
     @bp.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> BaseResponse | Response:
-        if isinstance(exc, _JSONAbort):
-            return exc.json_response
-        response = current_app.response_class(
-            json.dumps({"error": exc.description or exc.name}) + "\n",
-            status=exc.code or 500,
-            mimetype="application/json",
-        )
-        return response
+    def http_error(exc: HTTPException) -> Response:
+        return _refusal(RequestRefused(exc.code or 500, exc.description or exc.name))
 
     @bp.after_request
     def cors(response: BaseResponse) -> BaseResponse:
@@ -630,14 +618,10 @@ def _refuse_multiprocess(state: _AppState) -> Response:
     the stream "running" in the database with no producer there, and end it as lost while it
     still runs. Refuse everything instead, loudly.
     """
-    message = (
-        "sse-blueprint: this app runs in several worker processes but streams are kept in "
-        "one process: set SSE_REDIS_URL to share them, or run a single worker (gunicorn -w 1)"
-    )
     if not state.warned_multiprocess:
         state.warned_multiprocess = True
-        log.error("%s", message)
-    return _refusal(RequestRefused(500, message))
+        log.error("%s", MULTIPROCESS_REFUSAL)
+    return _refusal(RequestRefused(500, MULTIPROCESS_REFUSAL))
 
 
 def _stream_response(body: Iterator[bytes], ndjson: bool) -> Response:
@@ -666,7 +650,7 @@ def _store_call(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return func(*args, **kwargs)
     except Exception as exc:
         _log_unavailable("stream storage or backend unavailable", exc)
-        _error(503, "stream storage is unavailable; retry shortly", {"Retry-After": "2"})
+        _storage_unavailable()
 
 
 def _log_unavailable(what: str, exc: Exception) -> None:

@@ -283,23 +283,13 @@ class RedisBackend:
     def _refused(self, stream: Stream, exc: Exception) -> None:
         """Our write was refused: the stream ended elsewhere, another producer owns it, or Redis
         no longer knows it (restarted empty, flushed, evicted, a failover that lost writes)."""
-        if "LOST" in str(exc):
-            log.error(
-                "stream %s: Redis no longer knows this stream (its data was lost); ending it",
-                stream.id,
-                extra={"stream_id": stream.id},
-            )
-            data = {"stream_id": stream.id, "message": LOST_IN_REDIS}
-            stream._adopt_terminal(Event(stream.last_event_id + 1, "error", data))
-        elif "FENCED" in str(exc):
-            # Not ours any more: end it here (for this worker's readers) without writing.
-            log.error(
-                "stream %s: fenced out by another producer; stopping",
-                stream.id,
-                extra={"stream_id": stream.id},
-            )
-            data = {"stream_id": stream.id, "message": "producer fenced out"}
-            stream._adopt_terminal(Event(stream.last_event_id + 1, "error", data))
+        text = str(exc)
+        if "LOST" in text or "FENCED" in text:
+            # Not ours any more, or nobody's: end it here (for this worker's readers), unwritten.
+            why = LOST_IN_REDIS if "LOST" in text else "producer fenced out"
+            log.error("stream %s: %s; stopping", stream.id, why, extra={"stream_id": stream.id})
+            end = Event(stream.last_event_id + 1, "error", lost_data(stream.id, why))
+            stream._adopt_terminal(end)
         else:
             self._adopt_remote_end(stream)  # cancelled, or lost while we could not renew
 
@@ -639,11 +629,7 @@ class RedisBackend:
         if record is not None and record.terminal is not None and record.terminal_id is not None:
             end = Event(record.terminal_id, record.terminal, record.terminal_data or {})
         else:  # no store, or it never heard of the stream
-            end = Event(
-                mirror.last_event_id + 1,
-                "error",
-                {"stream_id": mirror.id, "message": LOST_IN_REDIS},
-            )
+            end = Event(mirror.last_event_id + 1, "error", lost_data(mirror.id, LOST_IN_REDIS))
         log.warning(
             "stream %s: Redis lost this stream; it ended with %s", mirror.id, end.event,
             extra={"stream_id": mirror.id},

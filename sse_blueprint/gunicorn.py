@@ -78,11 +78,7 @@ def post_worker_init(worker: Any) -> None:
     """
     workers = getattr(worker.cfg, "workers", 1)
     if workers > 1 and any(state.backend is None for state in list(_flask._STATES)):
-        log.error(
-            "sse-blueprint: %d workers, but streams are kept in one process: set "
-            "SSE_REDIS_URL to share them, or run a single worker (--workers 1)",
-            workers,
-        )
+        log.error("%s (%d workers)", _flask.MULTIPROCESS_REFUSAL, workers)
         sys.exit(WORKER_BOOT_ERROR)
     gc.collect()
     gc.freeze()
