@@ -1,13 +1,16 @@
 """Reference app: a small chat and a job page on sse_blueprint, mounted at ``/api``.
 
-Producers: ``demo`` (the contract's stand-in for an LLM), ``chat`` (the same, writing an assistant
-reply and saving it when the stream ends) and ``progress`` (a long job reporting progress).
+Producers: ``demo`` (the contract's stand-in for an LLM), ``script`` (the contract's stand-in for
+an agent's turn: typed blocks and app events), ``chat`` (a stand-in agent that reasons, calls a
+tool, cites and answers, and saves the answer when the stream ends) and ``progress`` (a long job
+reporting progress).
 Serve it with ``make run`` (gunicorn, gevent worker, ``gunicorn.conf.py``). Every ``SSE_*`` key
 can be set from the environment as ``FLASK_SSE_*``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -17,7 +20,14 @@ import gevent
 from flask import Flask, abort, render_template, request
 
 from models import ChatStore
-from sse_blueprint import SSE, InputError, ProducerContext, StreamClosed, StreamLimitReached
+from sse_blueprint import (
+    SSE,
+    InputError,
+    ProducerContext,
+    ProducerError,
+    StreamClosed,
+    StreamLimitReached,
+)
 
 sse = SSE()
 
@@ -89,6 +99,116 @@ def demo(ctx: ProducerContext) -> dict[str, Any]:
     return {"blocks": blocks, "characters": len(text)}
 
 
+#: What a ``script`` step's block kind and event name may be (the contract's kinds).
+_KIND = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_ENGINE_EVENTS = frozenset(
+    {"start", "done", "error", "cancelled", "turnblock_catchup", "block_start", "text_delta",
+     "block_end"}
+)  # fmt: skip
+MAX_SCRIPT_STEPS = 10_000
+
+
+def _script_step(index: int, step: Any) -> dict[str, Any]:
+    where = f"steps[{index}]"
+    if not isinstance(step, dict) or len(step.keys() & {"block", "event"}) != 1:
+        raise InputError(f'{where} must be an object with either "block" or "event"')
+    if "block" in step:
+        block = step["block"]
+        if not isinstance(block, dict):
+            raise InputError(f"{where}.block must be an object")
+        kind = block.get("kind")
+        if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
+            raise InputError(f"{where}.block.kind must match [a-z][a-z0-9_.-]{{0,63}}")
+        text = block.get("text", "")
+        if not isinstance(text, str):
+            raise InputError(f"{where}.block.text must be a string")
+        meta, end_meta = block.get("meta", {}), block.get("end_meta", {})
+        if not isinstance(meta, dict) or not isinstance(end_meta, dict):
+            raise InputError(f"{where}.block.meta and end_meta must be objects")
+        return {"block": {"kind": kind, "meta": meta, "text": text, "end_meta": end_meta}}
+    name, data = step["event"], step.get("data", {})
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in _ENGINE_EVENTS
+        or len(name) > 128
+        or any(c in name for c in "\r\n\0")
+    ):
+        raise InputError(
+            f"{where}.event must be an event name of at most 128 characters without CR, LF or "
+            "NUL, and not one the engine sends"
+        )
+    if not isinstance(data, dict):
+        raise InputError(f"{where}.data must be an object")
+    replay = step.get("replay", "durable")
+    if replay not in ("durable", "latest", "ephemeral"):
+        raise InputError(f'{where}.replay must be "durable", "latest" or "ephemeral"')
+    return {"event": name, "data": data, "replay": replay}
+
+
+def validate_script(input: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the ``script`` input: ``steps`` (a list), ``chunk_size`` and ``interval_ms``."""
+    steps = input.get("steps")
+    if not isinstance(steps, list) or len(steps) > MAX_SCRIPT_STEPS:
+        raise InputError(f'"steps" must be a list of at most {MAX_SCRIPT_STEPS} steps')
+    checked = [_script_step(i, step) for i, step in enumerate(steps)]
+    try:
+        json.dumps(checked).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        raise InputError('"steps" must be valid Unicode JSON (no lone surrogates)') from None
+    if sum(len(s["block"]["text"]) for s in checked if "block" in s) > MAX_DEMO_TEXT:
+        raise InputError(f"the steps' text must be at most {MAX_DEMO_TEXT} characters in all")
+    return {
+        "steps": checked,
+        "chunk_size": _int_field(input, "chunk_size", 8, 1, 1_000_000),
+        "interval_ms": _int_field(input, "interval_ms", 30, 0, 60_000),
+    }
+
+
+def run_script(
+    ctx: ProducerContext,
+    steps: list[dict[str, Any]],
+    size: int,
+    interval_ms: int,
+    answer: list[str] | None = None,
+) -> int:
+    """Play ``steps`` (see :func:`validate_script`) into the stream; return the blocks sent.
+
+    The text of ``text`` blocks is appended to ``answer`` chunk by chunk, once it is sent.
+    """
+    interval = interval_ms / 1000
+    blocks = sent = 0
+    try:
+        for step in steps:
+            if "event" in step:
+                ctx.send(step["event"], step["data"], replay=step["replay"])
+                continue
+            spec = step["block"]
+            block = ctx.block(spec["kind"], spec["meta"])
+            text: str = spec["text"]
+            for start in range(0, len(text), size):
+                block.write(text[start : start + size])
+                if answer is not None and block.kind == "text":
+                    answer.append(text[start : start + size])
+                sent += 1
+                if interval:
+                    ctx.sleep(interval)
+                elif sent % 64 == 0:
+                    gevent.sleep(0)  # let readers run during a long burst
+            block.end(spec["end_meta"])
+            blocks += 1
+    except ValueError as exc:  # a bound of the stream (SSE_MAX_DURABLE_EVENTS, meta size)
+        raise ProducerError(str(exc)) from None
+    return blocks
+
+
+@sse.producer("script", validate=validate_script)
+def script(ctx: ProducerContext) -> dict[str, Any]:
+    """A stand-in for an agent's turn: plays the typed blocks and events of ``steps``."""
+    blocks = run_script(ctx, ctx.input["steps"], ctx.input["chunk_size"], ctx.input["interval_ms"])
+    return {"blocks": blocks, "steps": len(ctx.input["steps"])}
+
+
 def compose_reply(prompt: str) -> str:
     """The stand-in LLM's answer: deterministic, a few paragraphs, so tests can check it."""
     topic = " ".join(prompt.split()[:8]) or "that"
@@ -100,6 +220,38 @@ def compose_reply(prompt: str) -> str:
         "saw and catches up exactly: finished paragraphs arrive whole, the rest as deltas.\n\n"
         "When the stream ends, the app saves this message, so it is here after a reload too."
     )
+
+
+def compose_turn(prompt: str) -> list[dict[str, Any]]:
+    """The stand-in agent's whole turn for ``prompt``, as ``script`` steps: it reasons, calls a
+    search tool (streamed JSON arguments), reads the result, answers and cites its source."""
+    topic = " ".join(prompt.split()[:8]) or "that"
+    query = {"query": f"resumable streams {topic}"[:120]}
+    source = {
+        "title": "Server-sent events (HTML Living Standard)",
+        "url": "https://html.spec.whatwg.org/multipage/server-sent-events.html",
+    }
+    call = {"name": "search", "call_id": "call_1"}
+    return [
+        {"event": "status", "data": {"phase": "thinking"}, "replay": "latest"},
+        {"block": {"kind": "reasoning", "meta": {}, "end_meta": {}, "text": (
+            f"The user asks about \u201c{topic}\u201d. I should check how resumable streams "
+            "behave when a connection drops, then answer in a few short paragraphs."
+        )}},
+        {"event": "status", "data": {"phase": "searching"}, "replay": "latest"},
+        {"block": {"kind": "tool_call", "meta": call, "text": json.dumps(query),
+                   "end_meta": {"input": query}}},
+        {"block": {"kind": "tool_result", "meta": {"call_id": "call_1"}, "end_meta": {},
+                   "text": json.dumps({"results": [source]})}},
+        {"event": "status", "data": {"phase": "writing"}, "replay": "latest"},
+        *[
+            {"block": {"kind": "text", "meta": {}, "end_meta": {}, "text": paragraph}}
+            for paragraph in split_blocks(compose_reply(prompt))
+        ],
+        {"event": "citation", "data": {"index": 1, **source}, "replay": "durable"},
+        {"event": "usage", "data": {"input_tokens": len(prompt.split()), "output_tokens": 96},
+         "replay": "durable"},
+    ]  # fmt: skip
 
 
 def validate_chat(input: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -116,15 +268,15 @@ def validate_chat(input: Mapping[str, Any]) -> Mapping[str, Any]:
 
 @sse.producer("chat", validate=validate_chat)
 def chat(ctx: ProducerContext) -> dict[str, Any]:
-    """Write the assistant's reply to ``prompt`` and save it as message ``message_id``."""
-    reply = compose_reply(str(ctx.input.get("prompt", "")))
+    """Write the assistant's turn for ``prompt``; save its answer as message ``message_id``."""
+    turn = compose_turn(str(ctx.input.get("prompt", "")))
     store: ChatStore = ctx.input["store"]
     message_id: int = ctx.input["message_id"]
     size, interval = ctx.input["chunk_size"], ctx.input["interval_ms"]
     sent: list[str] = []
     state = "error"
     try:
-        stream_text(ctx, reply, size, interval, sent)
+        run_script(ctx, turn, size, interval, sent)
         state = "done"
     except StreamClosed:
         state = "cancelled"

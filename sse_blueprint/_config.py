@@ -42,6 +42,8 @@ class SSEConfig:
     body_timeout: float = 10.0
     max_streams_per_address: int = 100
     delivery: str = "live"
+    max_durable_events: int = 1000
+    max_meta_bytes: int = 65536
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -82,6 +84,10 @@ class SSEConfig:
                 config, "SSE_MAX_STREAMS_PER_ADDRESS", d.max_streams_per_address, minimum=1
             ),
             delivery=_choice(config, "SSE_DELIVERY", ("live", "durable")),
+            max_durable_events=_integer(
+                config, "SSE_MAX_DURABLE_EVENTS", d.max_durable_events, minimum=0
+            ),
+            max_meta_bytes=_integer(config, "SSE_MAX_META_BYTES", d.max_meta_bytes, minimum=2),
         )
 
     def __post_init__(self) -> None:

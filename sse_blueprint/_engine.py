@@ -10,14 +10,16 @@ write to its socket). A subscriber that falls more than ``client_queue`` events 
 stops being a subscriber, its response ends, and the client resumes with ``Last-Event-ID``.
 Nothing is ever dropped for a subscriber that stays.
 
-Persistence (two tiers): ``text_delta`` events are aggregated per block as they arrive. A
-persister greenlet per stream writes the blocks that changed, and the stream record, to a
-:class:`~sse_blueprint.BlockStore` when a block ends, when more than ``buffer_size`` events are
-unsaved, and at the end. It notes the last event id *before* writing and, once the write
-succeeded, trims the live buffer only up to that id (and never past a connected reader), so events
-sent while the write was in flight always stay. A failed write keeps everything and is retried.
-A reader whose position is older than the buffer gets the blocks from the store, merged with the
-buffer into one exact snapshot, then the live events.
+Persistence (two tiers): block events (``block_start``, ``text_delta``, ``block_end``) are
+aggregated per block as they arrive, and replayable app events kept, by a
+:class:`~sse_blueprint._turn.TurnBuilder`. A persister greenlet per stream writes the blocks that
+changed, the new events and the stream record to a :class:`~sse_blueprint.BlockStore` when a
+block ends, when more than ``buffer_size`` events are unsaved, and at the end. It notes the last
+event id *before* writing and, once the write succeeded, trims the live buffer only up to that
+id (and never past a connected reader), so events sent while the write was in flight always
+stay. A failed write keeps everything and is retried.
+A reader whose position is older than the buffer gets the turn from the store, merged with the
+buffer into one exact snapshot (:func:`~sse_blueprint._turn.catch_up`), then the live events.
 
 Everything here runs on one OS thread under gevent. Greenlets switch only at blocking calls, so a
 method that does not block is atomic: :meth:`Stream.subscribe` takes its snapshot and registers
@@ -41,9 +43,12 @@ import gevent.lock
 from gevent import Greenlet
 
 from . import _observe, _wire
-from ._records import BlockStore, StreamRecord, TurnBlock
+from ._event import DURABLE, RESERVED_EVENTS, TERMINAL_EVENTS, Event
+from ._records import BlockStore, StoredTurn, StreamRecord
+from ._turn import TurnBuilder, catch_up
 
 __all__ = [
+    "Block",
     "Event",
     "Producer",
     "ProducerContext",
@@ -64,10 +69,6 @@ __all__ = [
 
 log = logging.getLogger("sse_blueprint")
 
-TERMINAL_EVENTS = frozenset({"done", "error", "cancelled"})
-
-#: Names only the engine sends.
-RESERVED_EVENTS = TERMINAL_EVENTS | {"start", "turnblock_catchup"}
 #: A stream found "running" in the store with no live producer ends with an ``error`` event whose
 #: id is this far past the last persisted id: past any event the lost producer could have sent.
 LOST_ID_GAP = 1_000_000_000
@@ -110,46 +111,6 @@ class ShuttingDown(StreamLimitReached):
 def new_stream_id() -> str:
     """A new stream id: 128 random bits, URL-safe base64 (22 characters)."""
     return secrets.token_urlsafe(16)
-
-
-class Event:
-    """One event of a stream: integer ``id``, ``event`` name and a JSON object ``data``.
-
-    The JSON and SSE encodings are made once, when the event is created, and shared by every
-    subscriber; NDJSON is made on first use.
-    """
-
-    __slots__ = ("_ndjson", "data", "event", "id", "json", "sse")
-
-    def __init__(self, id: int, event: str, data: Mapping[str, Any]) -> None:
-        self.id = id
-        if not event:
-            raise ValueError("event name must be a non-empty string")
-        self.event = _wire.check_field("event", event)
-        self.data = data
-        if not isinstance(data, Mapping):
-            raise ValueError(
-                f"event data must be a mapping (a JSON object), not {type(data).__name__}"
-            )
-        try:
-            self.json = _wire.dumps(data)
-        except TypeError as exc:
-            raise ValueError(f"event data is not JSON-serializable: {exc}") from exc
-        self.sse = _wire.encode_event(self.json, id=id, event=event)
-        self._ndjson: bytes | None = None
-
-    @property
-    def ndjson(self) -> bytes:
-        if self._ndjson is None:
-            self._ndjson = _wire.encode_ndjson(self.id, self.event, self.json)
-        return self._ndjson
-
-    @property
-    def terminal(self) -> bool:
-        return self.event in TERMINAL_EVENTS
-
-    def __repr__(self) -> str:
-        return f"Event(id={self.id}, event={self.event!r}, data={self.json})"
 
 
 class StreamBackend(Protocol):
@@ -213,22 +174,47 @@ class ProducerContext:
         """True once the stream is over (cancelled, timed out): stop producing."""
         return self._stream.finished
 
-    def send(self, event: str, data: Mapping[str, Any]) -> int:
-        """Append an event to the stream and return its id.
+    def send(self, event: str, data: Mapping[str, Any], *, replay: str = DURABLE) -> int:
+        """Append an app event to the stream and return its id.
 
-        Raises :class:`StreamClosed` if the stream is already over, and ``ValueError`` for an
-        event name that cannot be sent (terminal names, CR/LF/NUL) or data that is not JSON.
+        ``replay`` says what a client that resumes later gets: ``"durable"`` (the default) stores
+        the event with the turn and replays it exactly once; ``"latest"`` keeps only the newest
+        event of this name (progress, status); ``"ephemeral"`` is live only (a typing
+        indicator). Raises :class:`StreamClosed` if the stream is already over, and
+        ``ValueError`` for an event that cannot be sent (terminal names, CR/LF/NUL, data that is
+        not JSON, more durable events than ``SSE_MAX_DURABLE_EVENTS``).
         """
         if event in RESERVED_EVENTS:
             raise ValueError(
                 f"{event!r} is sent by the engine; return from the producer (done), raise "
                 "ProducerError (error), or cancel the stream instead"
             )
-        return self._stream._append(event, data).id
+        return self._stream._append(event, data, replay, check=True).id
+
+    def block(self, kind: str = "text", meta: Mapping[str, Any] | None = None) -> Block:
+        """Start the next block of the turn (numbered after every block so far): ``kind`` is
+        ``text``, ``reasoning``, ``tool_call`` (meta ``name``, ``call_id``), ``tool_result``
+        (meta ``call_id``) or your own, ``meta`` a JSON object. Sends ``block_start``.
+
+        >>> def agent(ctx: ProducerContext) -> None:
+        ...     with ctx.block("reasoning") as thinking:
+        ...         thinking.write("The user wants the weather...")
+        ...     call = ctx.block("tool_call", {"name": "weather", "call_id": "c1"})
+        ...     call.write('{"city": "Paris"}')
+        ...     call.end({"input": {"city": "Paris"}})
+        ...     with ctx.block("tool_result", {"call_id": "c1"}) as result:
+        ...         result.write('{"temp_c": 21}')
+        ...     ctx.text(ctx.block().index, "It is 21 °C in Paris.")
+        """
+        index = self._stream._turn.next_block
+        self._stream._append(
+            "block_start", {"block": index, "kind": kind, "meta": dict(meta or {})}, check=True
+        )
+        return Block(self, index, kind)
 
     def text(self, block: int, text: str) -> int:
-        """Send a ``text_delta``: append ``text`` to block ``block``."""
-        return self.send("text_delta", {"block": block, "text": text})
+        """Send a ``text_delta``: append ``text`` to block ``block`` (a text block if new)."""
+        return self._stream._append("text_delta", {"block": block, "text": text}, check=True).id
 
     def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once and raise :class:`StreamClosed` if the stream ends meanwhile.
@@ -243,9 +229,14 @@ class ProducerContext:
         elif closed.wait(seconds):
             raise StreamClosed(self._stream.id)
 
-    def end_block(self, block: int) -> None:
-        """Block ``block`` is finished: persist it (in the background) and trim the buffer."""
-        self._stream._request_flush()
+    def end_block(self, block: int, meta: Mapping[str, Any] | None = None) -> int:
+        """End block ``block``: send ``block_end`` with ``meta`` (merged into the block's meta).
+
+        The block is then complete, and persisted in the background. A ``tool_call`` block's
+        end may carry the parsed arguments: ``ctx.end_block(i, {"input": json.loads(args)})``.
+        """
+        data = {"block": block, "meta": dict(meta or {})}
+        return self._stream._append("block_end", data, check=True).id
 
     def snapshot(self) -> list[Event]:
         """The events in the live buffer now (oldest first)."""
@@ -258,6 +249,41 @@ class ProducerContext:
         connected reader has not taken yet, and the newest event, stay. Returns how many went.
         """
         return self._stream._trim(up_to_id)
+
+
+class Block:
+    """A block a producer started with :meth:`ProducerContext.block`.
+
+    Used as a context manager, it ends when the ``with`` body finishes without an exception.
+    """
+
+    __slots__ = ("_ctx", "ended", "index", "kind")
+
+    def __init__(self, ctx: ProducerContext, index: int, kind: str) -> None:
+        self._ctx = ctx
+        self.index = index
+        self.kind = kind
+        self.ended = False
+
+    def write(self, text: str) -> int:
+        """Append ``text`` to the block's content (a ``text_delta``); returns the event id."""
+        return self._ctx.text(self.index, text)
+
+    def end(self, meta: Mapping[str, Any] | None = None) -> int:
+        """End the block (``block_end``), merging ``meta`` into its meta."""
+        event_id = self._ctx.end_block(self.index, meta)
+        self.ended = True
+        return event_id
+
+    def __enter__(self) -> Block:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None and not self.ended:
+            self.end()
+
+    def __repr__(self) -> str:
+        return f"Block(index={self.index}, kind={self.kind!r})"
 
 
 Producer = Callable[[ProducerContext], "Mapping[str, Any] | None"]
@@ -363,24 +389,6 @@ class Subscription:
 FAN_OUT_SLICE = 0.02
 
 
-class _Block:
-    """A block's text as it is being streamed, and how much of it the store has."""
-
-    __slots__ = ("first_id", "kind", "last_id", "parts", "saved_id")
-
-    def __init__(self, kind: str, first_id: int) -> None:
-        self.kind = kind
-        self.parts: list[str] = []
-        self.first_id = first_id
-        self.last_id = first_id
-        self.saved_id = 0
-
-    def content(self) -> str:
-        if len(self.parts) > 1:
-            self.parts[:] = ["".join(self.parts)]
-        return self.parts[0] if self.parts else ""
-
-
 class Stream:
     """One producer run and its live buffer. See the module docstring.
 
@@ -406,6 +414,8 @@ class Stream:
         mirror: bool = False,
         max_event_bytes: int = 1 << 20,
         durable: bool = False,
+        max_meta_bytes: int = 65536,
+        max_replayed_events: int = 1000,
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.max_event_bytes = max_event_bytes
@@ -444,8 +454,7 @@ class Stream:
         self.terminal_event: Event | None = None
         # Persistence.
         self._store = store
-        self._blocks: dict[int, _Block] = {}
-        self._dirty: set[int] = set()  # blocks with text the store does not have yet
+        self._turn = TurnBuilder(max_meta_bytes=max_meta_bytes, max_events=max_replayed_events)
         self._persisted_id = 0  # every event up to this id is covered by the store
         self._persisted_pos = 0  # absolute log index just past _persisted_id
         self._trimmed_id = 0  # id of the newest event dropped from the buffer (0: none)
@@ -556,22 +565,28 @@ class Stream:
         if g is not None and begun and not g.dead and g is not gevent.getcurrent():
             g.kill(StreamClosed(self.id), block=False)
 
-    def _append(self, event: str, data: Mapping[str, Any]) -> Event:
+    def _append(
+        self, event: str, data: Mapping[str, Any], replay: str = DURABLE, *, check: bool = False
+    ) -> Event:
+        """Number an event and put it in the stream; ``check``: the producer's, not the engine's
+        (the turn checks it first)."""
         if self._backend is None:
-            return self._append_now(event, data)  # no blocking call: atomic under gevent
+            return self._append_now(event, data, replay, check)  # no blocking call: atomic
         # The backend's write blocks, and a cancel or a timeout may append meanwhile from
         # another greenlet: one append at a time, or two events would get the same id.
         with self._append_lock:
-            return self._append_now(event, data)
+            return self._append_now(event, data, replay, check)
 
-    def _append_now(self, event: str, data: Mapping[str, Any]) -> Event:
+    def _append_now(self, event: str, data: Mapping[str, Any], replay: str, check: bool) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
-        if event == "text_delta":
-            block, text = data.get("block"), data.get("text")
-            if type(block) is not int or block < 0 or not isinstance(text, str):
-                raise ValueError('text_delta data must be {"block": int >= 0, "text": str}')
-        ev = Event(self._last_id + 1, event, data)
+        if check:
+            if not isinstance(data, Mapping):
+                raise ValueError(
+                    f"event data must be a mapping (a JSON object), not {type(data).__name__}"
+                )
+            self._turn.check(event, data, replay)
+        ev = Event(self._last_id + 1, event, data, replay)
         if len(ev.sse) > self.max_event_bytes:
             raise ValueError(
                 f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "
@@ -591,16 +606,9 @@ class Stream:
         durable = self._durable
         if ev.id == 1 and self.start_event is None:
             self.start_event = ev  # a mirror's: the owner's is set when it starts
-        if ev.event == "text_delta":
-            data = ev.data
-            index: int = data["block"]
-            state = self._blocks.get(index)
-            if state is None:
-                state = self._blocks[index] = _Block("text", ev.id)
-            state.parts.append(data["text"])
-            state.last_id = ev.id
-            self._dirty.add(index)
-            if self._end - self._persisted_pos > self.buffer_size and not durable:
+        if not self.mirror:
+            ended_block = self._turn.apply(ev)
+            if ended_block or self._end - self._persisted_pos > self.buffer_size:
                 self._request_flush()
         if durable:
             self._request_flush()  # readers see it once it is written (see _reveal)
@@ -795,14 +803,10 @@ class Stream:
             # Snapshot (no blocking call until the write): everything up to last_id is in it.
             end_pos, last_id = self._end, self._last_id
             record = self.record()
-            blocks = [
-                TurnBlock(self.id, i, b.kind, b.content(), b.first_id, b.last_id)
-                for i in sorted(self._dirty)
-                for b in (self._blocks[i],)
-            ]
+            blocks, events = self._turn.unsaved(self.id)
             began = time.perf_counter()
             try:
-                store.save(record, blocks)
+                store.save(record, blocks, events)
             except Exception as exc:
                 self.persist_failures += 1
                 _observe.METRICS.persist_failed()
@@ -821,16 +825,12 @@ class Stream:
                 continue
             _observe.METRICS.persisted(time.perf_counter() - began)
             delay = PERSIST_RETRY_MIN
-            for saved in blocks:
-                state = self._blocks[saved.block]
-                state.saved_id = max(state.saved_id, saved.last_event_id)
-                if state.last_id <= state.saved_id:
-                    self._dirty.discard(saved.block)
+            self._turn.saved(blocks, events)
             if last_id > self._persisted_id:
                 self._persisted_id, self._persisted_pos = last_id, end_pos
                 if self._durable:
                     self._reveal(end_pos)
-            if blocks or len(self._log) > self.buffer_size:
+            if blocks or events or len(self._log) > self.buffer_size:
                 # (A write of the record alone trims nothing: that would only send new readers
                 # to the store for the ``start`` event.)
                 self._trim_to = self._persisted_id
@@ -859,10 +859,10 @@ class Stream:
         return count
 
     def _catch_up(self, sub: Subscription) -> list[Event]:
-        """Blocks from the store merged with the buffer: an exact snapshot, then live events.
+        """The turn from the store merged with the buffer: an exact snapshot, then live events.
 
         ``sub`` was registered at the start of the buffer, which pins it (nothing after that is
-        trimmed) while the store is read. Every delta the store does not cover is newer than
+        trimmed) while the store is read. Every event the store does not cover is newer than
         what was trimmed, so it is in the pinned buffer. The merge below does not block, so the
         snapshot and the switch to live events are one step.
         """
@@ -870,7 +870,7 @@ class Stream:
         store = self._store
         assert store is not None
         try:
-            rows = store.load_blocks(self.id, after)
+            stored = store.load_turn(self.id, after)
         except Exception as exc:
             log.warning(
                 "stream %s: catch-up from the store failed (%s); cutting reader",
@@ -883,27 +883,10 @@ class Stream:
             return []
         if sub.done:
             return []
-        blocks: dict[int, _Block] = {}
-        for row in rows:
-            merged = blocks[row.block] = _Block(row.kind, row.first_event_id)
-            merged.parts.append(row.content)
-            merged.last_id = row.last_event_id
-        out: list[Event] = []
-        for ev in self._log[sub._pos - self._base : self._visible - self._base]:
-            found = blocks.get(ev.data["block"]) if ev.event == "text_delta" else None
-            if found is not None:
-                if ev.id > found.last_id:
-                    found.parts.append(ev.data["text"])
-                    found.last_id = ev.id
-            elif ev.id > after:
-                out.append(ev)
-        for index, merged in blocks.items():
-            data = {"block": index, "kind": merged.kind, "content": merged.content()}
-            out.append(Event(merged.last_id, "turnblock_catchup", data))
+        out = catch_up(stored, self._log[sub._pos - self._base : self._visible - self._base], after)
         start = self.start_event
         if start is not None and after < start.id <= self._trimmed_id:
-            out.append(start)
-        out.sort(key=_event_id)
+            out.insert(0, start)
         sub._pos = self._visible
         return out
 
@@ -1015,22 +998,15 @@ class Stream:
         self._notify()
 
 
-def replay(record: StreamRecord, blocks: list[TurnBlock], after: int) -> list[Event]:
-    """The catch-up of a stream that lives only in the store: start, blocks, terminal event."""
-    out = [
-        Event(
-            b.last_event_id,
-            "turnblock_catchup",
-            {"block": b.block, "kind": b.kind, "content": b.content},
-        )
-        for b in blocks
-        if b.last_event_id > after
-    ]
+def replay(record: StreamRecord, stored: StoredTurn, after: int) -> list[Event]:
+    """The catch-up of a stream that lives only in the store: start, the turn, terminal event."""
+    out = catch_up(stored, (), after)
     if after < 1:
-        out.append(Event(1, "start", {"stream_id": record.stream_id, "producer": record.producer}))
+        out.insert(
+            0, Event(1, "start", {"stream_id": record.stream_id, "producer": record.producer})
+        )
     if record.terminal and record.terminal_id is not None and record.terminal_id > after:
         out.append(Event(record.terminal_id, record.terminal, record.terminal_data or {}))
-    out.sort(key=_event_id)
     return out
 
 
@@ -1116,7 +1092,7 @@ class StreamRegistry:
     def replay(self, record: StreamRecord, after: int) -> list[Event]:
         """The events a reader at ``after`` gets from a stream that lives only in the store."""
         assert self.store is not None
-        return replay(record, self.store.load_blocks(record.stream_id, after), after)
+        return replay(record, self.store.load_turn(record.stream_id, after), after)
 
     def create(
         self,

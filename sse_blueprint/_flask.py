@@ -347,6 +347,8 @@ class SSE:
             max_event_bytes=state.config.max_event_bytes,
             on_complete=on_complete,
             durable=state.config.delivery == "durable",
+            max_meta_bytes=state.config.max_meta_bytes,
+            max_replayed_events=state.config.max_durable_events,
         )
 
 

@@ -1,6 +1,7 @@
 """Turn blocks and stream records in SQLAlchemy (SQLite or PostgreSQL).
 
-Tables (``sse_streams``, ``sse_turn_blocks``) are defined on this module's own :data:`metadata`,
+Tables (``sse_streams``, ``sse_turn_blocks``, ``sse_turn_events``) are defined on this module's
+own :data:`metadata`,
 which a host app can hand to Alembic next to its own (see the README). Every call is one short
 transaction; nothing is held while a response streams.
 
@@ -22,6 +23,7 @@ import gevent
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Engine,
     ForeignKey,
@@ -34,16 +36,26 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool, StaticPool
 
-from ._records import StreamRecord, TurnBlock
+from ._records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
 
-__all__ = ["SQLStore", "StreamRow", "TurnBlockRow", "create_all", "metadata", "run_blocking"]
+__all__ = [
+    "SQLStore",
+    "StreamRow",
+    "TurnBlockRow",
+    "TurnEventRow",
+    "create_all",
+    "metadata",
+    "run_blocking",
+]
 
 T = TypeVar("T")
 
@@ -95,16 +107,43 @@ class TurnBlockRow(_Base):
     id: Mapped[int] = mapped_column(_BigInt, primary_key=True, autoincrement=True)
     stream_id: Mapped[str] = mapped_column(ForeignKey("sse_streams.id", ondelete="CASCADE"))
     block_index: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(64))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, server_default=text("'{}'"))
     content: Mapped[str] = mapped_column(Text)
+    complete: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     first_event_id: Mapped[int] = mapped_column(BigInteger)
     last_event_id: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
+class TurnEventRow(_Base):
+    """A replayed app event of a stream: every ``durable`` one (``slot`` = ``#<id>``) and the
+    newest ``latest`` one of each name (``slot`` = ``latest:<name>``, replaced by newer ones)."""
+
+    __tablename__ = "sse_turn_events"
+    __table_args__ = (
+        UniqueConstraint("stream_id", "slot"),
+        Index(None, "stream_id", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigInt, primary_key=True, autoincrement=True)
+    stream_id: Mapped[str] = mapped_column(ForeignKey("sse_streams.id", ondelete="CASCADE"))
+    slot: Mapped[str] = mapped_column(String(160))
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    event: Mapped[str] = mapped_column(String(128))
+    replay: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
 _streams = metadata.tables["sse_streams"]
 _blocks = metadata.tables["sse_turn_blocks"]
+_events = metadata.tables["sse_turn_events"]
+
+
+def _slot(event: TurnEvent) -> str:
+    return f"latest:{event.event}" if event.replay == "latest" else f"#{event.event_id}"
 
 
 def _to_datetime(timestamp: float | None) -> dt.datetime | None:
@@ -141,6 +180,7 @@ class SQLStore:
         self._threaded = dialect == "sqlite" and not memory
         if create_tables:
             self._call(create_all, metadata, self.engine)
+            self._call(upgrade_in_place, self.engine)
 
     def _call(self, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool)."""
@@ -151,18 +191,29 @@ class SQLStore:
 
     # -- the BlockStore interface ------------------------------------------------------------
 
-    def save(self, record: StreamRecord, blocks: Sequence[TurnBlock]) -> None:
-        self._call(self._save, record, blocks)
+    def save(
+        self,
+        record: StreamRecord,
+        blocks: Sequence[TurnBlock],
+        events: Sequence[TurnEvent] = (),
+    ) -> None:
+        self._call(self._save, record, blocks, events)
 
     def load_stream(self, stream_id: str) -> StreamRecord | None:
         return self._call(self._load_stream, stream_id)
 
+    def load_turn(self, stream_id: str, after_id: int) -> StoredTurn:
+        return self._call(self._load_turn, stream_id, after_id)
+
     def load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
-        return self._call(self._load_blocks, stream_id, after_id)
+        """Only the blocks of :meth:`load_turn`."""
+        return list(self.load_turn(stream_id, after_id).blocks)
 
     # -- the work, on whatever thread _call picked --------------------------------------------
 
-    def _save(self, record: StreamRecord, blocks: Sequence[TurnBlock]) -> None:
+    def _save(
+        self, record: StreamRecord, blocks: Sequence[TurnBlock], events: Sequence[TurnEvent]
+    ) -> None:
         now = dt.datetime.now(dt.UTC)
         row = {
             "id": record.stream_id,
@@ -198,7 +249,9 @@ class SQLStore:
                             "stream_id": b.stream_id,
                             "block_index": b.block,
                             "kind": b.kind,
+                            "meta": dict(b.meta),
                             "content": b.content,
+                            "complete": b.complete,
                             "first_event_id": b.first_event_id,
                             "last_event_id": b.last_event_id,
                             "created_at": now,
@@ -212,12 +265,41 @@ class SQLStore:
                         index_elements=[_blocks.c.stream_id, _blocks.c.block_index],
                         set_={
                             "kind": insert_blocks.excluded.kind,
+                            "meta": insert_blocks.excluded.meta,
                             "content": insert_blocks.excluded.content,
+                            "complete": insert_blocks.excluded.complete,
                             "last_event_id": insert_blocks.excluded.last_event_id,
                             "updated_at": insert_blocks.excluded.updated_at,
                         },
                         # Forward only: never replace a block with an older version of itself.
                         where=_blocks.c.last_event_id < insert_blocks.excluded.last_event_id,
+                    )
+                )
+            if events:
+                insert_events = self._insert(_events).values(
+                    [
+                        {
+                            "stream_id": e.stream_id,
+                            "slot": _slot(e),
+                            "event_id": e.event_id,
+                            "event": e.event,
+                            "replay": e.replay,
+                            "data": dict(e.data),
+                            "created_at": now,
+                        }
+                        for e in events
+                    ]
+                )
+                conn.execute(
+                    insert_events.on_conflict_do_update(
+                        index_elements=[_events.c.stream_id, _events.c.slot],
+                        set_={
+                            "event_id": insert_events.excluded.event_id,
+                            "data": insert_events.excluded.data,
+                        },
+                        # Forward only: a durable event is written once; a latest one replaced
+                        # only by a newer event of its name.
+                        where=_events.c.event_id < insert_events.excluded.event_id,
                     )
                 )
 
@@ -241,26 +323,42 @@ class SQLStore:
             terminal_data=m["terminal_data"],
         )
 
-    def _load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
+    def _load_turn(self, stream_id: str, after_id: int) -> StoredTurn:
         c = _blocks.c  # only the columns a catch-up needs (no timestamps to parse)
-        query = (
-            select(c.stream_id, c.block_index, c.kind, c.content, c.first_event_id, c.last_event_id)
+        block_query = (
+            select(
+                c.block_index, c.kind, c.meta, c.content, c.complete, c.first_event_id,
+                c.last_event_id,
+            )
             .where(c.stream_id == stream_id, c.last_event_id > after_id)
-            .order_by(_blocks.c.last_event_id)
+            .order_by(c.last_event_id)
+        )  # fmt: skip
+        e = _events.c
+        event_query = (
+            select(e.event_id, e.event, e.replay, e.data)
+            .where(e.stream_id == stream_id, e.event_id > after_id)
+            .order_by(e.event_id)
         )
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [
+            block_rows = conn.execute(block_query).all()
+            event_rows = conn.execute(event_query).all()
+        blocks = [
             TurnBlock(
-                stream_id=r.stream_id,
+                stream_id=stream_id,
                 block=r.block_index,
                 kind=r.kind,
                 content=r.content,
                 first_event_id=r.first_event_id,
                 last_event_id=r.last_event_id,
+                meta=r.meta or {},
+                complete=bool(r.complete),
             )
-            for r in rows
+            for r in block_rows
         ]
+        events = [
+            TurnEvent(stream_id, r.event_id, r.event, r.data or {}, r.replay) for r in event_rows
+        ]
+        return StoredTurn(blocks, events)
 
 
 def create_all(meta: MetaData, engine: Engine) -> None:
@@ -278,6 +376,44 @@ def create_all(meta: MetaData, engine: Engine) -> None:
             if attempt == 4:
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def upgrade_in_place(engine: Engine) -> None:
+    """Add what this release's tables have that a database made by 0.1 lacks (for apps that let
+    the library create its tables; with migrations, ``sse0002`` does the same)."""
+    columns = {c["name"] for c in inspect(engine).get_columns("sse_turn_blocks")}
+    if "meta" in columns and "complete" in columns:
+        return
+    try:
+        _add_turn_columns(engine, columns)
+    except DatabaseError:  # another worker booting at the same moment added them first
+        columns = {c["name"] for c in inspect(engine).get_columns("sse_turn_blocks")}
+        if not {"meta", "complete"} <= columns:
+            raise
+
+
+def _add_turn_columns(engine: Engine, columns: set[str]) -> None:
+    with engine.begin() as conn:
+        if "meta" not in columns:
+            conn.execute(
+                text("ALTER TABLE sse_turn_blocks ADD COLUMN meta JSON NOT NULL DEFAULT '{}'")
+            )
+        if "complete" not in columns:
+            conn.execute(
+                text(
+                    "ALTER TABLE sse_turn_blocks ADD COLUMN complete BOOLEAN NOT NULL DEFAULT false"
+                )
+            )
+            conn.execute(text(_COMPLETE_FINISHED))
+        if engine.dialect.name == "postgresql":  # (SQLite does not enforce lengths)
+            conn.execute(text("ALTER TABLE sse_turn_blocks ALTER COLUMN kind TYPE VARCHAR(64)"))
+
+
+#: Blocks of 0.1 had no end; those of a stream that finished are complete.
+_COMPLETE_FINISHED = (
+    "UPDATE sse_turn_blocks SET complete = true WHERE stream_id IN "
+    "(SELECT id FROM sse_streams WHERE state <> 'running')"
+)
 
 
 def run_blocking(func: Callable[..., T], *args: Any) -> T:

@@ -286,7 +286,11 @@ class StreamReader:
         self.last_event_id = last_event_id
         self.metrics = Metrics()
         self.terminal: ClientEvent | None = None
-        self.blocks: dict[int, str] = {}
+        #: The turn's blocks by number: ``{"kind", "meta", "content", "complete"}``.
+        self.turn: dict[int, dict[str, Any]] = {}
+        #: App events (citations, usage, ...) in order, and the newest of each name.
+        self.events: list[ClientEvent] = []
+        self.latest: dict[str, ClientEvent] = {}
         self.retry_hint: float | None = None  # seconds, from the server's ``retry:``
         self._connections = 0
 
@@ -295,16 +299,40 @@ class StreamReader:
         """``running`` until the terminal event, then ``done``, ``error`` or ``cancelled``."""
         return self.terminal.event if self.terminal else "running"
 
+    @property
+    def blocks(self) -> dict[int, str]:
+        """Each block's content so far, by number."""
+        return {index: block["content"] for index, block in self.turn.items()}
+
     def text(self) -> str:
-        """The text so far: blocks in order, deltas appended, catch-ups replacing."""
-        return "".join(self.blocks[k] for k in sorted(self.blocks))
+        """The text so far: the ``text`` blocks' content in order (reasoning, tool calls and
+        other kinds are in :attr:`turn`)."""
+        turn = self.turn
+        return "".join(turn[k]["content"] for k in sorted(turn) if turn[k]["kind"] == "text")
 
     def apply(self, event: ClientEvent) -> None:
-        if event.event == "text_delta":
-            block = event.data["block"]
-            self.blocks[block] = self.blocks.get(block, "") + event.data["text"]
-        elif event.event == "turnblock_catchup":
-            self.blocks[event.data["block"]] = event.data["content"]
+        """The contract's rule for one event: blocks start, grow, end or are replaced whole."""
+        name, data = event.event, event.data
+        if name == "block_start":
+            self.turn[data["block"]] = {
+                "kind": data["kind"], "meta": dict(data["meta"]), "content": "", "complete": False
+            }  # fmt: skip
+        elif name in ("text_delta", "block_end"):
+            block = self.turn.setdefault(
+                data["block"], {"kind": "text", "meta": {}, "content": "", "complete": False}
+            )
+            if name == "text_delta":
+                block["content"] += data["text"]
+            else:
+                block["meta"].update(data["meta"])
+                block["complete"] = True
+        elif name == "turnblock_catchup":
+            self.turn[data["block"]] = {
+                key: data[key] for key in ("kind", "meta", "content", "complete")
+            }
+        elif name not in TERMINAL and name != "start":
+            self.events.append(event)
+            self.latest[name] = event
 
     def __iter__(self) -> Iterator[ClientEvent]:
         client = self.client

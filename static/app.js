@@ -1,12 +1,41 @@
-// The reference chat page: plain EventSource and the contract's delta/catch-up rule.
+// The reference chat page: plain EventSource and the contract's rules for whole turns.
 //
-// A reply is a set of blocks: `text_delta` appends to its block, `turnblock_catchup` replaces it.
-// The page keeps the blocks and the last event id in sessionStorage, so a reload asks only for
+// A reply is a turn: numbered blocks {kind, meta, content, complete} and the app's events.
+// `block_start` opens a block, `text_delta` appends to it, `block_end` merges meta and completes
+// it, `turnblock_catchup` replaces it whole; other events (citations, usage, status) are kept.
+// The page keeps the turn and the last event id in sessionStorage, so a reload asks only for
 // what came after (`?last_event_id=`); EventSource's own reconnects send `Last-Event-ID`.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const page = { conversation: null, es: null, streamId: null, reconnects: 0 };
+const page = { conversation: null, es: null, streamId: null, reconnects: 0, turns: {} };
+const TERMINAL = ["done", "cancelled", "error"];
+
+function newTurn() {
+  return { blocks: {}, events: [], latest: {}, last: "", state: "running" };
+}
+
+// The contract's client rule, for one event (id, name, data).
+function applyEvent(turn, id, name, d) {
+  const blank = () => ({ kind: "text", meta: {}, content: "", complete: false });
+  if (name === "block_start") {
+    turn.blocks[d.block] = { kind: d.kind, meta: { ...d.meta }, content: "", complete: false };
+  } else if (name === "text_delta") {
+    (turn.blocks[d.block] ??= blank()).content += d.text;
+  } else if (name === "block_end") {
+    const block = (turn.blocks[d.block] ??= blank());
+    Object.assign(block.meta, d.meta);
+    block.complete = true;
+  } else if (name === "turnblock_catchup") {
+    turn.blocks[d.block] = { kind: d.kind, meta: { ...d.meta }, content: d.content, complete: d.complete };
+  } else if (TERMINAL.includes(name)) {
+    turn.state = name;
+  } else if (name !== "start") {
+    turn.events.push([id, name, d]);
+    turn.latest[name] = [id, d];
+  }
+  turn.last = String(id);
+}
 
 async function api(method, url, body) {
   const response = await fetch(url, {
@@ -29,10 +58,14 @@ function addMessage(role, text, state) {
   el.className = `message ${role}`;
   if (state === "streaming") el.classList.add("streaming");
   el.dataset.state = state || "done";
+  const steps = document.createElement("div");
+  steps.className = "steps";
   const body = document.createElement("div");
   body.className = "body";
   body.textContent = text || "";
-  el.append(body);
+  const citations = document.createElement("ol");
+  citations.className = "citations";
+  el.append(steps, body, citations);
   if (role === "assistant" && state && state !== "done" && state !== "streaming") {
     const meta = document.createElement("div");
     meta.className = "meta";
@@ -44,41 +77,100 @@ function addMessage(role, text, state) {
   return el;
 }
 
-function render(el, blocks) {
-  const keys = [...blocks.keys()].sort((a, b) => a - b);
-  el.querySelector(".body").textContent = keys.map((k) => blocks.get(k)).join("");
+function pretty(json) {
+  try { return JSON.stringify(JSON.parse(json), null, 1); } catch { return json; }
+}
+
+// One element per block that is not plain text: reasoning collapsed, tool calls and results.
+function stepElement(index, block) {
+  let el;
+  if (block.kind === "reasoning") {
+    el = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = block.complete ? "Reasoning" : "Reasoning…";
+    const content = document.createElement("div");
+    content.className = "content";
+    content.textContent = block.content;
+    el.append(summary, content);
+  } else {
+    el = document.createElement("div");
+    const label = document.createElement("div");
+    label.className = "label";
+    const content = document.createElement(block.kind.startsWith("tool_") ? "pre" : "div");
+    content.className = "content";
+    if (block.kind === "tool_call") {
+      label.textContent = `Tool call: ${block.meta.name ?? "?"}${block.complete ? "" : "…"}`;
+      content.textContent = block.complete ? pretty(block.content) : block.content;
+    } else if (block.kind === "tool_result") {
+      label.textContent = "Tool result";
+      content.textContent = pretty(block.content);
+    } else {
+      label.textContent = block.kind;
+      content.textContent = block.content;
+    }
+    el.append(label, content);
+  }
+  el.className = `block ${block.kind.replaceAll("_", "-")}`;
+  el.dataset.block = String(index);
+  el.dataset.complete = String(block.complete);
+  return el;
+}
+
+function render(el, turn) {
+  const keys = Object.keys(turn.blocks).map(Number).sort((a, b) => a - b);
+  const steps = el.querySelector(".steps");
+  const open = new Set([...steps.querySelectorAll("details[open]")].map((d) => d.dataset.block));
+  steps.replaceChildren(...keys.filter((k) => turn.blocks[k].kind !== "text").map((k) => {
+    const step = stepElement(k, turn.blocks[k]);
+    if (open.has(String(k))) step.open = true;
+    return step;
+  }));
+  el.querySelector(".body").textContent = keys
+    .filter((k) => turn.blocks[k].kind === "text").map((k) => turn.blocks[k].content).join("");
+  const citations = turn.events.filter(([, name]) => name === "citation").map(([, , d]) => {
+    const li = document.createElement("li");
+    const a = document.createElement("a");
+    a.href = d.url;
+    a.textContent = d.title;
+    a.rel = "noreferrer";
+    li.append(a);
+    return li;
+  });
+  el.querySelector(".citations").replaceChildren(...citations);
+  const status = turn.latest.status;
+  el.dataset.phase = status && turn.state === "running" ? status[1].phase : "";
+}
+
+function saveTurn(streamId, turn) {
+  sessionStorage.setItem(`sse:${streamId}`, JSON.stringify(turn));
 }
 
 function follow(streamId, el) {
   if (page.es) page.es.close();
-  const key = `sse:${streamId}`;
-  const saved = JSON.parse(sessionStorage.getItem(key) || '{"last": "", "blocks": []}');
-  const blocks = new Map(saved.blocks);
-  render(el, blocks);
+  const turn = { ...newTurn(), ...JSON.parse(sessionStorage.getItem(`sse:${streamId}`) || "{}") };
+  page.turns[streamId] = turn;
+  render(el, turn);
   page.streamId = streamId;
   page.reconnects = 0;
   $("reconnects").textContent = "0";
-  $("last-id").textContent = saved.last || "–";
+  $("last-id").textContent = turn.last || "–";
   $("cancel").disabled = false;
-  document.body.dataset.resumedFrom = saved.last || "0";
+  document.body.dataset.resumedFrom = turn.last || "0";
   setConnection("connecting");
 
-  const es = new EventSource(`/api/streams/${streamId}?last_event_id=${saved.last}`);
+  const es = new EventSource(`/api/streams/${streamId}?last_event_id=${turn.last}`);
   page.es = es;
   const seen = (e) => {
+    applyEvent(turn, Number(e.lastEventId), e.type, JSON.parse(e.data));
+    render(el, turn);
     $("last-id").textContent = e.lastEventId;
-    sessionStorage.setItem(key, JSON.stringify({ last: e.lastEventId, blocks: [...blocks] }));
-  };
-  const apply = (e, update) => {
-    const d = JSON.parse(e.data);
-    blocks.set(d.block, update(d, blocks.get(d.block) ?? ""));
-    render(el, blocks);
-    seen(e);
+    saveTurn(streamId, turn);
   };
   es.onopen = () => setConnection("open");
-  es.addEventListener("start", seen);
-  es.addEventListener("text_delta", (e) => apply(e, (d, old) => old + d.text));
-  es.addEventListener("turnblock_catchup", (e) => apply(e, (d) => d.content));
+  for (const name of ["start", "block_start", "text_delta", "block_end", "turnblock_catchup",
+    "citation", "usage", "status"]) {
+    es.addEventListener(name, seen);
+  }
   const finish = (state) => {
     es.close();
     if (page.es === es) page.es = null;
@@ -87,7 +179,7 @@ function follow(streamId, el) {
     $("cancel").disabled = true;
     setConnection(state);
   };
-  for (const end of ["done", "cancelled", "error"]) {
+  for (const end of TERMINAL) {
     es.addEventListener(end, (e) => {
       if (end === "error" && e.data === undefined) {
         // EventSource's own error: the connection dropped (it reconnects) or was refused.
@@ -96,7 +188,7 @@ function follow(streamId, el) {
           $("reconnects").textContent = String(page.reconnects);
           setConnection("reconnecting");
         } else if (es.readyState === EventSource.CLOSED && page.es === es) {
-          finish("error");
+          finish(turn.state === "running" ? "error" : turn.state);
         }
         return;
       }
@@ -104,6 +196,20 @@ function follow(streamId, el) {
       finish(end);
     });
   }
+}
+
+// A finished reply: its whole turn once, from the stream's stored record (NDJSON).
+async function showFinished(streamId, el) {
+  const response = await fetch(`/api/streams/${streamId}?format=ndjson`);
+  if (response.status !== 200) return;
+  const turn = newTurn();
+  for (const line of (await response.text()).split("\n")) {
+    if (!line.trim()) continue;
+    const { id, event, data } = JSON.parse(line);
+    applyEvent(turn, id, event, data);
+  }
+  page.turns[streamId] = turn;
+  render(el, turn);
 }
 
 async function loadConversation(id) {
@@ -118,7 +224,9 @@ async function loadConversation(id) {
   setConnection("idle");
   for (const m of conversation.messages) {
     const el = addMessage(m.role, m.content, m.state);
-    if (m.role === "assistant" && m.state === "streaming" && m.stream_id) follow(m.stream_id, el);
+    if (m.role !== "assistant" || !m.stream_id) continue;
+    if (m.state === "streaming") follow(m.stream_id, el);
+    else showFinished(m.stream_id, el).catch(() => {});
   }
 }
 
@@ -132,13 +240,14 @@ function addConversationLink(conversation) {
   $("conversations").prepend(li);
 }
 
-async function send(text) {
+// `options` may set the stand-in's `chunk_size` and `interval_ms` (tests slow it down).
+async function send(text, options = {}) {
   if (page.conversation === null) {
     const conversation = await api("POST", "/chat/conversations", { title: text.slice(0, 60) });
     addConversationLink(conversation);
     await loadConversation(conversation.id);
   }
-  const result = await api("POST", `/chat/conversations/${page.conversation}/messages`, { text });
+  const result = await api("POST", `/chat/conversations/${page.conversation}/messages`, { text, ...options });
   addMessage("user", result.user.content);
   follow(result.reply.stream_id, addMessage("assistant", "", "streaming"));
 }

@@ -380,17 +380,27 @@ class CuttingProxy:
     """A loopback TCP proxy that cuts connections after a random number of response bytes.
 
     With ``only`` set, a connection is cut only once it carries a request whose line starts with
-    those bytes (keep-alive connections carry several), counted from that request on.
+    those bytes (keep-alive connections carry several), counted from that request on. With
+    ``in_body``, the count starts after the response headers: a browser that gets half a header
+    block takes it as the whole one, and an EventSource whose ``Content-Type`` was cut short
+    gives up for good (the spec's "fail the connection"), which is not what these tests test.
     """
 
     def __init__(
-        self, upstream: str, seed: int, max_bytes: int = 3000, only: bytes | None = None
+        self,
+        upstream: str,
+        seed: int,
+        max_bytes: int = 3000,
+        only: bytes | None = None,
+        *,
+        in_body: bool = False,
     ) -> None:
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
         self.rng = random.Random(seed)
         self.max_bytes = max_bytes
         self.only = only
+        self.in_body = in_body
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections = 0
@@ -431,6 +441,15 @@ class CuttingProxy:
                 limit = armed["limit"]
                 if armed.pop("from", False):
                     sent = 0
+                    armed["head"] = self.in_body
+                if armed.get("head"):
+                    end = data.find(b"\r\n\r\n")
+                    if end < 0:
+                        dst.sendall(data)
+                        continue
+                    armed["head"] = False
+                    dst.sendall(data[: end + 4])
+                    data = data[end + 4 :]
                 if limit is not None and sent + len(data) >= limit:
                     dst.sendall(data[: limit - sent])
                     self.cuts += 1

@@ -95,22 +95,60 @@ class SSEParser:
 
 
 class Transcript:
-    """The contract's client rule: append ``text_delta``, replace on ``turnblock_catchup``."""
+    """The contract's client rule for whole turns, written from the contract, not the library.
+
+    ``block_start`` makes a block ``{kind, meta, content: "", complete: False}``; ``text_delta``
+    appends (a block first seen there is kind ``text``); ``block_end`` merges meta and completes
+    it; ``turnblock_catchup`` replaces it whole. Every other non-terminal event is an app event:
+    ``events`` lists them in arrival order, ``latest`` holds the newest of each name.
+    """
+
+    BLOCK_EVENTS = ("block_start", "text_delta", "block_end", "turnblock_catchup")
+    ENGINE_EVENTS = ("start", "done", "error", "cancelled")
 
     def __init__(self) -> None:
-        self.blocks: dict[int, str] = {}
+        self.turn: dict[int, dict[str, Any]] = {}
         self.delta_ids: list[int] = []
         self.ids: list[int] = []
         self.events: list[tuple[int, str, Any]] = []
+        self.app_events: list[tuple[int, str, Any]] = []
+        self.latest: dict[str, tuple[int, Any]] = {}
 
     def apply(self, event_id: int, event: str, data: Any) -> None:
         self.ids.append(event_id)
         self.events.append((event_id, event, data))
-        if event == "text_delta":
+        if event == "block_start":
+            self.turn[data["block"]] = {
+                "kind": data["kind"], "meta": dict(data["meta"]), "content": "", "complete": False
+            }  # fmt: skip
+        elif event == "text_delta":
             self.delta_ids.append(event_id)
-            self.blocks[data["block"]] = self.blocks.get(data["block"], "") + data["text"]
+            block = self.turn.setdefault(
+                data["block"], {"kind": "text", "meta": {}, "content": "", "complete": False}
+            )
+            block["content"] += data["text"]
+        elif event == "block_end":
+            block = self.turn.setdefault(
+                data["block"], {"kind": "text", "meta": {}, "content": "", "complete": False}
+            )
+            block["meta"].update(data["meta"])
+            block["complete"] = True
         elif event == "turnblock_catchup":
-            self.blocks[data["block"]] = data["content"]
+            self.turn[data["block"]] = {
+                "kind": data["kind"],
+                "meta": dict(data["meta"]),
+                "content": data["content"],
+                "complete": data["complete"],
+            }
+        elif event not in self.ENGINE_EVENTS:
+            self.app_events.append((event_id, event, data))
+            held = self.latest.get(event)
+            if held is None or held[0] < event_id:
+                self.latest[event] = (event_id, data)
+
+    @property
+    def blocks(self) -> dict[int, str]:
+        return {k: v["content"] for k, v in self.turn.items()}
 
     @property
     def last_id(self) -> int:
@@ -123,4 +161,6 @@ class Transcript:
         return None
 
     def text(self) -> str:
-        return "".join(self.blocks[k] for k in sorted(self.blocks))
+        """The answer: the ``text`` blocks' content in order."""
+        turn = self.turn
+        return "".join(turn[k]["content"] for k in sorted(turn) if turn[k]["kind"] == "text")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from app import compose_turn
 from tests.conftest import CuttingProxy, LiveServer, read_stream
 
 CHROMIUM = "/usr/bin/chromium"
@@ -101,7 +103,7 @@ def test_chat_reply_streams_to_completion(page: Page, web: LiveServer) -> None:
 
 
 def test_eventsource_reconnects_through_cuts_and_stays_exact(page: Page, web: LiveServer) -> None:
-    proxy = CuttingProxy(web.url, seed=7, max_bytes=2500, only=b"GET /api/streams/")
+    proxy = CuttingProxy(web.url, seed=7, max_bytes=2500, only=b"GET /api/streams/", in_body=True)
     try:
         ask(page, proxy.url, "Cut me anywhere, please.")
         wait_state(page, "done", 60_000)
@@ -172,3 +174,70 @@ def test_phone_width_has_no_horizontal_scroll(page: Page, web: LiveServer) -> No
     wait_state(page, "done")
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
+
+
+def shown_turn(page: Page, stream_id: str) -> dict[str, Any]:
+    """The page's own turn state for ``stream_id``: blocks by number, app events, state."""
+    turn: dict[str, Any] = page.evaluate(f"page.turns[{stream_id!r}]")
+    turn["blocks"] = {int(k): v for k, v in turn["blocks"].items()}
+    return turn
+
+
+def assert_page_shows(page: Page, stream_id: str, prompt: str) -> None:
+    """The page holds and shows the whole turn the stand-in agent produced for ``prompt``."""
+    steps = compose_turn(prompt)
+    blocks = [s["block"] for s in steps if "block" in s]
+    want = {
+        i: {"kind": b["kind"], "meta": {**b["meta"], **b["end_meta"]}, "content": b["text"],
+            "complete": True}
+        for i, b in enumerate(blocks)
+    }  # fmt: skip
+    turn = shown_turn(page, stream_id)
+    assert turn["state"] == "done"
+    assert turn["blocks"] == want
+    assert [(e[1], e[2]) for e in turn["events"] if e[1] != "status"] == [
+        (s["event"], s["data"]) for s in steps if s.get("replay") == "durable"
+    ]
+    message = page.locator(".message.assistant").last
+    reasoning = message.locator("details.block.reasoning")
+    assert reasoning.count() == 1
+    assert reasoning.get_attribute("open") is None  # collapsed
+    assert reasoning.locator(".content").text_content() == blocks[0]["text"]
+    call = message.locator(".block.tool-call")
+    assert "search" in (call.locator(".label").text_content() or "")
+    assert (
+        json.loads(call.locator(".content").text_content() or "") == blocks[1]["end_meta"]["input"]
+    )
+    result = json.loads(message.locator(".block.tool-result .content").text_content() or "")
+    assert result == json.loads(blocks[2]["text"])
+    answer = "".join(b["text"] for b in blocks if b["kind"] == "text")
+    assert message.locator(".body").text_content() == answer
+    assert message.locator(".citations li a").all_text_contents() == [
+        s["data"]["title"] for s in steps if s.get("event") == "citation"
+    ]
+
+
+def test_whole_turn_after_a_reload_mid_tool_call_and_after_the_end(
+    page: Page, web: LiveServer
+) -> None:
+    prompt = "Will it rain in Paris tomorrow?"
+    page.goto(web.url + "/")
+    page.evaluate(f"send({prompt!r}, {{chunk_size: 2, interval_ms: 30}})")
+    page.wait_for_selector(
+        ".message.assistant .block.tool-call[data-complete='false']", timeout=20_000
+    )
+    page.reload()  # in the middle of the tool call's arguments
+    wait_state(page, "done")
+    reply = wait_saved(web.url, page)
+    stream_id = reply["stream_id"]
+    assert int(page.evaluate("document.body.dataset.resumedFrom")) > 0
+    assert_page_shows(page, stream_id, prompt)
+    produced = read_stream(web.url, stream_id).transcript  # what any client rebuilds
+    assert shown_turn(page, stream_id)["blocks"] == produced.turn
+    assert reply["content"] == produced.text()
+    page.reload()  # after the end: the turn comes from the stored stream
+    page.wait_for_function(
+        f"page.turns[{stream_id!r}] && page.turns[{stream_id!r}].state === 'done'"
+    )
+    assert_page_shows(page, stream_id, prompt)
+    assert page.locator(".message.assistant").count() == 1

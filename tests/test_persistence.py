@@ -24,7 +24,7 @@ from sse_blueprint._engine import (
     lost,
     replay,
 )
-from sse_blueprint._records import StreamRecord, TurnBlock
+from sse_blueprint._records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
 from sse_blueprint._storage import SQLStore
 from tests.sse_parser import Transcript
 
@@ -41,18 +41,26 @@ class FlakyStore:
         self.saves = 0
         self.failures = 0
 
-    def save(self, record: StreamRecord, blocks: Sequence[TurnBlock]) -> None:
-        if self.write_delay and blocks:
+    def save(
+        self,
+        record: StreamRecord,
+        blocks: Sequence[TurnBlock],
+        events: Sequence[TurnEvent] = (),
+    ) -> None:
+        if self.write_delay and (blocks or events):
             gevent.sleep(self.write_delay)  # the producer keeps sending meanwhile
         if self.fail_next > 0 or self.rng.random() < self.failure_rate:
             self.fail_next = max(0, self.fail_next - 1)
             self.failures += 1
             raise OSError("injected database failure")
         self.saves += 1
-        self.inner.save(record, blocks)
+        self.inner.save(record, blocks, events)
 
     def load_stream(self, stream_id: str) -> StreamRecord | None:
         return self.inner.load_stream(stream_id)
+
+    def load_turn(self, stream_id: str, after_id: int) -> StoredTurn:
+        return self.inner.load_turn(stream_id, after_id)
 
     def load_blocks(self, stream_id: str, after_id: int) -> list[TurnBlock]:
         return self.inner.load_blocks(stream_id, after_id)
@@ -93,12 +101,27 @@ def read_session(
         sub.close()
 
 
+KINDS = ["text", "reasoning", "tool_call", "tool_result", "app.note"]
+APP_EVENTS = {
+    "citation": "durable",
+    "usage": "durable",
+    "progress": "latest",
+    "typing": "ephemeral",
+}
+
+NO_META: st.SearchStrategy[dict[str, Any]] = st.just({})
+START_META = st.dictionaries(st.sampled_from(["name", "call_id", "x"]), st.text(max_size=3))
+END_META = st.dictionaries(st.sampled_from(["x", "stop"]), st.integers(0, 9), max_size=2)
+BLOCK = st.integers(0, 3)
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("delta"), st.integers(0, 3), st.text(min_size=1, max_size=4)),
-        st.tuples(st.just("end"), st.integers(0, 3), st.just("")),
-        st.tuples(st.just("yield"), st.just(0), st.just("")),
-        st.tuples(st.just("note"), st.just(0), st.just("")),
+        st.tuples(st.just("start"), BLOCK, st.sampled_from(KINDS), START_META),
+        st.tuples(st.just("delta"), BLOCK, st.text(min_size=1, max_size=4), NO_META),
+        st.tuples(st.just("end"), BLOCK, st.just(""), END_META),
+        st.tuples(
+            st.just("event"), st.integers(0, 9), st.sampled_from(sorted(APP_EVENTS)), NO_META
+        ),
+        st.tuples(st.just("yield"), st.just(0), st.just(""), NO_META),
     ),
     min_size=1,
     max_size=80,
@@ -116,7 +139,7 @@ ops = st.lists(
     durable=st.booleans(),
 )
 def test_resume_invariant_under_random_persist_trim_and_reconnects(
-    script: list[tuple[str, int, str]],
+    script: list[tuple[str, int, str, dict[str, Any]]],
     buffer_size: int,
     failure_rate: float,
     write_delay: float,
@@ -124,44 +147,65 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     seed: int,
     durable: bool,
 ) -> None:
-    """Whatever the persist/trim schedule, failures and reconnect points, clients end exact; in
-    durable delivery, no event reaches a reader before the store has it."""
+    """Random turns (blocks of every kind with meta, durable, latest and ephemeral events) and
+    random resume points, whatever the persist/trim schedule and store failures: after every
+    session a client holds exactly the producer's blocks as of its last id, every durable event
+    once and in order, and the newest latest event of each name; in durable delivery, no event
+    reaches a reader before the store has it."""
     rng = random.Random(seed)
     store = FlakyStore(rng, failure_rate)
     store.write_delay = write_delay
-    expected: dict[int, str] = {}
+    sent: list[tuple[int, str, dict[str, Any]]] = []  # every event the producer sent, as sent
 
     def producer(ctx: ProducerContext) -> None:
-        for op, block, text in script:
-            if op == "delta":
-                sent.append((ctx.text(block, text), block, text))
-                expected[block] = expected.get(block, "") + text
-            elif op == "end":
-                ctx.end_block(block)
-            elif op == "note":
-                ctx.send("note", {"n": 1})
-            else:
+        state: dict[int, str] = {}  # block -> "open" | "ended"
+        for op, n, arg, meta in script:
+            if op == "start" and n not in state:
+                index = ctx.block(arg, meta).index
+                state[index] = "open"
+                sent.append(
+                    (ctx_last(ctx), "block_start", {"block": index, "kind": arg, "meta": meta})
+                )
+            elif op == "delta" and state.get(n) != "ended":
+                sent.append((ctx.text(n, arg), "text_delta", {"block": n, "text": arg}))
+                state.setdefault(n, "open")
+            elif op == "end" and state.get(n) == "open":
+                sent.append((ctx.end_block(n, meta), "block_end", {"block": n, "meta": meta}))
+                state[n] = "ended"
+            elif op == "event":
+                data = {"n": n}
+                sent.append((ctx.send(arg, data, replay=APP_EVENTS[arg]), arg, data))
+            elif op == "yield":
                 gevent.sleep(rng.choice([0, 0.001, 0.004]))
+
+    def ctx_last(ctx: ProducerContext) -> int:
+        return stream.last_event_id
 
     stream = Stream(
         producer, buffer_size=buffer_size, store=store, client_queue=10_000, durable=durable
     )
 
-    sent: list[tuple[int, int, str]] = []  # (id, block, text) of every delta, as sent
-
-    def text_at(position: int) -> str:
-        """The exact text of the stream as of event ``position``."""
-        blocks: dict[int, str] = {}
-        for event_id, block, text in sent:
+    def expected_at(position: int) -> Transcript:
+        want = Transcript()
+        for event_id, name, data in sent:
             if event_id <= position:
-                blocks[block] = blocks.get(block, "") + text
-        return "".join(blocks[k] for k in sorted(blocks))
+                want.apply(event_id, name, data)
+        return want
+
+    def check(client: Transcript) -> None:
+        want = expected_at(client.last_id)
+        assert client.turn == want.turn, "blocks inexact after a session"
+        got = [(i, e, d) for i, e, d in client.app_events if APP_EVENTS[e] == "durable"]
+        assert got == [(i, e, d) for i, e, d in want.app_events if APP_EVENTS[e] == "durable"]
+        for name, mode in APP_EVENTS.items():
+            if mode == "latest":
+                assert client.latest.get(name) == want.latest.get(name), f"newest {name}"
 
     def client_run(budgets: list[int]) -> Transcript:
         client = Transcript()
         for budget in budgets:
             read_session(stream, client, budget, store if durable else None)
-            assert client.text() == text_at(client.last_id), "inexact after a session"
+            check(client)
             gevent.sleep(rng.choice([0, 0.001, 0.003, 0.02]))  # writes and trims happen meanwhile
             if client.terminal:
                 return client
@@ -170,19 +214,19 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
         return client
 
     def coverage_monitor() -> int:
-        """The invariant catch-up stands on: store row + buffered deltas after it = the block."""
+        """The invariant catch-up stands on: store row + buffered events after it = the block."""
         checks = 0
         while not (stream.finished and stream.saved.is_set()):
             rows = {r.block: r for r in store.inner.load_blocks(stream.id, 0)}
             buffered = list(stream._log)  # no blocking call between this and the rows' use
-            for index, block in stream._blocks.items():
+            for index, block in stream._turn.blocks.items():
                 row = rows.get(index)
                 rebuilt = row.content if row else ""
                 after = row.last_event_id if row else 0
                 for e in buffered:
                     if e.event == "text_delta" and e.data["block"] == index and e.id > after:
                         rebuilt += e.data["text"]
-                assert rebuilt == "".join(block.parts), f"block {index} not covered"
+                assert rebuilt == block.content(), f"block {index} not covered"
             checks += 1
             gevent.sleep(0.0005)
         return checks
@@ -192,12 +236,12 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     readers = [gevent.spawn(client_run, budgets) for budgets in clients]
     gevent.joinall([*readers, monitor], raise_error=True, timeout=30)
     assert monitor.value > 0
-    want = "".join(expected[k] for k in sorted(expected))
+    final = expected_at(stream.last_event_id)
     for reader in readers:
         client = reader.value
-        assert client.text() == want
-        assert len(client.delta_ids) == len(set(client.delta_ids))
-        assert client.ids == sorted(set(client.ids))
+        check(client)
+        assert client.turn == final.turn
+        assert client.ids == sorted(set(client.ids)), "an id arrived twice"
         assert client.terminal == "done"
     # Everything reaches the store in the end, despite failures: a restart would serve it.
     assert stream.saved.wait(10)
@@ -205,10 +249,15 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     assert record is not None
     assert record.state == "done"
     assert record.terminal_id == stream.last_event_id
-    from_store = Transcript()
-    apply_all(from_store, replay(record, store.load_blocks(stream.id, 0), 0))
-    assert from_store.text() == want
-    assert from_store.terminal == "done"
+    for after in sorted({0, *(rng.randrange(0, stream.last_event_id) for _ in range(3))}):
+        from_store = expected_at(after)
+        apply_all(from_store, replay(record, store.load_turn(stream.id, after), after))
+        assert from_store.turn == final.turn, f"store-only replay from {after}"
+        want = [(i, e, d) for i, e, d in final.app_events if APP_EVENTS[e] == "durable"]
+        got = [(i, e, d) for i, e, d in from_store.app_events if APP_EVENTS[e] == "durable"]
+        assert got == want
+        assert from_store.latest.get("progress") == final.latest.get("progress")
+        assert from_store.terminal == "done"
 
 
 def test_resume_after_trim_when_persist_races_send() -> None:
@@ -230,8 +279,8 @@ def test_resume_after_trim_when_persist_races_send() -> None:
     stream = Stream(producer, store=store, buffer_size=1000)
     stream.start()
     gevent.sleep(0.2)  # the write of block 0 is done and the buffer trimmed up to it
-    assert stream._trimmed_id == 6  # start (1) and block 0 (2..6); nothing of block 1
-    assert [e.id for e in stream._log] == [7, 8, 9, 10, 11]  # sent during the write: kept
+    assert stream._trimmed_id == 7  # start (1), block 0 (2..6, its end 7); nothing of block 1
+    assert [e.id for e in stream._log] == [8, 9, 10, 11, 12]  # sent during the write: kept
     late = Transcript()
     sub = stream.subscribe(3)  # had seen "a0 a1" only: older than the buffer
     apply_all(late, sub.poll(1))
@@ -313,10 +362,10 @@ def test_reader_pins_the_buffer_until_it_has_read() -> None:
     gevent.sleep(0.01)
     go.set()
     gevent.sleep(0.05)
-    assert stream.buffered == 11  # persisted, but the reader has not taken them: kept
+    assert stream.buffered == 12  # persisted, but the reader has not taken them: kept
     events = slow.poll(0)
-    assert [e.id for e in events] == list(range(1, 12))
-    assert stream.buffered == 11  # still registered: it could still be holding them
+    assert [e.id for e in events] == list(range(1, 13))  # start, 10 deltas, block_end
+    assert stream.buffered == 12  # still registered: it could still be holding them
     slow.close()
     assert stream.buffered == 1  # it left: trimmed to what the store has (the newest stays)
     go.set()
@@ -335,10 +384,10 @@ def test_catch_up_when_the_store_fails_cuts_the_reader() -> None:
     stream.start()
     gevent.sleep(0.05)
 
-    def broken(stream_id: str, after_id: int) -> list[TurnBlock]:
+    def broken(stream_id: str, after_id: int) -> StoredTurn:
         raise OSError("down")
 
-    store.load_blocks = broken  # type: ignore[method-assign]
+    store.load_turn = broken  # type: ignore[method-assign]
     sub = stream.subscribe(0)
     assert sub.poll(1) == []
     assert sub.cut

@@ -1,0 +1,280 @@
+"""Turns of typed blocks: what a producer's events build, and the catch-up merge.
+
+A *turn* is numbered blocks, each ``{kind, meta, content, complete}``, and the app's replayable
+events. :class:`TurnBuilder` follows a stream's events on the producer's side: it checks every
+event before it is numbered (a producer gets a ``ValueError`` naming the fault: a bad kind, text
+for a block that ended, meta too big, too many durable events), keeps the blocks and the events
+the store does not have yet, and hands them to the persister. :func:`catch_up` merges what the
+store holds with a stretch of the live buffer into one exact snapshot in id order; live catch-up
+and store-only replay both use it.
+
+Imports no Flask, SQLAlchemy or gevent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import _wire
+from ._event import BLOCK_EVENTS, DURABLE, LATEST, REPLAY_MODES, RESERVED_EVENTS, Event
+from ._records import StoredTurn, TurnBlock, TurnEvent
+
+__all__ = ["KIND_PATTERN", "TurnBuilder", "catch_up"]
+
+#: A block kind: ``text``, ``reasoning``, ``tool_call``, ``tool_result`` or an app's own.
+KIND_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+MAX_EVENT_NAME = 128
+
+
+class _Block:
+    """A block as it is being streamed (or merged on catch-up), and how much the store has."""
+
+    __slots__ = ("complete", "first_id", "kind", "last_id", "meta", "parts", "saved_id")
+
+    def __init__(self, kind: str, meta: Mapping[str, Any], first_id: int) -> None:
+        self.kind = kind
+        self.meta: dict[str, Any] = dict(meta)
+        self.parts: list[str] = []
+        self.complete = False
+        self.first_id = first_id
+        self.last_id = first_id
+        self.saved_id = 0
+
+    @classmethod
+    def from_row(cls, row: TurnBlock) -> _Block:
+        block = cls(row.kind, row.meta, row.first_event_id)
+        block.parts.append(row.content)
+        block.complete = row.complete
+        block.last_id = row.last_event_id
+        return block
+
+    def content(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+    def apply(self, ev: Event) -> None:
+        """Apply one of the block's events (the contract's client rule)."""
+        data = ev.data
+        if ev.event == "text_delta":
+            self.parts.append(data["text"])
+        elif ev.event == "block_end":
+            self.meta.update(data.get("meta") or {})
+            self.complete = True
+        else:  # block_start
+            self.kind, self.meta, self.parts = data["kind"], dict(data.get("meta") or {}), []
+            self.complete = False
+        self.last_id = ev.id
+
+    def row(self, stream_id: str, index: int) -> TurnBlock:
+        return TurnBlock(
+            stream_id, index, self.kind, self.content(), self.first_id, self.last_id,
+            dict(self.meta), self.complete,
+        )  # fmt: skip
+
+    def catchup_event(self, index: int) -> Event:
+        data = {
+            "block": index,
+            "kind": self.kind,
+            "meta": self.meta,
+            "content": self.content(),
+            "complete": self.complete,
+        }
+        return Event(self.last_id, "turnblock_catchup", data)
+
+
+def _block_index(data: Mapping[str, Any]) -> int:
+    index = data.get("block")
+    if type(index) is not int or index < 0:
+        raise ValueError('"block" must be an integer >= 0')
+    return index
+
+
+def _meta(data: Mapping[str, Any], event: str) -> Mapping[str, Any]:
+    meta = data.get("meta", {})
+    if not isinstance(meta, Mapping):
+        raise ValueError(f'{event} "meta" must be a mapping (a JSON object)')
+    return meta
+
+
+class TurnBuilder:
+    """The producer side of a turn: checks events, builds blocks, keeps what is unsaved.
+
+    ``max_meta_bytes`` bounds a block's meta (as JSON, after ``block_end`` merged into it);
+    ``max_events`` bounds the replayable app events of a stream (every durable one, and one per
+    ``latest`` name).
+    """
+
+    def __init__(self, *, max_meta_bytes: int = 65536, max_events: int = 1000) -> None:
+        self.max_meta_bytes = max_meta_bytes
+        self.max_events = max_events
+        self.blocks: dict[int, _Block] = {}
+        self.next_block = 0  # what :meth:`ProducerContext.block` numbers next
+        self._dirty: set[int] = set()  # blocks with events the store does not have yet
+        self._events: list[Event] = []  # durable events not saved yet, in id order
+        self._latest: dict[str, Event] = {}  # the newest unsaved ``latest`` event of a name
+        self._latest_names: set[str] = set()
+        self._durable_count = 0
+
+    # -- before an event is numbered ---------------------------------------------------------
+
+    def check(self, event: str, data: Mapping[str, Any], replay: str) -> None:
+        """Raise ``ValueError`` if the producer may not send this event now."""
+        if event in BLOCK_EVENTS:
+            if replay != DURABLE:
+                raise ValueError(f"{event} builds a block; it cannot be sent {replay!r}")
+            self._check_block_event(event, data)
+            return
+        if event in RESERVED_EVENTS:
+            raise ValueError(f"{event!r} is sent by the engine")
+        if replay not in REPLAY_MODES:
+            raise ValueError(f"replay must be one of {', '.join(REPLAY_MODES)}, not {replay!r}")
+        if len(event) > MAX_EVENT_NAME:
+            raise ValueError(f"event names are at most {MAX_EVENT_NAME} characters")
+        stored = self._durable_count + len(self._latest_names)
+        if (replay == DURABLE or (replay == LATEST and event not in self._latest_names)) and (
+            stored >= self.max_events
+        ):
+            raise ValueError(
+                f"this stream already has {stored} replayable events (SSE_MAX_DURABLE_EVENTS "
+                f"= {self.max_events}); send more as replay='latest' (one per name) or "
+                "'ephemeral', or put them in a block"
+            )
+
+    def _check_block_event(self, event: str, data: Mapping[str, Any]) -> None:
+        index = _block_index(data)
+        block = self.blocks.get(index)
+        if event == "block_start":
+            kind = data.get("kind")
+            if not isinstance(kind, str) or KIND_PATTERN.fullmatch(kind) is None:
+                raise ValueError(
+                    f"block kind {kind!r} must match [a-z][a-z0-9_.-]{{0,63}} "
+                    "(text, reasoning, tool_call, tool_result, or your own)"
+                )
+            if block is not None:
+                raise ValueError(f"block {index} was already started")
+            self._check_meta_size(index, _meta(data, event))
+            return
+        if block is not None and block.complete:
+            raise ValueError(f"block {index} has ended; start a new block")
+        if event == "text_delta":
+            if not isinstance(data.get("text"), str):
+                raise ValueError('text_delta data must be {"block": int >= 0, "text": str}')
+            return
+        meta = _meta(data, event)  # block_end
+        if block is not None and meta:
+            self._check_meta_size(index, {**block.meta, **meta})
+        else:
+            self._check_meta_size(index, meta)
+
+    def _check_meta_size(self, index: int, meta: Mapping[str, Any]) -> None:
+        try:
+            size = len(_wire.dumps(meta).encode("utf-8"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"block {index} meta is not JSON: {exc}") from exc
+        if size > self.max_meta_bytes:
+            raise ValueError(
+                f"block {index} meta is {size} bytes as JSON, more than SSE_MAX_META_BYTES "
+                f"({self.max_meta_bytes}); stream large values as the block's content"
+            )
+
+    # -- once it is in the log ---------------------------------------------------------------
+
+    def apply(self, ev: Event) -> bool:
+        """Follow an event now in the stream; True when a block ended (worth persisting now)."""
+        name = ev.event
+        if name in BLOCK_EVENTS:
+            index: int = ev.data["block"]
+            block = self.blocks.get(index)
+            if block is None:
+                block = self.blocks[index] = _Block("text", {}, ev.id)
+                self.next_block = max(self.next_block, index + 1)
+            block.apply(ev)
+            self._dirty.add(index)
+            return name == "block_end"
+        if name in RESERVED_EVENTS:
+            return False
+        if ev.replay == DURABLE:
+            self._events.append(ev)
+            self._durable_count += 1
+        elif ev.replay == LATEST:
+            self._latest[name] = ev
+            self._latest_names.add(name)
+        return False
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def unsaved(self, stream_id: str) -> tuple[list[TurnBlock], list[TurnEvent]]:
+        """What the store does not have yet (a snapshot: taking it does not block)."""
+        blocks = [self.blocks[i].row(stream_id, i) for i in sorted(self._dirty)]
+        events = [
+            TurnEvent(stream_id, ev.id, ev.event, ev.data, ev.replay)
+            for ev in (*self._events, *self._latest.values())
+        ]
+        return blocks, events
+
+    def saved(self, blocks: Sequence[TurnBlock], events: Sequence[TurnEvent]) -> None:
+        """The store now has ``blocks`` and ``events`` (as returned by :meth:`unsaved`)."""
+        for row in blocks:
+            block = self.blocks[row.block]
+            block.saved_id = max(block.saved_id, row.last_event_id)
+            if block.last_id <= block.saved_id:
+                self._dirty.discard(row.block)
+        durable = sum(1 for e in events if e.replay == DURABLE)
+        del self._events[:durable]  # events are only appended, so the saved ones come first
+        for saved_event in events:
+            newest = self._latest.get(saved_event.event)
+            saved_newest = newest is not None and newest.id == saved_event.event_id
+            if saved_event.replay == LATEST and saved_newest:
+                del self._latest[saved_event.event]
+
+
+def catch_up(stored: StoredTurn, buffered: Sequence[Event], after: int) -> list[Event]:
+    """One exact snapshot for a reader at ``after``: the store's blocks and events merged with
+    ``buffered`` (the live buffer from where the store's coverage may end), in id order.
+
+    Each block the store has past ``after`` becomes one ``turnblock_catchup`` (the buffer's
+    later events for it applied first) under the id of the last event it covers. Durable events
+    come once each; of ``latest`` events only the newest of each name; every other buffered
+    event past ``after`` as it is.
+    """
+    blocks = {row.block: _Block.from_row(row) for row in stored.blocks}
+    out: list[Event] = []
+    latest: dict[str, Event] = {}
+    stored_ids: set[int] = set()
+    for row in stored.events:
+        stored_ids.add(row.event_id)
+        ev = Event(row.event_id, row.event, row.data, row.replay)
+        if row.replay == LATEST:
+            _keep_newest(latest, ev)
+        else:
+            out.append(ev)
+    for ev in buffered:
+        if ev.event in BLOCK_EVENTS:
+            found = blocks.get(ev.data["block"])
+            if found is not None:
+                if ev.id > found.last_id:
+                    found.apply(ev)
+                continue
+        if ev.id <= after or ev.id in stored_ids:
+            continue
+        if ev.replay == LATEST:
+            _keep_newest(latest, ev)
+        else:
+            out.append(ev)
+    out.extend(ev for ev in latest.values() if ev.id > after)
+    out.extend(block.catchup_event(index) for index, block in blocks.items())
+    out.sort(key=_event_id)
+    return out
+
+
+def _keep_newest(latest: dict[str, Event], ev: Event) -> None:
+    held = latest.get(ev.event)
+    if held is None or held.id < ev.id:
+        latest[ev.event] = ev
+
+
+def _event_id(event: Event) -> int:
+    return event.id
