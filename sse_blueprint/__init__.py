@@ -11,9 +11,13 @@ catches up exactly: no gap, no duplicate.
 
     @sse.producer("hello")
     def hello(ctx):
-        for i, word in enumerate(["Hello", ", ", "world"]):
-            ctx.text(0, word)
-            ctx.sleep(0.1)
+        with ctx.block("reasoning") as thinking:     # typed blocks: text, reasoning,
+            thinking.write("A greeting, then.")      # tool_call, tool_result, your own
+        with ctx.block("text") as answer:
+            for word in ["Hello", ", ", "world"]:
+                answer.write(word)
+                ctx.sleep(0.1)
+        ctx.send("usage", {"output_tokens": 3})     # durable: replayed on resume
 
     app = Flask(__name__)
     sse.init_app(app)   # POST /api/streams, GET /api/streams/<id>, .../status, .../cancel
@@ -24,6 +28,7 @@ from __future__ import annotations
 from ._config import ConfigError, SSEConfig
 from ._engine import (
     TERMINAL_EVENTS,
+    Block,
     Event,
     Producer,
     ProducerContext,
@@ -37,13 +42,14 @@ from ._engine import (
     Subscription,
 )
 from ._flask import SSE, InputError, shutdown
-from ._records import BlockStore, StreamRecord, TurnBlock
+from ._records import BlockStore, StoredTurn, StreamRecord, TurnBlock, TurnEvent
 from ._storage import SQLStore, create_all, metadata, run_blocking
 from ._wire import WireFormatError
 
 __all__ = [
     "SSE",
     "TERMINAL_EVENTS",
+    "Block",
     "BlockStore",
     "ConfigError",
     "Event",
@@ -57,11 +63,13 @@ __all__ = [
     "Stream",
     "StreamClosed",
     "StreamLimitReached",
+    "StoredTurn",
     "StreamRecord",
     "StreamRegistry",
     "StreamState",
     "Subscription",
     "TurnBlock",
+    "TurnEvent",
     "WireFormatError",
     "create_all",
     "metadata",

@@ -15,8 +15,9 @@ on the calling greenlet, which is fine for tests and nothing else.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import gevent
@@ -39,6 +40,7 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    type_coerce,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DatabaseError
@@ -327,8 +329,8 @@ class SQLStore:
         c = _blocks.c  # only the columns a catch-up needs (no timestamps to parse)
         block_query = (
             select(
-                c.block_index, c.kind, c.meta, c.content, c.complete, c.first_event_id,
-                c.last_event_id,
+                c.block_index, c.kind, type_coerce(c.meta, Text).label("meta"), c.content,
+                c.complete, c.first_event_id, c.last_event_id,
             )
             .where(c.stream_id == stream_id, c.last_event_id > after_id)
             .order_by(c.last_event_id)
@@ -342,18 +344,9 @@ class SQLStore:
         with self.engine.connect() as conn:
             block_rows = conn.execute(block_query).all()
             event_rows = conn.execute(event_query).all()
-        blocks = [
-            TurnBlock(
-                stream_id=stream_id,
-                block=r.block_index,
-                kind=r.kind,
-                content=r.content,
-                first_event_id=r.first_event_id,
-                last_event_id=r.last_event_id,
-                meta=r.meta or {},
-                complete=bool(r.complete),
-            )
-            for r in block_rows
+        blocks = [  # (positional: this runs once per block of every catch-up)
+            TurnBlock(stream_id, index, kind, content, first, last, _meta(meta), bool(complete))
+            for index, kind, meta, content, complete, first, last in block_rows
         ]
         events = [
             TurnEvent(stream_id, r.event_id, r.event, r.data or {}, r.replay) for r in event_rows
@@ -376,6 +369,16 @@ def create_all(meta: MetaData, engine: Engine) -> None:
             if attempt == 4:
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def _meta(raw: str | dict[str, Any] | None) -> Mapping[str, Any]:
+    """A block's meta as read (JSON text): most blocks have none, so skip decoding ``{}``."""
+    if isinstance(raw, dict):
+        return raw
+    if raw is None or raw == "{}":
+        return {}
+    value: dict[str, Any] = json.loads(raw)
+    return value
 
 
 def upgrade_in_place(engine: Engine) -> None:

@@ -240,7 +240,8 @@ def catch_up(stored: StoredTurn, buffered: Sequence[Event], after: int) -> list[
     come once each; of ``latest`` events only the newest of each name; every other buffered
     event past ``after`` as it is.
     """
-    blocks = {row.block: _Block.from_row(row) for row in stored.blocks}
+    # A row no buffered event touches becomes its event directly (store-only replay: all).
+    blocks: dict[int, TurnBlock | _Block] = {row.block: row for row in stored.blocks}
     out: list[Event] = []
     latest: dict[str, Event] = {}
     stored_ids: set[int] = set()
@@ -253,8 +254,13 @@ def catch_up(stored: StoredTurn, buffered: Sequence[Event], after: int) -> list[
             out.append(ev)
     for ev in buffered:
         if ev.event in BLOCK_EVENTS:
-            found = blocks.get(ev.data["block"])
+            index = ev.data["block"]
+            found = blocks.get(index)
             if found is not None:
+                if isinstance(found, TurnBlock):
+                    if ev.id <= found.last_event_id:
+                        continue
+                    found = blocks[index] = _Block.from_row(found)
                 if ev.id > found.last_id:
                     found.apply(ev)
                 continue
@@ -265,7 +271,18 @@ def catch_up(stored: StoredTurn, buffered: Sequence[Event], after: int) -> list[
         else:
             out.append(ev)
     out.extend(ev for ev in latest.values() if ev.id > after)
-    out.extend(block.catchup_event(index) for index, block in blocks.items())
+    for index, block in blocks.items():
+        if isinstance(block, TurnBlock):
+            data = {
+                "block": index,
+                "kind": block.kind,
+                "meta": block.meta,
+                "content": block.content,
+                "complete": block.complete,
+            }
+            out.append(Event(block.last_event_id, "turnblock_catchup", data))
+        else:
+            out.append(block.catchup_event(index))
     out.sort(key=_event_id)
     return out
 
