@@ -8,6 +8,8 @@ It connects all clients, prints ``READY`` on stdout, then reads until each clien
 ``--expect`` tick events (their ``n`` must be 0, 1, 2, ... with no gap or repeat) or the
 deadline passes. Latency is receipt time minus the producer's
 timestamp ``t`` in the event. ``--idle`` only holds the connections until stdin closes.
+``--paths FILE`` gives every client its own path (one per line, on the URL's server): many
+streams with a few readers each, the chat shape.
 """
 
 from __future__ import annotations
@@ -188,11 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connect-rate", type=float, default=2000, help="connections per second")
     parser.add_argument("--head-wait", type=float, default=3.0)
     parser.add_argument("--out")
+    parser.add_argument("--paths", help="a file with one path per client")
     args = parser.parse_args(argv)
     raise_fd_limit()
     url = urlsplit(args.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
     path = url.path + (f"?{url.query}" if url.query else "")
+    paths = [path] * args.clients
+    if args.paths:
+        with open(args.paths) as f:
+            paths = [line.strip() for line in f if line.strip()]
+        args.clients = len(paths)
 
     conns: list[Any] = [None] * args.clients
     failures: list[str] = []
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     def connect(i: int) -> None:
         for attempt in range(5):
             try:
-                conns[i] = open_stream(host, port, path, args.head_wait)
+                conns[i] = open_stream(host, port, paths[i], args.head_wait)
                 return
             except OSError as exc:
                 if attempt == 4:

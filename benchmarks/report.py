@@ -125,6 +125,28 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['rss_after_mb']:.0f} | {r['kb_per_connection']:.1f} |"
             )
         out.append("")
+    if "chat" in results:
+        out += [
+            "## The chat shape: many streams, one reader each, 300 tokens at 30 tokens/s",
+            "",
+            "One worker. Blocks of 80 tokens and a tool call after every third block, every block",
+            "persisted. On schedule: the 10 s schedule's length over the time it took (1.0 = on",
+            "time). Latency: producer to client, per token.",
+            "",
+            "| database, streams | offered tok/s | delivered tok/s | on schedule | complete "
+            "| p50 ms | p99 ms | server CPU µs/token | DB statements/token | DB bytes/token "
+            "| RSS KB/stream |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, r in results["chat"].items():
+            out.append(
+                f"| {key} | {r['offered_tokens_per_s']:,.0f} | {r['delivered_tokens_per_s']:,.0f} "
+                f"| {r['on_schedule']:.2f} | {r['completeness'] * 100:.1f} % | {r['p50_ms']:.1f} "
+                f"| {r['p99_ms']:.1f} | {r['server_cpu_us_per_token']:.0f} "
+                f"| {r['db_statements_per_token']:.3f} | {r['db_bytes_per_token']:.0f} "
+                f"| {r['rss_kb_per_stream']:.0f} |"
+            )
+        out.append("")
     if "encoding_ns" in results:
         enc = results["encoding_ns"]
         ours = enc.get("sse_blueprint_event", 0)

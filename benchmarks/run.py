@@ -105,14 +105,10 @@ class Target:
                 os.remove(self.go)
 
 
-def load(
-    url: str, clients: int, expect: int, timeout: float, trigger: Callable[[], None]
-) -> dict[str, Any]:
-    """Run the load client: connect everyone, trigger, collect the verified result."""
-    out = OUT / f"client-{uuid.uuid4().hex[:8]}.json"
+def connected_load_client(args: list[str]) -> subprocess.Popen[str]:
+    """Start the load client with ``args`` and wait until all its clients are connected."""
     proc = subprocess.Popen(
-        [PY, "-m", "benchmarks.loadclient", url, "--clients", str(clients), "--expect",
-         str(expect), "--timeout", str(timeout), "--out", str(out)],
+        [PY, "-m", "benchmarks.loadclient", *args],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -120,6 +116,18 @@ def load(
     if not ready.startswith("READY"):
         proc.kill()
         raise RuntimeError(f"load client failed: {ready!r}")
+    return proc
+
+
+def load(
+    url: str, clients: int, expect: int, timeout: float, trigger: Callable[[], None]
+) -> dict[str, Any]:
+    """Run the load client: connect everyone, trigger, collect the verified result."""
+    out = OUT / f"client-{uuid.uuid4().hex[:8]}.json"
+    proc = connected_load_client(
+        [url, "--clients", str(clients), "--expect", str(expect), "--timeout", str(timeout),
+         "--out", str(out)]
+    )  # fmt: skip
     time.sleep(0.5)
     trigger()
     proc.wait(timeout=timeout + 120)
@@ -141,6 +149,71 @@ def fanout(
         return load(url, clients, count, timeout, target.trigger)
     finally:
         target.cleanup()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def chat_shape(
+    server: Server, streams: int, readers: int, tokens: int = 300, rate: float = 30
+) -> dict[str, Any]:
+    """``streams`` concurrent chat streams, ``readers`` each, ``tokens`` at ``rate`` per second,
+    in blocks of 80 tokens with a tool call after every third block, every block persisted."""
+    go = os.path.join(tempfile.gettempdir(), f"sse-bench-go-{uuid.uuid4().hex}")
+    rss_before = server.rss_kb()
+    urls = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for _ in range(streams):
+            r = client.post(
+                "/api/streams",
+                json={"producer": "chat", "input": {"tokens": tokens, "rate": rate, "go": go}},
+            )
+            r.raise_for_status()
+            urls.append(r.json()["stream_url"])
+    paths = OUT / f"paths-{uuid.uuid4().hex[:8]}.txt"
+    paths.write_text("".join(f"{url}\n" for url in urls for _ in range(readers)))
+    out = OUT / f"client-{uuid.uuid4().hex[:8]}.json"
+    schedule = tokens / rate
+    proc = connected_load_client(
+        [server.url, "--paths", str(paths), "--expect", str(tokens), "--timeout",
+         str(schedule * 6 + 30), "--out", str(out), "--connect-rate", "3000"]
+    )  # fmt: skip
+    time.sleep(1)
+    rss_after = server.rss_kb()
+    db0 = httpx.get(f"{server.url}/bench/db").json()
+    cpu0 = cpu_seconds(server.worker_pids())
+    Path(go).touch()
+    proc.wait(timeout=schedule * 6 + 150)
+    cpu = cpu_seconds(server.worker_pids()) - cpu0
+    db1 = httpx.get(f"{server.url}/bench/db").json()
+    result: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    paths.unlink()
+    os.remove(go)
+    sent = streams * tokens
+    delivered_tokens_per_s = result["verified"] / readers / result["seconds"]
+    return {
+        "streams": streams,
+        "readers": readers,
+        "offered_tokens_per_s": streams * rate,
+        "delivered_tokens_per_s": delivered_tokens_per_s,
+        "on_schedule": min(1.0, schedule / result["seconds"]) if result["seconds"] else 0.0,
+        "completeness": result["verified"] / (sent * readers),
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
+        "server_cpu_us_per_token": cpu / sent * 1e6,
+        "db_statements_per_token": (db1["statements"] - db0["statements"]) / sent,
+        "db_bytes_per_token": (db1["bytes"] - db0["bytes"]) / sent,
+        "rss_kb_per_stream": (rss_after - rss_before) / streams,
+        "client_cpu": result["client_cpu"],
+        "errors": result["errors"],
+    }
 
 
 def idle_connections(make: Callable[[], Server], kind: str, clients: int) -> dict[str, Any]:
@@ -341,6 +414,19 @@ def main() -> None:
                 with serving(lambda e=env: ours(1, **e)) as server:
                     results["catchup"][db] = catch_up(server, samples=50 if args.quick else 200)
                 print("catch-up", db, results["catchup"][db], flush=True)
+        if not only or "chat" in only:
+            # The chat shape: many streams, one or two readers each, every block persisted.
+            results["chat"] = {}
+            ramp = (100, 300) if args.quick else (100, 500, 1000, 2000)
+            for db, env in (
+                ("SQLite", {}),
+                ("PostgreSQL", {"FLASK_SSE_DATABASE_URL": postgres.url}),
+            ):
+                for streams in ramp:
+                    with serving(lambda e=env: ours(1, **e)) as server:
+                        key = f"{db}, {streams} streams"
+                        results["chat"][key] = chat_shape(server, streams, readers=1)
+                    print("chat", key, results["chat"][key], flush=True)
         if not only or "idle" in only:
             results["idle"] = {}
             for name, make, kind in (

@@ -298,3 +298,27 @@ def test_a_producer_past_its_bounds_ends_with_a_clear_error(server_factory: Any)
     assert [d for _, _, d in state.app_events] == [{"n": 0}, {"n": 1}]
     assert "SSE_MAX_DURABLE_EVENTS" in state.events[-1][2]["message"]
     server.stop()
+
+
+def test_python_client_rebuilds_the_whole_turn_through_cuts(server_factory: Any) -> None:
+    from sse_blueprint.client import StreamClient
+
+    server: LiveServer = server_factory(TURN_CONFIG, app="tests.live_app:app")
+    proxy = CuttingProxy(server.url, seed=21, max_bytes=2000, only=b"GET /api/streams/")
+    try:
+        with StreamClient(proxy.url) as client:
+            reader = client.start("script", {"steps": STEPS, "chunk_size": 2, "interval_ms": 1})
+            ids = [event.id for event in reader]
+        blocks, durable, latest = expected_turn()
+        assert reader.state == "done"
+        assert reader.turn == blocks
+        assert [(e.event, e.data) for e in reader.events if MODES[e.event] == "durable"] == durable
+        assert {k: e.data for k, e in reader.latest.items() if k in latest} == latest
+        assert reader.text() == "".join(
+            b["content"] for b in blocks.values() if b["kind"] == "text"
+        )
+        assert ids == sorted(set(ids))
+        assert proxy.cuts >= 5
+    finally:
+        proxy.close()
+        server.stop()

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from flask import Flask
+from sqlalchemy import Engine, event
 
 from benchmarks.common import pause, tick
 from sse_blueprint import SSE, ProducerContext
@@ -54,6 +55,50 @@ def blocks(ctx: ProducerContext) -> dict[str, Any]:
     return {"count": count}
 
 
+@sse.producer("chat")
+def chat(ctx: ProducerContext) -> dict[str, Any]:
+    """The chat shape: ``tokens`` text deltas at ``rate`` per second once ``go`` exists, in
+    blocks of ``block_tokens``, with a tool call (streamed arguments) and its result after every
+    ``tool_every`` blocks. Text deltas carry ``t`` and ``n`` for the load client."""
+    tokens, rate = int(ctx.input.get("tokens", 300)), float(ctx.input.get("rate", 30))
+    per_block, tool_every = (
+        int(ctx.input.get("block_tokens", 80)),
+        int(ctx.input.get("tool_every", 3)),
+    )
+    _wait_for_go(ctx)
+    began, interval = time.monotonic(), 1 / rate
+    block, in_block, blocks = ctx.block(), 0, 0
+    for n in range(tokens):
+        ctx.send("text_delta", {"t": time.time(), "n": n, "block": block.index, "text": "tok "})
+        in_block += 1
+        if in_block == per_block or n == tokens - 1:
+            block.end()
+            blocks += 1
+            if blocks % tool_every == 0:
+                call = ctx.block("tool_call", {"name": "search", "call_id": f"c{blocks}"})
+                for part in ('{"query": ', '"weather"', "}"):
+                    call.write(part)
+                call.end({"input": {"query": "weather"}})
+                with ctx.block("tool_result", {"call_id": f"c{blocks}"}) as result:
+                    result.write('{"temp_c": 21}')
+            if n < tokens - 1:
+                block, in_block = ctx.block(), 0
+        ctx.sleep(pause(began, n, interval))
+    return {"tokens": tokens, "blocks": blocks}
+
+
+#: The size of each database statement (its SQL and parameters) sent, for the chat shape's
+#: per-token figures. (list.append is atomic: SQLite's statements run on threadpool threads.)
+STATEMENTS: list[int] = []
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _count(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+) -> None:
+    STATEMENTS.append(len(statement) + len(repr(parameters)))
+
+
 app = Flask(__name__)
 app.config.update(
     SSE_MAX_CLIENTS_PER_STREAM=100_000,
@@ -64,3 +109,9 @@ app.config.update(
 )
 app.config.from_prefixed_env()
 sse.init_app(app)
+
+
+@app.get("/bench/db")
+def db_counts() -> dict[str, int]:
+    sizes = list(STATEMENTS)
+    return {"statements": len(sizes), "bytes": sum(sizes)}
