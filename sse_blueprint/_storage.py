@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import gevent
+from gevent import Greenlet
+from gevent.event import AsyncResult
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -160,6 +162,23 @@ def _to_timestamp(value: dt.datetime | None) -> float | None:
     return value.timestamp()
 
 
+#: Saves written in one transaction at most (each one a few statements): bounds the time one
+#: write holds a connection (and, for SQLite, Python's GIL in a threadpool thread).
+MAX_BATCH = 64
+
+
+class _Save:
+    """One :meth:`SQLStore.save` call waiting for its transaction."""
+
+    __slots__ = ("blocks", "done", "events", "record")
+
+    def __init__(
+        self, record: StreamRecord, blocks: Sequence[TurnBlock], events: Sequence[TurnEvent]
+    ) -> None:
+        self.record, self.blocks, self.events = record, blocks, events
+        self.done: AsyncResult[None] = AsyncResult()
+
+
 class SQLStore:
     """A :class:`~sse_blueprint.BlockStore` on SQLAlchemy: SQLite (default) or PostgreSQL.
 
@@ -180,6 +199,9 @@ class SQLStore:
         )
         memory = dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
         self._threaded = dialect == "sqlite" and not memory
+        self._upserts = _upserts(self._insert)
+        self._pending: list[_Save] = []  # saves waiting for the next transaction
+        self._writer: Greenlet | None = None
         if create_tables:
             self._call(create_all, metadata, self.engine)
             self._call(upgrade_in_place, self.engine)
@@ -199,7 +221,39 @@ class SQLStore:
         blocks: Sequence[TurnBlock],
         events: Sequence[TurnEvent] = (),
     ) -> None:
-        self._call(self._save, record, blocks, events)
+        """Write one stream's changes. Saves that arrive while a write is under way (many
+        streams persisting at once) go together in the next transaction: one connection and
+        one commit for all of them. If that transaction fails, each is retried alone, so one
+        bad save fails only its own caller."""
+        save = _Save(record, blocks, events)
+        self._pending.append(save)
+        if self._writer is None:
+            self._writer = gevent.spawn(self._write_pending)
+        save.done.get()  # raises what failed its write
+
+    def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                try:
+                    self._call(self._save_all, batch)
+                except Exception as exc:
+                    if len(batch) == 1:
+                        batch[0].done.set_exception(exc)
+                        continue
+                    for save in batch:
+                        try:
+                            self._call(self._save_all, [save])
+                        except Exception as single:
+                            save.done.set_exception(single)
+                        else:
+                            save.done.set(None)
+                    continue
+                for save in batch:
+                    save.done.set(None)
+        finally:
+            self._writer = None
 
     def load_stream(self, stream_id: str) -> StreamRecord | None:
         return self._call(self._load_stream, stream_id)
@@ -213,97 +267,20 @@ class SQLStore:
 
     # -- the work, on whatever thread _call picked --------------------------------------------
 
-    def _save(
-        self, record: StreamRecord, blocks: Sequence[TurnBlock], events: Sequence[TurnEvent]
-    ) -> None:
+    def _save_all(self, batch: Sequence[_Save]) -> None:
+        """Write every save of ``batch`` in one transaction: one statement per table for all of
+        them (an executemany of statements compiled once), per group of distinct streams."""
         now = dt.datetime.now(dt.UTC)
-        row = {
-            "id": record.stream_id,
-            "producer": record.producer,
-            "state": record.state,
-            "metadata": dict(record.metadata),
-            "last_event_id": record.last_event_id,
-            "terminal_event": record.terminal,
-            "terminal_event_id": record.terminal_id,
-            "terminal_data": None if record.terminal_data is None else dict(record.terminal_data),
-            "created_at": _to_datetime(record.created_at),
-            "updated_at": now,
-            "finished_at": _to_datetime(record.finished_at),
-        }
-        insert_stream = self._insert(_streams).values(row)
-        upsert_stream = insert_stream.on_conflict_do_update(
-            index_elements=[_streams.c.id],
-            set_={
-                key: insert_stream.excluded[key]
-                for key in row
-                if key not in ("id", "producer", "created_at")
-            },
-            # Forward only: a stream that ended stays as it ended (the first terminal wins).
-            where=(_streams.c.state == "running")
-            & (_streams.c.last_event_id <= insert_stream.excluded.last_event_id),
-        )
         with self.engine.begin() as conn:
-            conn.execute(upsert_stream)
-            if blocks:
-                insert_blocks = self._insert(_blocks).values(
-                    [
-                        {
-                            "stream_id": b.stream_id,
-                            "block_index": b.block,
-                            "kind": b.kind,
-                            "meta": dict(b.meta),
-                            "content": b.content,
-                            "complete": b.complete,
-                            "first_event_id": b.first_event_id,
-                            "last_event_id": b.last_event_id,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                        for b in blocks
-                    ]
-                )
-                conn.execute(
-                    insert_blocks.on_conflict_do_update(
-                        index_elements=[_blocks.c.stream_id, _blocks.c.block_index],
-                        set_={
-                            "kind": insert_blocks.excluded.kind,
-                            "meta": insert_blocks.excluded.meta,
-                            "content": insert_blocks.excluded.content,
-                            "complete": insert_blocks.excluded.complete,
-                            "last_event_id": insert_blocks.excluded.last_event_id,
-                            "updated_at": insert_blocks.excluded.updated_at,
-                        },
-                        # Forward only: never replace a block with an older version of itself.
-                        where=_blocks.c.last_event_id < insert_blocks.excluded.last_event_id,
-                    )
-                )
-            if events:
-                insert_events = self._insert(_events).values(
-                    [
-                        {
-                            "stream_id": e.stream_id,
-                            "slot": _slot(e),
-                            "event_id": e.event_id,
-                            "event": e.event,
-                            "replay": e.replay,
-                            "data": dict(e.data),
-                            "created_at": now,
-                        }
-                        for e in events
-                    ]
-                )
-                conn.execute(
-                    insert_events.on_conflict_do_update(
-                        index_elements=[_events.c.stream_id, _events.c.slot],
-                        set_={
-                            "event_id": insert_events.excluded.event_id,
-                            "data": insert_events.excluded.data,
-                        },
-                        # Forward only: a durable event is written once; a latest one replaced
-                        # only by a newer event of its name.
-                        where=_events.c.event_id < insert_events.excluded.event_id,
-                    )
-                )
+            for group in _distinct_streams(batch):
+                streams = [_stream_row(save.record, now) for save in group]
+                blocks = [_block_row(b, now) for save in group for b in save.blocks]
+                events = [_event_row(e, now) for save in group for e in save.events]
+                conn.execute(self._upserts[0], streams)
+                if blocks:
+                    conn.execute(self._upserts[1], blocks)
+                if events:
+                    conn.execute(self._upserts[2], events)
 
     def _load_stream(self, stream_id: str) -> StreamRecord | None:
         with self.engine.connect() as conn:
@@ -369,6 +346,98 @@ def create_all(meta: MetaData, engine: Engine) -> None:
             if attempt == 4:
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def _upserts(insert: Callable[[Table], Any]) -> tuple[Any, Any, Any]:
+    """The three forward-only upserts (streams, blocks, events), built once."""
+    streams = insert(_streams)
+    stream_columns = [c.name for c in _streams.c if c.name not in ("id", "producer", "created_at")]
+    upsert_streams = streams.on_conflict_do_update(
+        index_elements=[_streams.c.id],
+        set_={name: streams.excluded[name] for name in stream_columns},
+        # Forward only: a stream that ended stays as it ended (the first terminal wins).
+        where=(_streams.c.state == "running")
+        & (_streams.c.last_event_id <= streams.excluded.last_event_id),
+    )
+    blocks = insert(_blocks)
+    upsert_blocks = blocks.on_conflict_do_update(
+        index_elements=[_blocks.c.stream_id, _blocks.c.block_index],
+        set_={
+            name: blocks.excluded[name]
+            for name in ("kind", "meta", "content", "complete", "last_event_id", "updated_at")
+        },
+        # Forward only: never replace a block with an older version of itself.
+        where=_blocks.c.last_event_id < blocks.excluded.last_event_id,
+    )
+    events = insert(_events)
+    upsert_events = events.on_conflict_do_update(
+        index_elements=[_events.c.stream_id, _events.c.slot],
+        set_={"event_id": events.excluded.event_id, "data": events.excluded.data},
+        # Forward only: a durable event is written once; a latest one replaced only by a newer
+        # event of its name.
+        where=_events.c.event_id < events.excluded.event_id,
+    )
+    return upsert_streams, upsert_blocks, upsert_events
+
+
+def _distinct_streams(batch: Sequence[_Save]) -> list[list[_Save]]:
+    """``batch`` in groups where no stream appears twice (an upsert may touch a row once)."""
+    groups: list[list[_Save]] = []
+    seen: list[set[str]] = []
+    for save in batch:
+        stream_id = save.record.stream_id
+        for group, ids in zip(groups, seen, strict=True):
+            if stream_id not in ids:
+                group.append(save)
+                ids.add(stream_id)
+                break
+        else:
+            groups.append([save])
+            seen.append({stream_id})
+    return groups
+
+
+def _stream_row(record: StreamRecord, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "id": record.stream_id,
+        "producer": record.producer,
+        "state": record.state,
+        "metadata": dict(record.metadata),
+        "last_event_id": record.last_event_id,
+        "terminal_event": record.terminal,
+        "terminal_event_id": record.terminal_id,
+        "terminal_data": None if record.terminal_data is None else dict(record.terminal_data),
+        "created_at": _to_datetime(record.created_at),
+        "updated_at": now,
+        "finished_at": _to_datetime(record.finished_at),
+    }
+
+
+def _block_row(b: TurnBlock, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "stream_id": b.stream_id,
+        "block_index": b.block,
+        "kind": b.kind,
+        "meta": dict(b.meta),
+        "content": b.content,
+        "complete": b.complete,
+        "first_event_id": b.first_event_id,
+        "last_event_id": b.last_event_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _event_row(e: TurnEvent, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "stream_id": e.stream_id,
+        "slot": _slot(e),
+        "event_id": e.event_id,
+        "event": e.event,
+        "replay": e.replay,
+        "data": dict(e.data),
+        "created_at": now,
+    }
 
 
 def _meta(raw: str | dict[str, Any] | None) -> Mapping[str, Any]:

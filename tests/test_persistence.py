@@ -40,6 +40,7 @@ class FlakyStore:
         self.write_delay = 0.0
         self.saves = 0
         self.failures = 0
+        self.writing = gevent.event.Event()  # set when a delayed write begins
 
     def save(
         self,
@@ -48,6 +49,7 @@ class FlakyStore:
         events: Sequence[TurnEvent] = (),
     ) -> None:
         if self.write_delay and (blocks or events):
+            self.writing.set()
             gevent.sleep(self.write_delay)  # the producer keeps sending meanwhile
         if self.fail_next > 0 or self.rng.random() < self.failure_rate:
             self.fail_next = max(0, self.fail_next - 1)
@@ -270,7 +272,7 @@ def test_resume_after_trim_when_persist_races_send() -> None:
         for i in range(5):
             ctx.text(0, f"a{i} ")
         ctx.end_block(0)
-        gevent.sleep(0)  # the persister takes its snapshot (up to id 6); the write takes 50 ms...
+        store.writing.wait()  # the persister took its snapshot (id 7); the write takes 50 ms...
         for i in range(5):
             ctx.text(1, f"b{i} ")  # ...while these are sent
             gevent.sleep(0.001)
@@ -475,3 +477,37 @@ def test_producer_that_persists_its_own_way_uses_snapshot_and_trim() -> None:
     assert client.text() == "w0 w1 w2 w3 tail"
     assert client.events[0][1] == "start"
     assert client.events[1][1] == "turnblock_catchup"
+
+
+def test_saves_of_many_streams_share_transactions_and_a_bad_one_fails_alone(
+    tmp_path: Any,
+) -> None:
+    """Streams persisting at once go together into one transaction (one connection, one
+    commit); a save that cannot be written fails only its own caller."""
+    from sqlalchemy import event
+
+    store = SQLStore(f"sqlite:///{tmp_path / 'group.sqlite3'}")
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+
+    def save(i: int) -> str:
+        record = StreamRecord(f"s{i}", "demo", "running", 3, 1.0)
+        if i == 7:  # not JSON: this save cannot be written
+            record = StreamRecord(f"s{i}", "demo", "running", 3, 1.0, metadata={"x": object()})
+        try:
+            store.save(record, [TurnBlock(f"s{i}", 0, "text", f"block {i}", 2, 3)])
+        except Exception as exc:
+            return type(exc).__name__
+        return "ok"
+
+    results = [g.get() for g in [gevent.spawn(save, i) for i in range(50)]]
+    assert results.count("ok") == 49
+    assert results[7] != "ok"
+    for i in range(50):
+        rows = store.load_blocks(f"s{i}", 0)
+        assert [r.content for r in rows] == ([] if i == 7 else [f"block {i}"])
+    commits.clear()
+    good = [gevent.spawn(save, i) for i in range(100, 150)]
+    assert [g.get() for g in good] == ["ok"] * 50
+    assert len(commits) <= 3, "concurrent saves were not grouped"
+    store.close()
