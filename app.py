@@ -300,7 +300,13 @@ def progress(ctx: ProducerContext) -> dict[str, Any]:
     for step in range(1, steps + 1):
         ctx.sleep(ctx.input["interval_ms"] / 1000)
         percent = round(100 * step / steps)
-        ctx.send("progress", {"percent": percent, "message": f"step {step} of {steps}"})
+        # Only the newest progress matters to a client that resumes: "latest", not one stored
+        # row per step.
+        ctx.send(
+            "progress",
+            {"percent": percent, "message": f"step {step} of {steps}"},
+            replay="latest",
+        )
     return {"result": f"processed {steps} items"}
 
 
