@@ -580,13 +580,9 @@ class Stream:
     def _append_now(self, event: str, data: Mapping[str, Any], replay: str, check: bool) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
+        ev = Event(self._last_id + 1, event, data, replay)  # (refuses data that is not JSON)
         if check:
-            if not isinstance(data, Mapping):
-                raise ValueError(
-                    f"event data must be a mapping (a JSON object), not {type(data).__name__}"
-                )
             self._turn.check(event, data, replay)
-        ev = Event(self._last_id + 1, event, data, replay)
         if len(ev.sse) > self.max_event_bytes:
             raise ValueError(
                 f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "

@@ -75,14 +75,17 @@ class _Block:
         )  # fmt: skip
 
     def catchup_event(self, index: int) -> Event:
-        data = {
-            "block": index,
-            "kind": self.kind,
-            "meta": self.meta,
-            "content": self.content(),
-            "complete": self.complete,
-        }
-        return Event(self.last_id, "turnblock_catchup", data)
+        return _catchup_event(
+            index, self.kind, self.meta, self.content(), self.complete, self.last_id
+        )
+
+
+def _catchup_event(
+    index: int, kind: str, meta: Mapping[str, Any], content: str, complete: bool, last_id: int
+) -> Event:
+    """The ``turnblock_catchup`` that replaces block ``index`` whole, under the id it covers."""
+    data = {"block": index, "kind": kind, "meta": meta, "content": content, "complete": complete}
+    return Event(last_id, "turnblock_catchup", data)
 
 
 def _block_index(data: Mapping[str, Any]) -> int:
@@ -127,8 +130,7 @@ class TurnBuilder:
                 raise ValueError(f"{event} builds a block; it cannot be sent {replay!r}")
             self._check_block_event(event, data)
             return
-        if event in RESERVED_EVENTS:
-            raise ValueError(f"{event!r} is sent by the engine")
+        # (Reserved names never get here: ProducerContext.send refuses them first.)
         if replay not in REPLAY_MODES:
             raise ValueError(f"replay must be one of {', '.join(REPLAY_MODES)}, not {replay!r}")
         if len(event) > MAX_EVENT_NAME:
@@ -273,14 +275,9 @@ def catch_up(stored: StoredTurn, buffered: Sequence[Event], after: int) -> list[
     out.extend(ev for ev in latest.values() if ev.id > after)
     for index, block in blocks.items():
         if isinstance(block, TurnBlock):
-            data = {
-                "block": index,
-                "kind": block.kind,
-                "meta": block.meta,
-                "content": block.content,
-                "complete": block.complete,
-            }
-            out.append(Event(block.last_event_id, "turnblock_catchup", data))
+            kind, meta, content = block.kind, block.meta, block.content
+            event = _catchup_event(index, kind, meta, content, block.complete, block.last_event_id)
+            out.append(event)
         else:
             out.append(block.catchup_event(index))
     out.sort(key=_event_id)
