@@ -151,6 +151,65 @@ def fanout(
         target.cleanup()
 
 
+def chat_rows(args: argparse.Namespace, postgres_url: str, redis_url: str) -> dict[str, Any]:
+    """The chat shape on a ramp of stream counts: ours on SQLite, on PostgreSQL and with Redis
+    (and PostgreSQL), the peers beside them; one worker (one process) each."""
+    ramp = (100, 300) if args.quick else (100, 500, 1000, 2000, 3000, 5000)
+    if args.streams:
+        ramp = tuple(int(n) for n in args.streams.split(","))
+    configs: list[tuple[str, Callable[[], Server], str]] = [
+        ("SQLite", ours, "ours"),
+        ("PostgreSQL", lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url), "ours"),
+        (
+            "Redis",
+            lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=redis_url),
+            "ours",
+        ),
+        ("bare-gevent", bare, "bare"),
+        ("sse-starlette", starlette, "sse-starlette"),
+    ]
+    wanted = set(filter(None, args.servers.split(",")))
+    # One reader per stream along the ramp; more readers (a second tab) at 1,000 streams.
+    readers_extra = [int(r) for r in args.readers.split(",") if int(r) > 1]
+    rows: dict[str, Any] = {}
+    for name, make, kind in configs:
+        if wanted and name not in wanted:
+            continue
+        runs = [(n, 1) for n in ramp]
+        runs += [(n, r) for r in readers_extra for n in (1000,) if n in ramp]
+        for streams, readers in runs:
+            with serving(make) as server:
+                redis0 = redis_figures(redis_url) if name == "Redis" else None
+                row = chat_shape(server, streams, readers, kind)
+                if redis0 is not None:
+                    row.update(redis_cost(redis0, redis_figures(redis_url), streams * 300))
+            key = f"{name}, {streams} streams" + (f" x {readers} readers" if readers > 1 else "")
+            rows[key] = row
+            print("chat", key, row, flush=True)
+    return rows
+
+
+def redis_figures(url: str) -> tuple[int, float]:
+    """Commands Redis has run, and the CPU seconds it has used, so far."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+        cpu = client.info("cpu")
+    finally:
+        client.close()
+    calls = sum(int(v["calls"]) for v in stats.values())
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def redis_cost(before: tuple[int, float], after: tuple[int, float], sent: int) -> dict[str, float]:
+    return {
+        "redis_commands_per_token": (after[0] - before[0]) / sent,
+        "redis_cpu_us_per_token": (after[1] - before[1]) / sent * 1e6,
+    }
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time the processes have used so far."""
     total = 0
@@ -161,21 +220,33 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def chat_shape(
-    server: Server, streams: int, readers: int, tokens: int = 300, rate: float = 30
+    server: Server,
+    streams: int,
+    readers: int,
+    kind: str = "ours",
+    tokens: int = 300,
+    rate: float = 30,
 ) -> dict[str, Any]:
-    """``streams`` concurrent chat streams, ``readers`` each, ``tokens`` at ``rate`` per second,
-    in blocks of 80 tokens with a tool call after every third block, every block persisted."""
+    """``streams`` concurrent chat streams, ``readers`` each, ``tokens`` at ``rate`` per second.
+
+    Ours (``kind="ours"``): blocks of 80 tokens with a tool call after every third block, every
+    block persisted. The peers stream the same text deltas from one producer per stream to
+    their readers, with no blocks and no persistence (they have neither).
+    """
+    ours = kind == "ours"
     go = os.path.join(tempfile.gettempdir(), f"sse-bench-go-{uuid.uuid4().hex}")
     rss_before = server.rss_kb()
-    urls = []
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        for _ in range(streams):
-            r = client.post(
-                "/api/streams",
-                json={"producer": "chat", "input": {"tokens": tokens, "rate": rate, "go": go}},
-            )
-            r.raise_for_status()
-            urls.append(r.json()["stream_url"])
+    urls = [f"/chat/{k}" for k in range(streams)]
+    if ours:
+        urls = []
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for _ in range(streams):
+                r = client.post(
+                    "/api/streams",
+                    json={"producer": "chat", "input": {"tokens": tokens, "rate": rate, "go": go}},
+                )
+                r.raise_for_status()
+                urls.append(r.json()["stream_url"])
     paths = OUT / f"paths-{uuid.uuid4().hex[:8]}.txt"
     paths.write_text("".join(f"{url}\n" for url in urls for _ in range(readers)))
     out = OUT / f"client-{uuid.uuid4().hex[:8]}.json"
@@ -186,33 +257,58 @@ def chat_shape(
     )  # fmt: skip
     time.sleep(1)
     rss_after = server.rss_kb()
-    db0 = httpx.get(f"{server.url}/bench/db").json()
+    db0 = httpx.get(f"{server.url}/bench/db").json() if ours else {}
     cpu0 = cpu_seconds(server.worker_pids())
-    Path(go).touch()
+    if ours:
+        Path(go).touch()
+    else:
+        query = f"streams={streams}&tokens={tokens}&rate={rate}"
+        httpx.post(f"{server.url}/publish_chat?{query}", timeout=60).raise_for_status()
     proc.wait(timeout=schedule * 6 + 150)
     cpu = cpu_seconds(server.worker_pids()) - cpu0
-    db1 = httpx.get(f"{server.url}/bench/db").json()
     result: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
     paths.unlink()
-    os.remove(go)
     sent = streams * tokens
-    delivered_tokens_per_s = result["verified"] / readers / result["seconds"]
-    return {
+    figures: dict[str, Any] = {
         "streams": streams,
         "readers": readers,
         "offered_tokens_per_s": streams * rate,
-        "delivered_tokens_per_s": delivered_tokens_per_s,
+        "delivered_tokens_per_s": result["verified"] / readers / result["seconds"],
         "on_schedule": min(1.0, schedule / result["seconds"]) if result["seconds"] else 0.0,
         "completeness": result["verified"] / (sent * readers),
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
         "server_cpu_us_per_token": cpu / sent * 1e6,
-        "db_statements_per_token": (db1["statements"] - db0["statements"]) / sent,
-        "db_bytes_per_token": (db1["bytes"] - db0["bytes"]) / sent,
         "rss_kb_per_stream": (rss_after - rss_before) / streams,
         "client_cpu": result["client_cpu"],
         "errors": result["errors"],
+    }
+    if ours:
+        os.remove(go)
+        figures.update(persistence(server, db0, sent))
+        figures["gc"] = httpx.get(f"{server.url}/bench/gc").json()
+    return figures
+
+
+def persistence(server: Server, db0: dict[str, int], sent: int) -> dict[str, Any]:
+    """Database figures of a chat run: statements and bytes per token, and the persistence lag
+    (once the readers have everything, how long until every ended block is a complete row; 0
+    when the database kept up with the blocks as they ended)."""
+    db1 = httpx.get(f"{server.url}/bench/db").json()
+    at_end = httpx.get(f"{server.url}/bench/persisted", timeout=30).json()
+    now, began = at_end, time.monotonic()
+    while now["stored"] < now["ended"] and time.monotonic() - began < 120:
+        time.sleep(0.05)
+        now = httpx.get(f"{server.url}/bench/persisted", timeout=30).json()
+    lag = time.monotonic() - began if at_end["stored"] < at_end["ended"] else 0.0
+    return {
+        "db_statements_per_token": (db1["statements"] - db0["statements"]) / sent,
+        "db_bytes_per_token": (db1["bytes"] - db0["bytes"]) / sent,
+        "blocks_ended": now["ended"],
+        "blocks_stored_at_end": at_end["stored"] / max(1, at_end["ended"]),
+        "persist_lag_s": lag,
+        "blocks_stored": now["stored"] / max(1, now["ended"]),
     }
 
 
@@ -335,6 +431,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer clients and events")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--streams", default="", help="chat: the ramp, e.g. 100,2000")
+    parser.add_argument("--servers", default="", help="chat: e.g. SQLite,bare-gevent (default all)")
+    parser.add_argument("--readers", default="1,2", help="chat: readers per stream, e.g. 1,2")
     args = parser.parse_args()
     raise_fd_limit()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -415,18 +514,7 @@ def main() -> None:
                     results["catchup"][db] = catch_up(server, samples=50 if args.quick else 200)
                 print("catch-up", db, results["catchup"][db], flush=True)
         if not only or "chat" in only:
-            # The chat shape: many streams, one or two readers each, every block persisted.
-            results["chat"] = {}
-            ramp = (100, 300) if args.quick else (100, 500, 1000, 2000)
-            for db, env in (
-                ("SQLite", {}),
-                ("PostgreSQL", {"FLASK_SSE_DATABASE_URL": postgres.url}),
-            ):
-                for streams in ramp:
-                    with serving(lambda e=env: ours(1, **e)) as server:
-                        key = f"{db}, {streams} streams"
-                        results["chat"][key] = chat_shape(server, streams, readers=1)
-                    print("chat", key, results["chat"][key], flush=True)
+            results["chat"] = chat_rows(args, postgres.url, redis_server.url)
         if not only or "idle" in only:
             results["idle"] = {}
             for name, make, kind in (

@@ -44,6 +44,7 @@ class SSEConfig:
     delivery: str = "live"
     max_durable_events: int = 1000
     max_meta_bytes: int = 65536
+    gc_thresholds: tuple[int, int, int] | None = (50_000, 50, 10)
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> SSEConfig:
@@ -88,6 +89,7 @@ class SSEConfig:
                 config, "SSE_MAX_DURABLE_EVENTS", d.max_durable_events, minimum=0
             ),
             max_meta_bytes=_integer(config, "SSE_MAX_META_BYTES", d.max_meta_bytes, minimum=2),
+            gc_thresholds=_gc_thresholds(config, d.gc_thresholds),
         )
 
     def __post_init__(self) -> None:
@@ -165,3 +167,23 @@ def _origins(value: Any) -> tuple[str, ...]:
             f"SSE_CORS_ORIGINS must be a comma-separated string or a list of origins, got {value!r}"
         )
     return tuple(o.strip().rstrip("/") for o in items if o.strip())
+
+
+def _gc_thresholds(
+    config: Mapping[str, Any], default: tuple[int, int, int] | None
+) -> tuple[int, int, int] | None:
+    """``SSE_GC_THRESHOLDS``: three integers (``gc.set_threshold``), or empty for Python's own."""
+    value = config.get("SSE_GC_THRESHOLDS", default)
+    if value is None or value == "" or value == ():
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        numbers = tuple(int(str(x).strip()) for x in items)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3 or min(numbers) < 1:
+        raise ConfigError(
+            "SSE_GC_THRESHOLDS must be three positive integers (e.g. 50000,50,10), or empty to "
+            f"keep Python's, got {value!r}"
+        )
+    return numbers[0], numbers[1], numbers[2]

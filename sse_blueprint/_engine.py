@@ -221,13 +221,24 @@ class ProducerContext:
 
         ``sleep(0)`` only lets the other greenlets run (readers then write what it sent so far).
         """
-        closed = self._stream._closed
+        stream = self._stream
         if seconds <= 0:
             gevent.sleep(0)
-            if closed.is_set():
-                raise StreamClosed(self._stream.id)
-        elif closed.wait(seconds):
-            raise StreamClosed(self._stream.id)
+        elif stream._sleeper is None:
+            # A plain sleep (a quarter of the cost of waiting on the closed event with a
+            # timeout, paid on every token); the stream's end wakes it (see Stream._ended).
+            stream._sleeper = gevent.getcurrent().throw
+            try:
+                if not stream._closed.is_set():
+                    gevent.sleep(seconds)
+            except _WakeUp:
+                pass
+            finally:
+                stream._sleeper = None
+        else:  # another greenlet of this producer is sleeping already
+            stream._closed.wait(seconds)
+        if stream._closed.is_set():
+            raise StreamClosed(stream.id)
 
     def end_block(self, block: int, meta: Mapping[str, Any] | None = None) -> int:
         """End block ``block``: send ``block_end`` with ``meta`` (merged into the block's meta).
@@ -385,8 +396,15 @@ class Subscription:
                 stream._trim(stream._trim_to)  # this reader may have been holding it back
 
 
+class _WakeUp(Exception):
+    """Thrown into a producer asleep in :meth:`ProducerContext.sleep` when its stream ends."""
+
+
 #: Seconds a fan-out runs before it lets other greenlets run.
 FAN_OUT_SLICE = 0.02
+#: At most this many parked readers are written to from the wake-up itself, without a
+#: fan-out greenlet (a few dozen non-blocking sends take well under a millisecond).
+FAN_OUT_INLINE = 16
 
 
 class Stream:
@@ -433,6 +451,8 @@ class Stream:
         self._greenlet: Greenlet | None = None
         self._timer: Greenlet | None = None
         self._closed = gevent.event.Event()  # set when the terminal event is in the log
+        # The producer while in ctx.sleep: how to wake it (its greenlet's throw).
+        self._sleeper: Callable[[type[BaseException]], object] | None = None
         # The live buffer: _log[i] has absolute index _base + i; _end = _base + len(_log).
         self._log: list[Event] = []
         self._base = 0
@@ -639,6 +659,10 @@ class Stream:
         if self._parked:
             if self._fanning_out:
                 self._fan_again = True
+            elif len(self._parked) <= FAN_OUT_INLINE:
+                # A few readers (the chat shape): write to them right here. Their writes never
+                # block, and a greenlet per wake-up would cost more than the writes.
+                self._fan_out_once(inline=True)
             else:
                 self._fanning_out = True
                 gevent.spawn_raw(self._fan_out)
@@ -667,16 +691,17 @@ class Stream:
         finally:
             self._fanning_out = False
 
-    def _fan_out_once(self) -> None:
+    def _fan_out_once(self, inline: bool = False) -> None:
         # A parked subscriber's connection belongs to this loop until the subscriber is woken
         # (and unparked) or its wait times out, which it can only do while this loop pauses:
         # hence the membership check. The pause lets the rest of the worker run when a round
-        # is long (many clients, big events).
+        # is long (many clients, big events); ``inline`` (a few readers, maybe in the hub's own
+        # callback) never pauses.
         parked = self._parked
         clock = time.perf_counter
         began = clock()
         for i, sub in enumerate(list(parked)):
-            if i & 63 == 63 and clock() - began > FAN_OUT_SLICE:
+            if i & 63 == 63 and not inline and clock() - began > FAN_OUT_SLICE:
                 gevent.sleep(0)
                 began = clock()
             if sub not in parked:
@@ -689,9 +714,14 @@ class Stream:
                         continue
                 if sub.done:
                     self._unpark(sub)
-            except Exception:
-                log.exception(
-                    "stream %s: direct write failed", self.id, extra={"stream_id": self.id}
+            except Exception as exc:
+                # (Logged from a greenlet of its own: a log handler may block, the hub may not.)
+                gevent.spawn_raw(
+                    log.error,
+                    "stream %s: direct write failed",
+                    self.id,
+                    exc_info=exc,
+                    extra={"stream_id": self.id},
                 )
                 sub.cut = True  # the client resumes from its last id
                 self._subscribers.discard(sub)
@@ -742,12 +772,20 @@ class Stream:
         self._ended(ev)
         return True
 
+    def _wake_sleeper(self) -> None:
+        # (In the hub.) Still asleep in ctx.sleep: end that sleep; it raises StreamClosed.
+        sleeper = self._sleeper
+        if sleeper is not None:
+            sleeper(_WakeUp)
+
     def _ended(self, ev: Event) -> None:
         """Bookkeeping once the terminal event ``ev`` is in the buffer."""
         self.terminal_event = ev
         self.state = StreamState(ev.event)
         self.finished_at = time.time()
         self._closed.set()
+        if self._sleeper is not None:  # the producer, in ctx.sleep: wake it now
+            gevent.get_hub().loop.run_callback(self._wake_sleeper)
         self._request_flush()
         if self._greenlet is not None:
             _observe.METRICS.stream_finished(self.producer_name, ev.event)

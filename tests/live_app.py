@@ -87,4 +87,5 @@ def resources() -> dict[str, Any]:
         "db_open": checked_out + (pool_.checkedin() if pooled else 0),
         "redis_connections": len(pool._connections) if pool is not None else 0,
         "clients_by_address": sum(state.clients_by_address.values()),
+        "gc_threshold": list(gc.get_threshold()),
     }

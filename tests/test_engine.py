@@ -199,6 +199,31 @@ def test_send_after_end_raises_stream_closed() -> None:
     assert stream.terminal_event.event == "cancelled"
 
 
+def test_cancel_wakes_every_greenlet_asleep_in_ctx_sleep() -> None:
+    """The producer and a helper greenlet of its own both in ctx.sleep(10): a cancel wakes
+    both at once, each with StreamClosed (one sleeps plainly, the other on the closed event)."""
+    woke: list[str] = []
+
+    def sleeper(ctx: ProducerContext, name: str) -> None:
+        try:
+            ctx.sleep(10)
+        except StreamClosed:
+            woke.append(name)
+
+    def producer(ctx: ProducerContext) -> None:
+        helper = gevent.spawn(sleeper, ctx, "helper")
+        sleeper(ctx, "producer")
+        helper.join()
+
+    stream = Stream(producer)
+    stream.start()
+    gevent.sleep(0.01)
+    stream.cancel()
+    assert stream.wait(2)
+    gevent.sleep(0.01)
+    assert sorted(woke) == ["helper", "producer"]  # (long before their 10 s were up)
+
+
 def test_timeout_ends_with_error() -> None:
     stream = Stream(counting(1000, pause=0.01), timeout=0.05)
     sub = stream.subscribe(0)

@@ -552,6 +552,16 @@ def test_wrong_methods_are_405_json(server: LiveServer) -> None:
         assert response.headers["allow"]
 
 
+def test_gunicorn_worker_sets_the_gc_thresholds(server: LiveServer, server_factory: Any) -> None:
+    """The hooks set SSE_GC_THRESHOLDS in the worker (default 50000,50,10); empty keeps
+    Python's own."""
+    assert httpx.get(f"{server.url}/test/resources").json()["gc_threshold"] == [50_000, 50, 10]
+    own = server_factory({"SSE_GC_THRESHOLDS": ""}, app="tests.live_app:app")
+    assert httpx.get(f"{own.url}/test/resources").json()["gc_threshold"] == [700, 10, 10]
+    tuned = server_factory({"SSE_GC_THRESHOLDS": "20000,20,20"}, app="tests.live_app:app")
+    assert httpx.get(f"{tuned.url}/test/resources").json()["gc_threshold"] == [20_000, 20, 20]
+
+
 def test_cors_headers_only_for_configured_origins(server_factory: Any) -> None:
     cors = server_factory(
         {"SSE_CORS_ORIGINS": "https://app.example, https://other.example/"},

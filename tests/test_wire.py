@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sse_blueprint._wire import (
     WireFormatError,
+    dumps,
     encode_comment,
     encode_event,
     encode_ndjson,
@@ -91,3 +92,35 @@ def test_ndjson_is_one_json_line(event: str, data: dict[str, object]) -> None:
     assert line.endswith(b"\n")
     assert line.count(b"\n") == 1  # no raw newline inside, whatever the text holds
     assert json.loads(line) == {"id": 42, "event": event, "data": data}
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(data=st.dictionaries(st.text(), json_values, max_size=6))
+def test_dumps_is_compact_json_of_the_same_value(data: dict[str, object]) -> None:
+    """dumps (one C encoder made once) writes what json.dumps with the same options writes."""
+    text = dumps(data)
+    assert text == json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert json.loads(text) == data
+
+
+def test_dumps_refuses_what_is_not_json() -> None:
+    circular: dict[str, object] = {}
+    circular["self"] = {"again": [circular]}
+    with pytest.raises(ValueError, match="Circular"):
+        dumps(circular)
+    with pytest.raises(ValueError, match="Out of range float"):
+        dumps({"x": float("nan")})
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        dumps({"x": {1, 2}})
+    with pytest.raises(TypeError):
+        dumps({("a", "b"): 1})  # keys are strings, numbers, booleans or null

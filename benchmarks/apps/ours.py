@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import time
 from typing import Any
 
 import gevent
 import gevent.event
-from flask import Flask
-from sqlalchemy import Engine, event
+from flask import Flask, request
+from sqlalchemy import Engine, event, text
 
 from benchmarks.common import pause, tick
-from sse_blueprint import SSE, ProducerContext
+from sse_blueprint import SSE, ProducerContext, SQLStore
 
 sse = SSE()
 
@@ -93,6 +95,7 @@ def chat(ctx: ProducerContext) -> dict[str, Any]:
         if in_block == per_block or n == tokens - 1:
             block.end()
             blocks += 1
+            ENDED[0] += 1
             if blocks % tool_every == 0:
                 call = ctx.block("tool_call", {"name": "search", "call_id": f"c{blocks}"})
                 for part in ('{"query": ', '"weather"', "}"):
@@ -100,6 +103,7 @@ def chat(ctx: ProducerContext) -> dict[str, Any]:
                 call.end({"input": {"query": "weather"}})
                 with ctx.block("tool_result", {"call_id": f"c{blocks}"}) as result:
                     result.write('{"temp_c": 21}')
+                ENDED[0] += 2
             if n < tokens - 1:
                 block, in_block = ctx.block(), 0
         ctx.sleep(pause(began, n, interval))
@@ -109,6 +113,8 @@ def chat(ctx: ProducerContext) -> dict[str, Any]:
 #: The size of each database statement (its SQL and parameters) sent, for the chat shape's
 #: per-token figures. (list.append is atomic: SQLite's statements run on threadpool threads.)
 STATEMENTS: list[int] = []
+#: Blocks the chat producers have ended (each must become a complete row).
+ENDED = [0]
 
 
 @event.listens_for(Engine, "before_cursor_execute")
@@ -134,3 +140,51 @@ sse.init_app(app)
 def db_counts() -> dict[str, int]:
     sizes = list(STATEMENTS)
     return {"statements": len(sizes), "bytes": sum(sizes)}
+
+
+#: Seconds spent in garbage collection, per generation (gc.callbacks).
+GC_SECONDS = [0.0, 0.0, 0.0]
+_gc_began = [0.0]
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_began[0] = time.perf_counter()
+    else:
+        GC_SECONDS[info["generation"]] += time.perf_counter() - _gc_began[0]
+
+
+gc.callbacks.append(_gc_timer)
+
+
+@app.get("/bench/gc")
+def gc_figures() -> dict[str, Any]:
+    figures = {"seconds": GC_SECONDS, "stats": gc.get_stats(), "threshold": gc.get_threshold()}
+    if request.args.get("census"):  # what the collector tracks, by type (slow: a diagnosis)
+        census = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        figures["tracked"] = sum(census.values())
+        figures["census"] = dict(census.most_common(25))
+    return figures
+
+
+@app.get("/bench/persisted")
+def persisted() -> dict[str, int]:
+    """Blocks ended so far, and how many are complete rows in the database."""
+    store = app.extensions["sse_blueprint"].store
+    assert isinstance(store, SQLStore)
+    with store.engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM sse_turn_blocks WHERE complete")).scalar()
+    return {"ended": ENDED[0], "stored": int(stored or 0)}
+
+
+@app.get("/bench/memory")
+def memory() -> dict[str, Any]:
+    """A diagnosis (run with PYTHONTRACEMALLOC=25): where the live Python memory was allocated."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        return {}
+    snapshot = tracemalloc.take_snapshot()
+    group = request.args.get("by", "lineno")
+    stats = snapshot.statistics(group)[: int(request.args.get("top", 40))]
+    return {"top": [[str(s.traceback), s.size, s.count] for s in stats]}

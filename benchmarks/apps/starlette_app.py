@@ -1,4 +1,5 @@
-"""sse-starlette on uvicorn: one asyncio queue per client, the usual broadcast pattern."""
+"""sse-starlette on uvicorn: one asyncio queue per client, the usual broadcast pattern (one stream
+to many clients at ``/stream``; the chat shape at ``/chat/<k>``, no persistence)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,51 @@ async def publish(request: Request) -> JSONResponse:
     return JSONResponse({"count": count})
 
 
-app = Starlette(routes=[Route("/stream", stream), Route("/publish", publish, methods=["POST"])])
+#: The chat shape: one producer per channel, one queue per reader of it.
+channels: dict[str, set[asyncio.Queue[ServerSentEvent]]] = {}
+
+
+async def chat_stream(request: Request) -> EventSourceResponse:
+    readers = channels.setdefault(request.path_params["k"], set())
+    queue: asyncio.Queue[ServerSentEvent] = asyncio.Queue()
+    readers.add(queue)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            readers.discard(queue)
+
+    return EventSourceResponse(events(), ping=15, sep="\n")
+
+
+async def publish_chat(request: Request) -> JSONResponse:
+    q = request.query_params
+    tokens, rate = int(q["tokens"]), float(q["rate"])
+
+    async def chat(channel: str) -> None:
+        readers = channels.setdefault(channel, set())
+        began, interval = time.monotonic(), 1 / rate
+        for n in range(tokens):
+            data = {"t": time.time(), "n": n, "block": n // 80, "text": "tok "}
+            event = ServerSentEvent(data=dumps(data), event="text_delta", id=str(n + 1), sep="\n")
+            for queue in list(readers):
+                queue.put_nowait(event)
+            await asyncio.sleep(pause(began, n, interval))
+
+    loop = asyncio.get_running_loop()
+    tasks.update(loop.create_task(chat(str(k))) for k in range(int(q["streams"])))
+    return JSONResponse({"streams": int(q["streams"])})
+
+
+tasks: set[asyncio.Task[None]] = set()  # (held: the loop keeps only weak references)
+
+app = Starlette(
+    routes=[
+        Route("/stream", stream),
+        Route("/publish", publish, methods=["POST"]),
+        Route("/chat/{k}", chat_stream),
+        Route("/publish_chat", publish_chat, methods=["POST"]),
+    ]
+)
