@@ -7,7 +7,9 @@ Redis is the distributed engine; there is no broker of our own. Per stream (keys
 * ``sse:{id}:meta``: a hash: producer, state, generation, last id, times;
 * ``sse:{id}:lease``: the owner's lease (its generation, with a TTL);
 * channel ``sse:{id}``: every event, published in the same Lua call that appends it (``"o": 1``
-  marks the owner's own appends, which the owner itself ignores).
+  marks the owner's own appends), for the other workers' mirrors;
+* channel ``sse:{id}:ends``: an end written by another worker (a cancel, a lost lease), for the
+  owner, which does not follow the stream's own channel.
 
 **One producer per stream.** The worker that starts a stream writes a random generation into
 ``meta``; every append is a Lua script that checks the generation and that the stream is still
@@ -45,7 +47,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gevent
@@ -54,6 +56,7 @@ import redis
 from redis.client import Pipeline
 
 from . import _wire
+from ._batch import Batcher
 from ._engine import Event, Stream, StreamClosed, StreamState, lost, lost_data
 from ._records import BlockStore
 
@@ -89,7 +92,8 @@ return 1
 
 # End a running stream from any worker. KEYS: meta, events, lease.
 # ARGV: state ("cancelled" or "error"), data json, ttl, now, channel, only_if_lease_gone ("1"/"0"),
-# the message to publish less its id (wire.relay_message_head: the script adds the id and "}")
+# the message to publish less its id (wire.relay_message_head: the script adds the id and "}"),
+# the ends channel (where the owner hears of it)
 _END = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return nil end
@@ -102,6 +106,7 @@ redis.call('DEL', KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[7] .. id .. '}')
+redis.call('PUBLISH', ARGV[8], ARGV[7] .. id .. '}')
 return 'ok'
 """
 
@@ -169,6 +174,12 @@ def _keys(stream_id: str) -> tuple[str, str, str, str]:
     return f"sse:{tag}:meta", f"sse:{tag}:events", f"sse:{tag}:lease", f"sse:{tag}"
 
 
+def _ends_channel(stream_id: str) -> str:
+    """Where an end written by another worker (a cancel, a lost lease) is published for the
+    owner, besides the stream's channel."""
+    return "sse:{" + stream_id + "}:ends"
+
+
 def _client_key(address: str) -> str:
     return "sse:clients:{" + address + "}"
 
@@ -209,6 +220,8 @@ class RedisBackend:
         self.make_mirror = make_mirror
         self.store = store  # where a mirror learns how a stream that Redis lost ended
         self._append = self.redis.register_script(_APPEND)
+        # Owners' appends, batched across streams (each producer waits for its own).
+        self._appends: Batcher[tuple[list[str], list[Any]], Any] = Batcher(self._append_all)
         self._end = self.redis.register_script(_END)
         self._renew = self.redis.register_script(_RENEW)
         self._set_metadata = self.redis.register_script(_SET_METADATA)
@@ -236,7 +249,7 @@ class RedisBackend:
     # -- owner side --------------------------------------------------------------------------
 
     def claim(self, stream: Stream) -> None:
-        meta, _, lease, channel = _keys(stream.id)
+        meta, _, lease, _ = _keys(stream.id)
         gen = secrets.token_hex(8)
 
         def start(pipe: Pipeline) -> None:
@@ -255,7 +268,9 @@ class RedisBackend:
 
         self._pipelined(start, transaction=True)
         self.owned[stream.id] = (stream, gen)
-        self._follow(channel, stream)  # to hear of a cancel made elsewhere
+        # To hear of a cancel made elsewhere; not the stream's own channel, which would bring it
+        # every event it appends (the Pub/Sub reader parsing them took a quarter of its time).
+        self._follow(_ends_channel(stream.id), stream)
         self._start_greenlets()
         gevent.spawn(self._renew_loop, stream, gen)
 
@@ -275,10 +290,28 @@ class RedisBackend:
             _wire.relay_message(event.id, event.event, event.json, own=True),
         ]
         try:
-            self._retrying(self._append, keys=[meta, events, lease], args=args)
+            self._appends.submit(([meta, events, lease], args))
         except redis.ResponseError as exc:
             self._refused(stream, exc)
             raise StreamClosed(stream.id) from exc
+
+    def _append_all(self, batch: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The appends of every stream that are waiting, in one pipeline: one round trip for
+        all (each script call's refusal is its own caller's). Retried whole while Redis cannot
+        answer: an append that already ran answers 2 the second time."""
+
+        def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for keys, args in batch:
+                self._append(keys=keys, args=args, client=pipe)
+            results: list[Any] = pipe.execute(raise_on_error=False)
+            for result in results:
+                if isinstance(result, redis.RedisError) and is_transient(result):
+                    raise result
+            return results
+
+        result: list[Any] = self._retrying(run)
+        return result
 
     def _refused(self, stream: Stream, exc: Exception) -> None:
         """Our write was refused: the stream ended elsewhere, another producer owns it, or Redis
@@ -347,6 +380,7 @@ class RedisBackend:
             elif state != StreamState.RUNNING.value:
                 self._adopt_remote_end(stream)  # the durable flag says it ended (a lost message)
         self.owned.pop(stream.id, None)
+        self._unfollow(_ends_channel(stream.id))
 
     # -- from any worker ----------------------------------------------------------------------
 
@@ -371,6 +405,7 @@ class RedisBackend:
                 channel,
                 "1" if if_lease_gone else "0",
                 _wire.relay_message_head(state, data_json),
+                _ends_channel(stream_id),
             ],
         )
         return result.decode() if isinstance(result, bytes) else result
@@ -562,9 +597,9 @@ class RedisBackend:
             return
         event = Event(payload["id"], payload["e"], payload["d"])
         if not stream.mirror:
-            # The owner hears its own appends too ("o"); only an end written elsewhere (a cancel,
-            # a lost lease) is news to it.
-            if event.terminal and not payload.get("o"):
+            # The owner follows only the ends channel: an end written elsewhere (a cancel, a
+            # lost lease).
+            if event.terminal:
                 stream._adopt_terminal(event)
             return
         early = self._early.get(stream.id)

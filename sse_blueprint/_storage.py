@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import gevent
-from gevent import Greenlet
-from gevent.event import AsyncResult
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -49,6 +47,7 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool, StaticPool
 
+from ._batch import Batcher
 from ._records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
 
 __all__ = [
@@ -174,13 +173,12 @@ MAX_BATCH_COOPERATIVE = 2048
 class _Save:
     """One :meth:`SQLStore.save` call waiting for its transaction."""
 
-    __slots__ = ("blocks", "done", "events", "record")
+    __slots__ = ("blocks", "events", "record")
 
     def __init__(
         self, record: StreamRecord, blocks: Sequence[TurnBlock], events: Sequence[TurnEvent]
     ) -> None:
         self.record, self.blocks, self.events = record, blocks, events
-        self.done: AsyncResult[None] = AsyncResult()
 
 
 class SQLStore:
@@ -203,15 +201,14 @@ class SQLStore:
         )
         memory = dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
         self._threaded = dialect == "sqlite" and not memory
-        self._max_batch = MAX_BATCH if self._threaded else MAX_BATCH_COOPERATIVE
         # PostgreSQL's upserts carry a RETURNING: SQLAlchemy then sends a batch as multi-row
         # INSERTs ("insertmanyvalues", which it uses for an ON CONFLICT statement only with a
         # RETURNING) rather than psycopg's executemany, which waits for the socket once or twice
         # per row. On a busy worker each wait is a turn of the event loop: 1,400 saves took 29 s
         # with 500 greenlets busy (5,638 waits), against a few waits now.
         self._upserts = _upserts(self._insert, returning=dialect == "postgresql")
-        self._pending: list[_Save] = []  # saves waiting for the next transaction
-        self._writer: Greenlet | None = None
+        max_batch = MAX_BATCH if self._threaded else MAX_BATCH_COOPERATIVE
+        self._saves: Batcher[_Save, None] = Batcher(self._write, max_batch)
         if create_tables:
             self._call(create_all, metadata, self.engine)
             self._call(upgrade_in_place, self.engine)
@@ -235,35 +232,16 @@ class SQLStore:
         streams persisting at once) go together in the next transaction: one connection and
         one commit for all of them. If that transaction fails, each is retried alone, so one
         bad save fails only its own caller."""
-        save = _Save(record, blocks, events)
-        self._pending.append(save)
-        if self._writer is None:
-            self._writer = gevent.spawn(self._write_pending)
-        save.done.get()  # raises what failed its write
+        self._saves.submit(_Save(record, blocks, events))  # raises what failed its write
 
-    def _write_pending(self) -> None:
+    def _write(self, batch: Sequence[_Save]) -> list[BaseException | None]:
         try:
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                try:
-                    self._call(self._save_all, batch)
-                except Exception as exc:
-                    if len(batch) == 1:
-                        batch[0].done.set_exception(exc)
-                        continue
-                    for save in batch:
-                        try:
-                            self._call(self._save_all, [save])
-                        except Exception as single:
-                            save.done.set_exception(single)
-                        else:
-                            save.done.set(None)
-                    continue
-                for save in batch:
-                    save.done.set(None)
-        finally:
-            self._writer = None
+            self._call(self._save_all, batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            return [self._write([save])[0] for save in batch]  # each alone: who failed?
+        return [None] * len(batch)
 
     def load_stream(self, stream_id: str) -> StreamRecord | None:
         return self._call(self._load_stream, stream_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import datetime
 import gc
 import os
 import time
@@ -115,6 +116,7 @@ def chat(ctx: ProducerContext) -> dict[str, Any]:
 STATEMENTS: list[int] = []
 #: Blocks the chat producers have ended (each must become a complete row).
 ENDED = [0]
+STARTED = datetime.datetime.now(datetime.UTC)
 
 
 @event.listens_for(Engine, "before_cursor_execute")
@@ -169,11 +171,13 @@ def gc_figures() -> dict[str, Any]:
 
 @app.get("/bench/persisted")
 def persisted() -> dict[str, int]:
-    """Blocks ended so far, and how many are complete rows in the database."""
+    """Blocks ended so far, and how many are complete rows in the database (this server's: a
+    PostgreSQL database is shared by the runs)."""
     store = app.extensions["sse_blueprint"].store
     assert isinstance(store, SQLStore)
+    query = "SELECT count(*) FROM sse_turn_blocks WHERE complete AND created_at >= :since"
     with store.engine.connect() as conn:
-        stored = conn.execute(text("SELECT count(*) FROM sse_turn_blocks WHERE complete")).scalar()
+        stored = conn.execute(text(query), {"since": STARTED}).scalar()
     return {"ended": ENDED[0], "stored": int(stored or 0)}
 
 
