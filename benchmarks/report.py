@@ -127,24 +127,33 @@ def markdown(results: dict[str, Any]) -> str:
         out.append("")
     if "chat" in results:
         out += [
-            "## The chat shape: many streams, one reader each, 300 tokens at 30 tokens/s",
+            "## The chat shape: many streams, 300 tokens at 30 tokens/s each",
             "",
-            "One worker. Blocks of 80 tokens and a tool call after every third block, every block",
-            "persisted. On schedule: the 10 s schedule's length over the time it took (1.0 = on",
-            "time). Latency: producer to client, per token.",
+            "One worker (one process) for every server. Ours: blocks of 80 tokens and a tool call",
+            "after every third block, every block persisted (SQLite, PostgreSQL, or Redis with",
+            "PostgreSQL). The peers send the same text deltas, with neither blocks nor",
+            "persistence. On schedule: the 10 s schedule's length over the time it took (1.0 = on",
+            "time). Latency: producer to client, per token. Persist lag: once the readers had",
+            "everything, how long until every ended block was a row (0: kept up as blocks ended).",
             "",
-            "| database, streams | offered tok/s | delivered tok/s | on schedule | complete "
+            "| server, streams | offered tok/s | delivered tok/s | on schedule | complete "
             "| p50 ms | p99 ms | server CPU µs/token | DB statements/token | DB bytes/token "
-            "| RSS KB/stream |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| persist lag s | Redis calls/token | Redis CPU µs/token | RSS KB/stream |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def cell(r: dict[str, Any], key: str, fmt: str) -> str:
+            return format(r[key], fmt) if key in r else "–"
+
         for key, r in results["chat"].items():
             out.append(
                 f"| {key} | {r['offered_tokens_per_s']:,.0f} | {r['delivered_tokens_per_s']:,.0f} "
                 f"| {r['on_schedule']:.2f} | {r['completeness'] * 100:.1f} % | {r['p50_ms']:.1f} "
                 f"| {r['p99_ms']:.1f} | {r['server_cpu_us_per_token']:.0f} "
-                f"| {r['db_statements_per_token']:.3f} | {r['db_bytes_per_token']:.0f} "
-                f"| {r['rss_kb_per_stream']:.0f} |"
+                f"| {cell(r, 'db_statements_per_token', '.3f')} "
+                f"| {cell(r, 'db_bytes_per_token', '.0f')} | {cell(r, 'persist_lag_s', '.2f')} "
+                f"| {cell(r, 'redis_commands_per_token', '.1f')} "
+                f"| {cell(r, 'redis_cpu_us_per_token', '.1f')} | {r['rss_kb_per_stream']:.0f} |"
             )
         out.append("")
     if "encoding_ns" in results:
@@ -209,9 +218,46 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_chat(results: dict[str, Any], path: Path) -> None:
+    """On-schedule ratio and p99 latency against the number of streams, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    for key, r in results.get("chat", {}).items():
+        if r["readers"] != 1:
+            continue
+        name = key.rsplit(",", 1)[0]
+        lines.setdefault(name, []).append((r["streams"], r["on_schedule"], r["p99_ms"]))
+    if not lines:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in lines.items():
+        points.sort()
+        xs = [p[0] for p in points]
+        style = "-o" if name in ("SQLite", "PostgreSQL", "Redis") else "--s"
+        label = f"sse-blueprint, {name}" if style == "-o" else name
+        left.plot(xs, [p[1] for p in points], style, label=label, markersize=4)
+        right.plot(xs, [p[2] for p in points], style, label=label, markersize=4)
+    left.set_title("on schedule (delivered / offered), 30 tokens/s per stream")
+    left.set_ylim(0, 1.05)
+    right.set_title("p99 latency per token, ms")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xlabel("concurrent streams, one reader each, one worker")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(results["machine"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "fanout.png")
+    plot_chat(results, out / "chat.png")
 
 
 if __name__ == "__main__":
