@@ -58,6 +58,19 @@ def starlette() -> Server:
     return Server("sse-starlette", cmd, port, {})
 
 
+def resumable(redis_url: str) -> Server:
+    """vercel's resumable-stream on Node (npm), installed into benchmarks/node on first use."""
+    node_dir = ROOT / "benchmarks" / "node"
+    if not (node_dir / "node_modules" / "resumable-stream").exists():
+        subprocess.run(
+            ["npm", "install", "--silent", "--no-audit", "--no-fund"],
+            cwd=node_dir, check=True, timeout=300,
+        )  # fmt: skip
+    port = free_port()
+    cmd = ["node", str(node_dir / "resumable.mjs"), str(port), redis_url]
+    return Server("resumable-stream", cmd, port, {})
+
+
 def bare() -> Server:
     port = free_port()
     return Server("bare-gevent", [PY, "-m", "benchmarks.apps.bare", str(port)], port, {})
@@ -167,6 +180,7 @@ def chat_rows(args: argparse.Namespace, postgres_url: str, redis_url: str) -> di
         ),
         ("bare-gevent", bare, "bare"),
         ("sse-starlette", starlette, "sse-starlette"),
+        ("resumable-stream", lambda: resumable(redis_url), "resumable-stream"),
     ]
     wanted = set(filter(None, args.servers.split(",")))
     # One reader per stream along the ramp; more readers (a second tab) at 1,000 streams.
@@ -514,7 +528,10 @@ def main() -> None:
                     results["catchup"][db] = catch_up(server, samples=50 if args.quick else 200)
                 print("catch-up", db, results["catchup"][db], flush=True)
         if not only or "chat" in only:
-            results["chat"] = chat_rows(args, postgres.url, redis_server.url)
+            rows = chat_rows(args, postgres.url, redis_server.url)
+            # (A run of some servers or stream counts updates the rows of the last full run.)
+            partial = args.servers or args.streams
+            results["chat"] = {**results.get("chat", {}), **rows} if partial else rows
         if not only or "idle" in only:
             results["idle"] = {}
             for name, make, kind in (
