@@ -46,7 +46,7 @@ class Event:
         self.id = id
         if not event:
             raise ValueError("event name must be a non-empty string")
-        self.event = _wire.check_field("event", event)
+        self.event = _wire.check_event_name(event)
         self.data = data
         if not isinstance(data, Mapping):
             raise ValueError(

@@ -300,18 +300,12 @@ class RedisBackend:
         all (each script call's refusal is its own caller's). Retried whole while Redis cannot
         answer: an append that already ran answers 2 the second time."""
 
-        def run() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=False)
+        def queue(pipe: Pipeline) -> None:
             for keys, args in batch:
                 self._append(keys=keys, args=args, client=pipe)
-            results: list[Any] = pipe.execute(raise_on_error=False)
-            for result in results:
-                if isinstance(result, redis.RedisError) and is_transient(result):
-                    raise result
-            return results
 
-        result: list[Any] = self._retrying(run)
-        return result
+        results: list[Any] = self._pipelined(queue, replies=True)
+        return results
 
     def _refused(self, stream: Stream, exc: Exception) -> None:
         """Our write was refused: the stream ended elsewhere, another producer owns it, or Redis
@@ -766,14 +760,31 @@ class RedisBackend:
                 gevent.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _pipelined(self, build: Callable[[Pipeline], None], *, transaction: bool = False) -> Any:
+    def _pipelined(
+        self,
+        build: Callable[[Pipeline], None],
+        *,
+        transaction: bool = False,
+        replies: bool = False,
+    ) -> Any:
         """Run the commands ``build`` queues, in one round trip, retried as :meth:`_retrying`
         does. Each attempt builds a new pipeline: one forgets its commands when it runs, sent
-        or not, and retrying it would run nothing."""
+        or not, and retrying it would run nothing. With ``replies``, a command's error is its
+        reply (an exception instance in the list) rather than raised, unless Redis could not
+        run it (see :func:`is_transient`): then the whole pipeline is retried."""
 
         def run() -> Any:
             pipe = self.redis.pipeline(transaction=transaction)
-            build(pipe)
-            return pipe.execute()
+            try:
+                build(pipe)
+                results = pipe.execute(raise_on_error=not replies)
+            finally:
+                # A pipeline with scripts loads them before the part of execute() that gives
+                # its connection back: when that fails (BUSY), only reset() gives it back.
+                pipe.reset()
+            for result in results if replies else ():
+                if isinstance(result, redis.RedisError) and is_transient(result):
+                    raise result
+            return results
 
         return self._retrying(run)

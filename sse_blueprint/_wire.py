@@ -40,7 +40,7 @@ __all__ = [
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
-#: Event names already checked by :func:`encode_event` (a stream sends a few names many times).
+#: Event names already checked by :func:`check_event_name`.
 _CHECKED_NAMES: set[str] = set()
 
 #: An NDJSON keep-alive: an empty line.
@@ -93,6 +93,16 @@ def check_field(name: str, value: str) -> str:
     return value
 
 
+def check_event_name(event: str) -> str:
+    """:func:`check_field` for an ``event`` name, remembering the names that passed (a stream
+    sends a few names many times, and every event is checked when it is made)."""
+    if type(event) is not str or event not in _CHECKED_NAMES:
+        check_field("event", event)
+        if len(_CHECKED_NAMES) < 1024:
+            _CHECKED_NAMES.add(event)
+    return event
+
+
 def encode_event(data: str, *, id: str | int | None = None, event: str | None = None) -> bytes:
     """Encode one SSE event.
 
@@ -103,11 +113,7 @@ def encode_event(data: str, *, id: str | int | None = None, event: str | None = 
     if id is not None:
         head = "id: " + (str(id) if type(id) is int else check_field("id", str(id))) + "\n"
     if event is not None:
-        if type(event) is not str or event not in _CHECKED_NAMES:
-            check_field("event", event)
-            if len(_CHECKED_NAMES) < 1024:
-                _CHECKED_NAMES.add(event)
-        head += "event: " + event + "\n"
+        head += "event: " + check_event_name(event) + "\n"
     if "\n" not in data and "\r" not in data:  # one line (always so for JSON)
         return (head + "data: " + data + "\n\n").encode("utf-8")
     lines = "".join("data: " + line + "\n" for line in _LINE_BREAK.split(data))

@@ -18,18 +18,23 @@ from benchmarks.common import dumps, pause, tick
 queues: set[asyncio.Queue[ServerSentEvent]] = set()
 
 
-async def stream(request: Request) -> EventSourceResponse:
+def follow(readers: set[asyncio.Queue[ServerSentEvent]]) -> EventSourceResponse:
+    """A response fed by a queue of its own, one of ``readers`` while it is open."""
     queue: asyncio.Queue[ServerSentEvent] = asyncio.Queue()
-    queues.add(queue)
+    readers.add(queue)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
             while True:
                 yield await queue.get()
         finally:
-            queues.discard(queue)
+            readers.discard(queue)
 
     return EventSourceResponse(events(), ping=15, sep="\n")
+
+
+async def stream(request: Request) -> EventSourceResponse:
+    return follow(queues)
 
 
 async def publish(request: Request) -> JSONResponse:
@@ -53,18 +58,7 @@ channels: dict[str, set[asyncio.Queue[ServerSentEvent]]] = {}
 
 
 async def chat_stream(request: Request) -> EventSourceResponse:
-    readers = channels.setdefault(request.path_params["k"], set())
-    queue: asyncio.Queue[ServerSentEvent] = asyncio.Queue()
-    readers.add(queue)
-
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            readers.discard(queue)
-
-    return EventSourceResponse(events(), ping=15, sep="\n")
+    return follow(channels.setdefault(request.path_params["k"], set()))
 
 
 async def publish_chat(request: Request) -> JSONResponse:
