@@ -1,9 +1,11 @@
 """Reference app: a small chat and a job page on sse_blueprint, mounted at ``/api``.
 
 Producers: ``demo`` (the contract's stand-in for an LLM), ``script`` (the contract's stand-in for
-an agent's turn: typed blocks and app events), ``chat`` (a stand-in agent that reasons, calls a
-tool, cites and answers, and saves the answer when the stream ends) and ``progress`` (a long job
-reporting progress).
+an agent's turn: typed blocks and app events), ``chat`` (the chat page's replies: a real model when
+one is configured, see :mod:`models.assistant`, else a stand-in agent that reasons, calls a tool,
+cites and answers; the answer is saved when the stream ends), ``assistant`` (the same replies for
+the Vercel AI SDK's ``useChat``: ``POST /ai/chat`` and ``GET /ai/chat/<id>/stream``) and
+``progress`` (a long job reporting progress).
 Serve it with ``make run`` (gunicorn, gevent worker, ``gunicorn.conf.py``). Every ``SSE_*`` key
 can be set from the environment as ``FLASK_SSE_*``.
 """
@@ -20,6 +22,7 @@ import gevent
 from flask import Flask, abort, render_template, request
 
 from models import ChatStore
+from models.assistant import Assistant
 from sse_blueprint import (
     SSE,
     InputError,
@@ -266,24 +269,79 @@ def validate_chat(input: Mapping[str, Any]) -> Mapping[str, Any]:
     }
 
 
+def reply(ctx: ProducerContext, messages: list[dict[str, str]], sent: list[str]) -> dict[str, Any]:
+    """The assistant's turn after ``messages``: the configured model's, or the stand-in's. The
+    answer's text is appended to ``sent`` (the stand-in's chunk by chunk)."""
+    assistant: Assistant | None = ctx.input.get("assistant")
+    if assistant is not None and assistant.provider is not None:
+        result = assistant.reply(ctx, messages)
+        sent.append(result.text)
+        return dict(result)
+    prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    size, interval = ctx.input["chunk_size"], ctx.input["interval_ms"]
+    run_script(ctx, compose_turn(prompt), size, interval, sent)
+    return {}
+
+
 @sse.producer("chat", validate=validate_chat)
 def chat(ctx: ProducerContext) -> dict[str, Any]:
     """Write the assistant's turn for ``prompt``; save its answer as message ``message_id``."""
-    turn = compose_turn(str(ctx.input.get("prompt", "")))
     store: ChatStore = ctx.input["store"]
     message_id: int = ctx.input["message_id"]
-    size, interval = ctx.input["chunk_size"], ctx.input["interval_ms"]
+    history = ctx.input.get("history") or [{"role": "user", "content": str(ctx.input["prompt"])}]
     sent: list[str] = []
     state = "error"
+    done: dict[str, Any] = {}
     try:
-        run_script(ctx, turn, size, interval, sent)
+        done = reply(ctx, history, sent)
         state = "done"
     except StreamClosed:
         state = "cancelled"
         raise
     finally:  # saved when the stream ends, however it ends; no transaction held meanwhile
         store.update_message(message_id, content="".join(sent), state=state)
-    return {"message_id": message_id}
+    return {**done, "message_id": message_id}
+
+
+MAX_AI_MESSAGES = 200
+_CHAT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+def ui_messages(value: Any) -> list[dict[str, str]]:
+    """The AI SDK's ``UIMessage`` list as ``{"role", "content"}`` (their text parts)."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_AI_MESSAGES:
+        raise InputError(f'"messages" must be a list of 1 to {MAX_AI_MESSAGES} messages')
+    out = []
+    for message in value:
+        role = message.get("role") if isinstance(message, dict) else None
+        parts = message.get("parts") if isinstance(message, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(parts, list):
+            raise InputError('each message must have a "role" and a list of "parts"')
+        text = "".join(
+            p["text"] for p in parts
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )  # fmt: skip
+        if len(text) > 100_000:
+            raise InputError("a message's text must be at most 100000 characters")
+        out.append({"role": role, "content": text})
+    if out[-1]["role"] != "user":
+        raise InputError("the last message must be the user's")
+    return out
+
+
+def validate_assistant(input: Mapping[str, Any]) -> Mapping[str, Any]:
+    return {
+        **input,
+        "messages": ui_messages(input.get("messages")),
+        "chunk_size": _int_field(input, "chunk_size", 4, 1, 1000),
+        "interval_ms": _int_field(input, "interval_ms", 25, 0, 10_000),
+    }
+
+
+@sse.producer("assistant", validate=validate_assistant)
+def assistant_reply(ctx: ProducerContext) -> dict[str, Any]:
+    """The reply to an AI SDK chat's ``messages``."""
+    return reply(ctx, ctx.input["messages"], [])
 
 
 def validate_progress(input: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,6 +382,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         )
     sse.init_app(app, url_prefix="/api")
     store = app.extensions["chat_store"] = ChatStore(app.config["SSE_DATABASE_URL"])
+    assistant = app.extensions["chat_assistant"] = Assistant.from_config(app.config)
 
     @app.get("/")
     def index() -> str:
@@ -359,10 +418,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             return {"error": "conversation not found"}, 404
         user, reply_id = saved
         options = {k: body[k] for k in ("chunk_size", "interval_ms") if k in body}
+        history = [
+            {"role": m["role"], "content": m["content"]}
+            for m in (store.conversation(conversation_id) or {}).get("messages", [])
+            if m["id"] != reply_id
+        ]
+        input = {"prompt": text, "message_id": reply_id, "store": store, "history": history}
         try:
-            stream = sse.start(
-                "chat", {"prompt": text, "message_id": reply_id, "store": store, **options}
-            )
+            stream = sse.start("chat", {**input, "assistant": assistant, **options})
         except InputError as exc:
             store.update_message(reply_id, state="error")
             return {"error": str(exc)}, 400
@@ -375,6 +438,37 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             "reply": {"id": reply_id, "stream_id": stream.id},
             "stream_url": f"/api/streams/{stream.id}",
         }, 201
+
+    # -- the two routes the AI SDK's useChat calls (DefaultChatTransport, api="/ai/chat") --
+
+    @app.post("/ai/chat")
+    def ai_chat() -> Any:
+        """Send a message: starts the reply and answers with its UI message stream."""
+        body = request.get_json(silent=True)  # JSON only: a form cannot post here (CSRF)
+        if not isinstance(body, dict):
+            return {"error": "send a JSON object with the chat's id and messages"}, 400
+        chat_id = body.get("id")
+        if not isinstance(chat_id, str) or not _CHAT_ID.match(chat_id):
+            return {"error": '"id" must be 1 to 64 letters, digits, "_" or "-"'}, 400
+        options = {k: body[k] for k in ("chunk_size", "interval_ms") if k in body}
+        try:
+            stream = sse.start(
+                "assistant", {"messages": body.get("messages"), "assistant": assistant, **options}
+            )
+        except InputError as exc:
+            return {"error": str(exc)}, 400
+        except StreamLimitReached:
+            return {"error": "too many replies in progress; retry shortly"}, 503
+        store.set_active_stream(chat_id, stream.id)
+        return sse.stream_response(stream.id, format="ai-sdk")
+
+    @app.get("/ai/chat/<chat_id>/stream")
+    def ai_chat_stream(chat_id: str) -> Any:
+        """Resume: the chat's reply from its start while it runs; ``204`` when none runs."""
+        stream_id = store.active_stream(chat_id) if _CHAT_ID.match(chat_id) else None
+        if stream_id is None or not sse.active([stream_id]).get(stream_id):
+            return "", 204
+        return sse.stream_response(stream_id, format="ai-sdk")
 
     @app.errorhandler(404)
     def not_found(error: Exception) -> tuple[dict[str, str], int]:

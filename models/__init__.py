@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from sse_blueprint import create_all, run_blocking
 
-__all__ = ["Base", "ChatStore", "Conversation", "Message"]
+__all__ = ["AIChat", "Base", "ChatStore", "Conversation", "Message"]
 
 T = TypeVar("T")
 
@@ -62,6 +62,16 @@ class Message(Base):
             "state": self.state,
             "stream_id": self.stream_id,
         }
+
+
+class AIChat(Base):
+    """A chat of the AI SDK page (its id is the client's) and the stream of its reply, if any."""
+
+    __tablename__ = "chat_ai_chats"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    active_stream_id: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(default=_now, onupdate=_now)
 
 
 class ChatStore:
@@ -138,3 +148,22 @@ class ChatStore:
             session.execute(update(Message).where(Message.id == message_id).values(**values))
 
         self._session(work)
+
+    def set_active_stream(self, chat_id: str, stream_id: str | None) -> None:
+        """Remember (or forget) the stream writing the reply of AI SDK chat ``chat_id``."""
+
+        def work(session: Session) -> None:
+            chat = session.get(AIChat, chat_id)
+            if chat is None:
+                session.add(AIChat(id=chat_id, active_stream_id=stream_id))
+            else:
+                chat.active_stream_id = stream_id
+
+        self._session(work)
+
+    def active_stream(self, chat_id: str) -> str | None:
+        def work(session: Session) -> str | None:
+            chat = session.get(AIChat, chat_id)
+            return chat.active_stream_id if chat is not None else None
+
+        return self._session(work)

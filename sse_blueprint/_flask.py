@@ -3,7 +3,8 @@
 Endpoints (relative to the blueprint's prefix, ``/api`` by default):
 
 * ``POST /streams`` starts a producer: ``201 {"stream_id", "stream_url"}``.
-* ``GET /streams/<id>`` follows a stream as SSE (or NDJSON), resuming after ``Last-Event-ID``.
+* ``GET /streams/<id>`` follows a stream as SSE (or NDJSON), resuming after ``Last-Event-ID``;
+  ``?format=ai-sdk`` answers the Vercel AI SDK's UI message stream instead (see ``_aisdk``).
 * ``GET /streams/<id>/status`` reports its state.
 * ``POST /streams/<id>/cancel`` cancels it.
 
@@ -26,6 +27,8 @@ from flask import Blueprint, Flask, Response, current_app, json, request, url_fo
 from werkzeug.exceptions import HTTPException
 
 from . import _observe, _wire
+from ._aisdk import HEADERS as AI_SDK_HEADERS
+from ._aisdk import UIMessageStream
 from ._config import SSEConfig
 from ._engine import (
     Event,
@@ -60,6 +63,8 @@ log = logging.getLogger("sse_blueprint")
 EXTENSION_KEY = "sse_blueprint"
 SSE_MIMETYPE = "text/event-stream"
 NDJSON_MIMETYPE = "application/x-ndjson"
+FORMAT_SSE, NDJSON, AI_SDK = "sse", "ndjson", "ai-sdk"
+FORMATS = (FORMAT_SSE, NDJSON, AI_SDK)
 
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
@@ -310,6 +315,21 @@ class SSE:
         found = {sid: state.registry.get(sid) for sid in stream_ids}
         return {sid: s is not None and not s.finished for sid, s in found.items()}
 
+    def stream_response(
+        self, stream_id: str, *, format: str = FORMAT_SSE, last_event_id: int = 0
+    ) -> Response:
+        """What ``GET /streams/<id>`` answers, for a view of your own: ``format`` is ``"sse"``,
+        ``"ndjson"`` or ``"ai-sdk"`` (the AI SDK's UI message stream, always from the turn's
+        start). E.g. the AI SDK's chat route answers its POST with the reply's stream. Runs the
+        ``authorize`` hook ("read"); aborts with the same JSON errors as the endpoint.
+        """
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+        state = _state()
+        found = _find(state, stream_id)
+        self._check("read", found.metadata)
+        return _answer(state, found, 0 if format == AI_SDK else last_event_id, format)
+
     def start(
         self,
         name: str,
@@ -449,64 +469,9 @@ def _make_blueprint() -> Blueprint:
         state = _state()
         found = _find(state, stream_id)
         state.ext._check("read", found.metadata)
-        last_id = _last_event_id()
-        ndjson = _wants_ndjson()
-        config = state.config
-        if isinstance(found, Stream):
-            terminal = found.terminal_event
-            if terminal is not None and last_id >= terminal.id:
-                return _no_content(ndjson)  # tells EventSource to stop reconnecting
-            if state.draining and state.backend is not None:
-                # This worker is leaving and another can serve the stream: come back there.
-                body: Iterator[bytes] = iter([b"" if ndjson else state.retry])
-                return _stream_response(body, ndjson)
-            if found.subscriber_count >= config.max_clients_per_stream:
-                _error(429, "too many clients on this stream", {"Retry-After": "5"})
-            address = request.remote_addr or ""
-            if state.clients_by_address.get(address, 0) >= config.max_clients_per_address:
-                _error(429, "too many open streams from your address", {"Retry-After": "5"})
-            release = None  # frees this response's place in the count across workers (Redis)
-            if state.backend is not None:
-                place = state.backend.claim_client(address, config.max_clients_per_address)
-                if place is None:
-                    _error(429, "too many open streams from your address", {"Retry-After": "5"})
-                if place:
-                    release = partial(state.backend.release_client, place)
-            closer = connection_shutter(request.environ)
-            direct = DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
-            sub = found.subscribe(last_id, on_cut=closer)
-            first: list[Event] = []
-            if sub.from_store:
-                # Read the store now, not in the body: if it is down, the answer is a 503 that
-                # the client retries, not a 200 that ends with nothing in it.
-                first = sub.poll(0)
-                if sub.cut and not first:
-                    sub.close()
-                    if release is not None:
-                        release()
-                    _storage_unavailable()
-            if closer is not None:
-                state.write_watch.add(sub, closer)
-            body = follow(
-                sub,
-                config.heartbeat_interval,
-                b"" if ndjson else state.retry,
-                _wire.NDJSON_KEEPALIVE if ndjson else _HEARTBEAT,
-                ndjson,
-                watch=state.write_watch,
-                counts=state.clients_by_address,
-                address=address,
-                direct=direct,
-                release=release,
-                first=first,
-            )
-        else:  # only in the store: it has ended
-            if found.terminal_id is not None and last_id >= found.terminal_id:
-                return _no_content(ndjson)
-            events = _store_call(state.registry.replay, found, last_id)
-            _observe.METRICS.catch_up("database")
-            body = iter([encode(events, ndjson, b"" if ndjson else state.retry)])
-        return _stream_response(body, ndjson)
+        fmt = _response_format()
+        # The AI SDK reads every answer from the turn's start (its resume replaces the message).
+        return _answer(state, found, 0 if fmt == AI_SDK else _last_event_id(), fmt)
 
     @route("/streams/<stream_id>/status", ["GET"])
     def stream_status(stream_id: str) -> dict[str, Any]:
@@ -591,6 +556,77 @@ def _make_blueprint() -> Blueprint:
     return bp
 
 
+def _answer(state: _AppState, found: Stream | StreamRecord, last_id: int, fmt: str) -> Response:
+    """The answer to a reader of ``found`` at ``last_id`` in format ``fmt``: ``sse``, ``ndjson``
+    or ``ai-sdk`` (the AI SDK's UI message stream, always from the turn's start)."""
+    ndjson = fmt == NDJSON
+    config = state.config
+    translate = None
+    if fmt == AI_SDK:
+        ui = UIMessageStream(found.id if isinstance(found, Stream) else found.stream_id)
+        preamble, translate = ui.start(), ui.encode
+    else:
+        preamble = b"" if ndjson else state.retry
+    if isinstance(found, Stream):
+        terminal = found.terminal_event
+        if terminal is not None and last_id >= terminal.id:
+            return _no_content(ndjson)  # tells EventSource to stop reconnecting
+        if state.draining and state.backend is not None:
+            # This worker is leaving and another can serve the stream: come back there.
+            if translate is not None:  # the AI SDK does not reconnect by itself
+                _error(503, "this server is restarting; retry shortly", {"Retry-After": "1"})
+            return _stream_response(iter([preamble]), fmt)
+        if found.subscriber_count >= config.max_clients_per_stream:
+            _error(429, "too many clients on this stream", {"Retry-After": "5"})
+        address = request.remote_addr or ""
+        if state.clients_by_address.get(address, 0) >= config.max_clients_per_address:
+            _error(429, "too many open streams from your address", {"Retry-After": "5"})
+        release = None  # frees this response's place in the count across workers (Redis)
+        if state.backend is not None:
+            place = state.backend.claim_client(address, config.max_clients_per_address)
+            if place is None:
+                _error(429, "too many open streams from your address", {"Retry-After": "5"})
+            if place:
+                release = partial(state.backend.release_client, place)
+        closer = connection_shutter(request.environ)
+        direct = DirectWriter.for_request(request.environ, ndjson, config.direct_writes)
+        sub = found.subscribe(last_id, on_cut=closer)
+        first: list[Event] = []
+        if sub.from_store:
+            # Read the store now, not in the body: if it is down, the answer is a 503 that
+            # the client retries, not a 200 that ends with nothing in it.
+            first = sub.poll(0)
+            if sub.cut and not first:
+                sub.close()
+                if release is not None:
+                    release()
+                _storage_unavailable()
+        if closer is not None:
+            state.write_watch.add(sub, closer)
+        body: Iterator[bytes] = follow(
+            sub,
+            config.heartbeat_interval,
+            preamble,
+            _wire.NDJSON_KEEPALIVE if ndjson else _HEARTBEAT,
+            ndjson,
+            watch=state.write_watch,
+            counts=state.clients_by_address,
+            address=address,
+            direct=direct,
+            release=release,
+            first=first,
+            translate=translate,
+        )
+    else:  # only in the store: it has ended
+        if found.terminal_id is not None and last_id >= found.terminal_id:
+            return _no_content(ndjson)
+        events = _store_call(state.registry.replay, found, last_id)
+        _observe.METRICS.catch_up("database")
+        data = preamble + translate(events) if translate else encode(events, ndjson, preamble)
+        body = iter([data])
+    return _stream_response(body, fmt)
+
+
 def _no_content(ndjson: bool) -> Response:
     """A ``204``: the client holds the stream's end. EventSource stops reconnecting on it.
 
@@ -626,8 +662,11 @@ def _refuse_multiprocess(state: _AppState) -> Response:
     return _refusal(RequestRefused(500, MULTIPROCESS_REFUSAL))
 
 
-def _stream_response(body: Iterator[bytes], ndjson: bool) -> Response:
-    response = Response(body, status=200, content_type=NDJSON_MIMETYPE if ndjson else SSE_MIMETYPE)
+def _stream_response(body: Iterator[bytes], fmt: str) -> Response:
+    mimetype = NDJSON_MIMETYPE if fmt == NDJSON else SSE_MIMETYPE
+    response = Response(body, status=200, content_type=mimetype)
+    if fmt == AI_SDK:
+        response.headers.update(AI_SDK_HEADERS)
     # The body is bytes already: the server iterates it directly (no per-chunk wrappers), and
     # closes it, which runs its ``finally``.
     response.direct_passthrough = True
@@ -698,14 +737,15 @@ def _last_event_id() -> int:
     return int(raw)
 
 
-def _wants_ndjson() -> bool:
+def _response_format() -> str:
+    """``?format=`` (``sse``, ``ndjson``, ``ai-sdk``), else what ``Accept`` prefers."""
     fmt = request.args.get("format")
     if fmt is not None:
-        if fmt not in ("sse", "ndjson"):
-            _error(400, 'format must be "sse" or "ndjson"')
-        return fmt == "ndjson"
+        if fmt not in FORMATS:
+            _error(400, 'format must be "sse", "ndjson" or "ai-sdk"')
+        return fmt
     best = request.accept_mimetypes.best_match([SSE_MIMETYPE, NDJSON_MIMETYPE])
-    return best == NDJSON_MIMETYPE
+    return NDJSON if best == NDJSON_MIMETYPE else FORMAT_SSE
 
 
 def _status(found: Stream | StreamRecord) -> dict[str, Any]:

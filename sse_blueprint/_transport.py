@@ -174,6 +174,7 @@ def follow(
     direct: DirectWriter | None = None,
     release: Callable[[], None] | None = None,
     first: list[Event] | None = None,
+    translate: Callable[[list[Event]], bytes] | None = None,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
@@ -184,14 +185,18 @@ def follow(
     workers until ``release`` is called (with Redis). With a ``direct`` writer, live events may
     reach the client without passing through here once the server has sent the headers (after
     the first write). ``first`` is what the subscription already took (its catch-up).
+    ``translate`` encodes events in another format (one made per response, such as the AI
+    SDK's); such a response gets no direct writes.
     """
     metrics = _observe.METRICS
     metrics.client_connected()
     counts[address] = counts.get(address, 0) + 1
     monotonic = time.monotonic
+    if translate is not None:
+        direct = None
     try:
         if first:  # the catch-up, read before the response began
-            data = encode(first, ndjson, preamble)
+            data = preamble + translate(first) if translate else encode(first, ndjson, preamble)
             metrics.sent(len(first), len(data))
             yield data
             sub.direct = direct
@@ -212,7 +217,7 @@ def follow(
                         return
                     continue
             if events:
-                data = encode(events, ndjson, b"")
+                data = translate(events) if translate else encode(events, ndjson, b"")
             elif sub.done:
                 return
             else:

@@ -45,6 +45,11 @@ DEMO_TEXT = (
 )
 
 
+#: What makes the reference app's chat call a real model (see models/assistant.py).
+MODEL_SETTINGS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                  "CHAT_MODEL")  # fmt: skip
+
+
 class Janitor:
     """Tells :mod:`tests.janitor`, a process of its own, what this session starts and stops: if
     pytest ends without its teardowns (a hung test's timeout calls ``os._exit``), it stops what
@@ -115,6 +120,8 @@ class LiveServer:
         port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         env = dict(os.environ)
+        for key in MODEL_SETTINGS:  # a developer's own keys must not turn the stand-in real
+            env.pop(key, None)
         env["GEVENT_MONITOR_THREAD_ENABLE"] = "1"
         # gevent reports a greenlet that runs 0.1 s without yielding. On this 2-core machine a
         # worker can go unscheduled that long while the test process itself parses megabytes;
@@ -219,6 +226,21 @@ def server(server_factory: Any) -> LiveServer:
         app="tests.live_app:app",
     )
     return server
+
+
+def npm_folder(home: Path, *packages: str, files: tuple[Path, ...] = ()) -> Path:
+    """``home`` made an npm project with ``packages`` installed and ``files`` copied in."""
+    npm = shutil.which("npm")
+    assert npm, "npm is missing (make test installs Debian's nodejs and npm)"
+    subprocess.run([npm, "init", "-y"], cwd=home, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [npm, "install", "--silent", "--no-audit", "--no-fund", "--engine-strict=false",
+         *packages],
+        cwd=home, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    for file in files:
+        shutil.copy(file, home / file.name)
+    return home
 
 
 def free_port() -> int:

@@ -7,14 +7,13 @@ from a stored id, and stops for good on the ``204`` of a stream whose end it hol
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import DEMO_TEXT, ROOT, LiveServer, start_demo
+from tests.conftest import DEMO_TEXT, ROOT, LiveServer, npm_folder, start_demo
 from tests.sse_parser import Transcript
 
 FOLLOW = ROOT / "tests/node/follow.mjs"
@@ -23,16 +22,7 @@ FOLLOW = ROOT / "tests/node/follow.mjs"
 @pytest.fixture(scope="module")
 def node_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with ``eventsource`` from npm (3.x: the line that runs on Node 18 and 20)."""
-    home = tmp_path_factory.mktemp("node-clients")
-    npm = shutil.which("npm")
-    assert npm, "npm is missing (make test installs Debian's nodejs and npm)"
-    subprocess.run([npm, "init", "-y"], cwd=home, check=True, capture_output=True, timeout=60)
-    subprocess.run(
-        [npm, "install", "--silent", "--no-audit", "--no-fund", "eventsource@3"],
-        cwd=home, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    shutil.copy(FOLLOW, home / "follow.mjs")
-    return home
+    return npm_folder(tmp_path_factory.mktemp("node-clients"), "eventsource@3", files=(FOLLOW,))
 
 
 def follow(node_app: Path, url: str) -> dict[str, Any]:
