@@ -101,8 +101,12 @@ class LiveServer:
         app: str = "app:app",
         workers: int = 1,
         port: int = 0,
+        env: Mapping[str, str] | None = None,
+        ready: tuple[str, int] = ("/", 200),
     ) -> None:
         self.log_path = log_path
+        self.env = dict(env or {})
+        self.ready = ready  # the path that answers, and how, once the app is up
         self.config = dict(config or {})
         # Each server gets its own database unless the test shares one on purpose.
         self.config.setdefault("SSE_DATABASE_URL", f"sqlite:///{log_path.parent / 'sse.sqlite3'}")
@@ -122,6 +126,7 @@ class LiveServer:
         env = dict(os.environ)
         for key in MODEL_SETTINGS:  # a developer's own keys must not turn the stand-in real
             env.pop(key, None)
+        env.update(self.env)
         env["GEVENT_MONITOR_THREAD_ENABLE"] = "1"
         # gevent reports a greenlet that runs 0.1 s without yielding. On this 2-core machine a
         # worker can go unscheduled that long while the test process itself parses megabytes;
@@ -147,7 +152,8 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/", timeout=2).status_code == 200:
+                path, status = self.ready
+                if httpx.get(self.url + path, timeout=2).status_code == status:
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not come up:\n{self.log_path.read_text()}")

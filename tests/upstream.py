@@ -60,6 +60,7 @@ class Request:
 class Upstream:
     def __init__(self) -> None:
         self.scripts: dict[str, list[Fail | Frames]] = {}
+        self.since: dict[str, int] = {}  # where each model's script began in ``requests``
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         upstream = self
@@ -83,13 +84,19 @@ class Upstream:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def script(self, model: str, *answers: Fail | Frames) -> None:
-        """What requests for ``model`` get, in order (the last answer repeats)."""
+        """What the next requests for ``model`` get, in order (the last answer repeats)."""
         with self.lock:
             self.scripts[model] = list(answers)
+            self.since[model] = len(self.requests)
 
     def requests_for(self, model: str) -> list[Request]:
+        """The requests for ``model`` since its script was set."""
         with self.lock:
-            return [r for r in self.requests if r.body.get("model") == model]
+            return self._requests_for(model)
+
+    def _requests_for(self, model: str) -> list[Request]:
+        since = self.since.get(model, 0)
+        return [r for r in self.requests[since:] if r.body.get("model") == model]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -101,8 +108,9 @@ class Upstream:
         headers = {k.lower(): v for k, v in handler.headers.items()}
         request = Request(handler.path, body, headers, time.monotonic())
         with self.lock:
-            answers = self.scripts.get(str(body.get("model")), [Fail(404)])
-            count = sum(1 for r in self.requests if r.body.get("model") == body.get("model"))
+            model = str(body.get("model"))
+            answers = self.scripts.get(model, [Fail(404)])
+            count = len(self._requests_for(model))
             self.requests.append(request)
         answer = answers[min(count, len(answers) - 1)]
         if isinstance(answer, Fail):
