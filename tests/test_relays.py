@@ -443,3 +443,23 @@ def test_messages_error_after_the_first_token_names_only_its_type(
     assert got["end"] == "error"
     assert got["data"]["message"] == "the model provider's stream failed (overloaded_error)"
     assert got["turn"] == [block("text", "Hi", complete=False)]
+
+
+def test_cancel_on_another_instance_closes_the_upstream_connection(
+    server_factory: Any, upstream: Upstream, redis_server: Any, postgres: Any
+) -> None:
+    from tests.test_redis import shared_config
+
+    config = {**shared_config(redis_server, postgres), "RELAY_UPSTREAM": upstream.url}
+    owner = server_factory(config, app="tests.relay_app:app")
+    other = server_factory(config, app="tests.relay_app:app")
+    words = [chat_delta(content=f"token{n} ") for n in range(400)]
+    upstream.script("chat-shared", Frames([*words, chat_delta("stop"), CHAT_DONE], interval=0.025))
+    stream_id = start_stream(owner.url, "relay_chat", model="chat-shared")
+    request = _wait_for_request(upstream, "chat-shared")
+    time.sleep(0.3)
+    cancelled_at = time.monotonic()
+    response = httpx.post(f"{other.url}/api/streams/{stream_id}/cancel", json={})
+    assert response.status_code == 202
+    assert _hung_up_within(request, cancelled_at, 1.0) < 1.0
+    assert wait_done(owner.url, stream_id)["state"] == "cancelled"
