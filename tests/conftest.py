@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 from tests.janitor import as_postgres, pg_bin
 from tests.sse_parser import ParsedEvent, SSEParser, Transcript
@@ -232,6 +233,27 @@ def server(server_factory: Any) -> LiveServer:
         app="tests.live_app:app",
     )
     return server
+
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (one for the session)."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield browser
+        browser.close()
 
 
 def npm_folder(home: Path, *packages: str, files: tuple[Path, ...] = ()) -> Path:

@@ -39,14 +39,16 @@ def upstream() -> Iterator[Upstream]:
     server.close()
 
 
-def serve(server_factory: Any, upstream: Upstream, app: str, **config: Any) -> LiveServer:
+def serve(
+    server_factory: Any, upstream: Upstream, app: str, *, openai: bool = True, **config: Any
+) -> LiveServer:
     env = {
         "PYTHONPATH": str(EXAMPLES),
-        "OPENAI_BASE_URL": f"{upstream.url}/v1",
-        "OPENAI_API_KEY": SECRET_KEY,
         "ANTHROPIC_BASE_URL": upstream.url,
         "ANTHROPIC_API_KEY": SECRET_KEY,
     }
+    if openai:
+        env |= {"OPENAI_BASE_URL": f"{upstream.url}/v1", "OPENAI_API_KEY": SECRET_KEY}
     server: LiveServer = server_factory(
         config, app=app, env=env, ready=("/api/streams/none/status", 404)
     )
@@ -120,29 +122,7 @@ def test_anthropic_example_relays_thinking_and_text(
     server_factory: Any, upstream: Upstream
 ) -> None:
     server = serve(server_factory, upstream, "anthropic_chat:app")
-    start = {"type": "message_start", "message": {
-        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-        "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 4, "output_tokens": 1}}}  # fmt: skip
-    frames = [anthropic_event(e) for e in [
-        start,
-        {"type": "content_block_start", "index": 0,
-         "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
-        {"type": "content_block_delta", "index": 0,
-         "delta": {"type": "thinking_delta", "thinking": "A greeting."}},
-        {"type": "content_block_delta", "index": 0,
-         "delta": {"type": "signature_delta", "signature": "s1"}},
-        {"type": "content_block_stop", "index": 0},
-        {"type": "content_block_start", "index": 1,
-         "content_block": {"type": "text", "text": ""}},
-        {"type": "content_block_delta", "index": 1,
-         "delta": {"type": "text_delta", "text": "Hello!"}},
-        {"type": "content_block_stop", "index": 1},
-        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-         "usage": {"output_tokens": 7}},
-        {"type": "message_stop"},
-    ]]  # fmt: skip
-    upstream.script("claude-sonnet-4-5", Frames(frames))
+    upstream.script("claude-sonnet-4-5", claude_frames("A greeting.", "Hello!"))
     hello = [{"role": "user", "content": "Hi!"}]
     turn, end = turn_of(server, start_stream(server.url, "chat", messages=hello))
     assert end.type == "done"
@@ -153,6 +133,31 @@ def test_anthropic_example_relays_thinking_and_text(
     ]
     (request,) = upstream.requests_for("claude-sonnet-4-5")
     assert request.body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+
+
+def claude_frames(thinking: str, text: str, model: str = "claude-sonnet-4-5") -> Frames:
+    start: dict[str, Any] = {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 4, "output_tokens": 1}}}  # fmt: skip
+    return Frames([anthropic_event(e) for e in [
+        start,
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": thinking}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "signature_delta", "signature": "s1"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1,
+         "delta": {"type": "text_delta", "text": text}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": 7}},
+        {"type": "message_stop"},
+    ]])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +218,20 @@ def test_the_reference_chat_uses_the_configured_model(
               if line.startswith("data: {")]  # fmt: skip
     assert "".join(p["delta"] for p in deltas if p["type"] == "text-delta") == "Via useChat."
     assert SECRET_KEY not in server.log()
+
+
+def test_the_reference_chat_uses_anthropic_when_configured(
+    server_factory: Any, upstream: Upstream
+) -> None:
+    server = serve(server_factory, upstream, "app:app", openai=False, CHAT_MODEL="claude-ref")
+    upstream.script("claude-ref", claude_frames("Thinking.", "From Claude."))
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}
+    response = httpx.post(f"{server.url}/ai/chat", json={"id": "ref-2", "messages": [message]})
+    assert response.status_code == 200
+    parts = [json.loads(line[6:]) for line in response.text.splitlines()
+             if line.startswith("data: {")]  # fmt: skip
+    assert "".join(p["delta"] for p in parts if p["type"] == "reasoning-delta") == "Thinking."
+    assert "".join(p["delta"] for p in parts if p["type"] == "text-delta") == "From Claude."
+    (request,) = upstream.requests_for("claude-ref")
+    assert request.path == "/v1/messages"
+    assert request.body["messages"] == [{"role": "user", "content": "Hi"}]
