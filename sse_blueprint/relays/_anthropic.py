@@ -85,7 +85,7 @@ class _Messages:
 
     def _start(self, index: int, block: Any) -> None:
         blocks, kind = self.blocks, block.type
-        self.content[index] = {"type": kind}
+        self.content[index] = dump(block)  # as sent back in a tool loop; filled in at its stop
         self.parts[index] = []
         if kind == "text":
             blocks.start(index, "text")
@@ -94,16 +94,13 @@ class _Messages:
             blocks.start(index, "reasoning")
             self._text(index, "thinking", getattr(block, "thinking", ""))
         elif kind == "redacted_thinking":
-            self.content[index]["data"] = block.data
             blocks.start(index, "reasoning", {"redacted": True, "data": block.data})
         elif kind in _TOOL_USES:
-            self.content[index] |= {"id": block.id, "name": block.name}
             meta = {"name": block.name, "call_id": block.id}
             blocks.start(index, "tool_call", meta | ({"provider_executed": True}
                                                      if kind != "tool_use" else {}))  # fmt: skip
         elif kind.endswith("_tool_result"):
-            data = dump(block)
-            self.content[index] = data
+            data = self.content[index]
             with self.ctx.block("tool_result", {"call_id": data.get("tool_use_id")}) as result:
                 result.write(json.dumps(data.get("content"), ensure_ascii=False))
             self.blocks.started = True

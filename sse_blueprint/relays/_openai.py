@@ -140,7 +140,7 @@ class _ChatCompletions:
             call = self.calls[part.index] = ToolCall(part.id or f"call_{part.index}", name, "")
             self.args[part.index] = []
             blocks.start(("tool", part.index), "tool_call", {"name": name, "call_id": call.id})
-        elif part.id and call.id.startswith("call_") and part.id != call.id:
+        elif part.id and call.id == f"call_{part.index}" and part.id != call.id:
             call.id = part.id  # a server that names the call after its first delta
         arguments = function.arguments if function is not None else None
         if arguments:
