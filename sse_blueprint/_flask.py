@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import gevent
 import gevent.monkey
-from flask import Blueprint, Flask, Response, current_app, json, request, url_for
+from flask import Blueprint, Flask, Response, current_app, json, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
 from . import _observe, _wire
@@ -65,6 +65,10 @@ SSE_MIMETYPE = "text/event-stream"
 NDJSON_MIMETYPE = "application/x-ndjson"
 FORMAT_SSE, NDJSON, AI_SDK = "sse", "ndjson", "ai-sdk"
 FORMATS = (FORMAT_SSE, NDJSON, AI_SDK)
+
+#: The browser client, served at ``<prefix>/client.js``.
+CLIENT_JS = os.path.join(os.path.dirname(__file__), "js", "index.js")
+CLIENT_VERSION = "0.1.0"  # the npm package's version (js/package.json)
 
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
@@ -315,6 +319,12 @@ class SSE:
         found = {sid: state.registry.get(sid) for sid in stream_ids}
         return {sid: s is not None and not s.finished for sid, s in found.items()}
 
+    def client_url(self) -> str:
+        """The browser client's URL, pinned to this version (cached for a year):
+        ``import { followStream } from "{{ sse.client_url() }}"``. Needs a request or app
+        context (it is a ``url_for``)."""
+        return url_for("sse.client_js", v=CLIENT_VERSION)
+
     def stream_response(
         self, stream_id: str, *, format: str = FORMAT_SSE, last_event_id: int = 0
     ) -> Response:
@@ -508,6 +518,21 @@ def _make_blueprint() -> Blueprint:
         state.ext._check("metrics", {})
         body, content_type = _observe.render_metrics()
         return current_app.response_class(body, content_type=content_type)
+
+    @route("/client.js", ["GET"])
+    def client_js() -> BaseResponse:
+        """The browser client (``sse_blueprint/js/index.js``). ``?v=<version>`` (what
+        :meth:`SSE.client_url` gives) is cached for a year; without it, revalidated (ETag)."""
+        pinned = request.args.get("v") == CLIENT_VERSION
+        response = send_file(
+            CLIENT_JS, mimetype="text/javascript", etag=True, conditional=True,
+            max_age=31_536_000 if pinned else None,
+        )  # fmt: skip
+        if pinned:
+            response.cache_control.immutable = True
+        else:
+            response.cache_control.no_cache = True
+        return response
 
     @bp.before_request
     def no_stream_yet() -> Response | None:

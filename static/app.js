@@ -1,41 +1,13 @@
-// The reference chat page: plain EventSource and the contract's rules for whole turns.
-//
-// A reply is a turn: numbered blocks {kind, meta, content, complete} and the app's events.
-// `block_start` opens a block, `text_delta` appends to it, `block_end` merges meta and completes
-// it, `turnblock_catchup` replaces it whole; other events (citations, usage, status) are kept.
-// The page keeps the turn and the last event id in sessionStorage, so a reload asks only for
-// what came after (`?last_event_id=`); EventSource's own reconnects send `Last-Event-ID`.
-"use strict";
+// The reference chat page: rendering only. Following a stream (the contract's rules for whole
+// turns, reconnects, resuming after a reload from sessionStorage, the 204 at the end, refusals)
+// is the library's browser client, served by the blueprint at /api/client.js.
+import { applyEvent, followStream, newTurn } from "/api/client.js";
 
 const $ = (id) => document.getElementById(id);
-const page = { conversation: null, es: null, streamId: null, reconnects: 0, turns: {} };
+const page = { conversation: null, follower: null, streamId: null, turns: {} };
+window.page = page; // for the browser tests
 const TERMINAL = ["done", "cancelled", "error"];
-
-function newTurn() {
-  return { blocks: {}, events: [], latest: {}, last: "", state: "running" };
-}
-
-// The contract's client rule, for one event (id, name, data).
-function applyEvent(turn, id, name, d) {
-  const blank = () => ({ kind: "text", meta: {}, content: "", complete: false });
-  if (name === "block_start") {
-    turn.blocks[d.block] = { kind: d.kind, meta: { ...d.meta }, content: "", complete: false };
-  } else if (name === "text_delta") {
-    (turn.blocks[d.block] ??= blank()).content += d.text;
-  } else if (name === "block_end") {
-    const block = (turn.blocks[d.block] ??= blank());
-    Object.assign(block.meta, d.meta);
-    block.complete = true;
-  } else if (name === "turnblock_catchup") {
-    turn.blocks[d.block] = { kind: d.kind, meta: { ...d.meta }, content: d.content, complete: d.complete };
-  } else if (TERMINAL.includes(name)) {
-    turn.state = name;
-  } else if (name !== "start") {
-    turn.events.push([id, name, d]);
-    turn.latest[name] = [id, d];
-  }
-  turn.last = String(id);
-}
+const blocksOf = (turn) => turn.blocks.map((b, k) => [k, b]).filter(([, b]) => b);
 
 async function api(method, url, body) {
   const response = await fetch(url, {
@@ -117,17 +89,17 @@ function stepElement(index, block) {
 }
 
 function render(el, turn) {
-  const keys = Object.keys(turn.blocks).map(Number).sort((a, b) => a - b);
+  const blocks = blocksOf(turn);
   const steps = el.querySelector(".steps");
   const open = new Set([...steps.querySelectorAll("details[open]")].map((d) => d.dataset.block));
-  steps.replaceChildren(...keys.filter((k) => turn.blocks[k].kind !== "text").map((k) => {
-    const step = stepElement(k, turn.blocks[k]);
+  steps.replaceChildren(...blocks.filter(([, b]) => b.kind !== "text").map(([k, b]) => {
+    const step = stepElement(k, b);
     if (open.has(String(k))) step.open = true;
     return step;
   }));
-  el.querySelector(".body").textContent = keys
-    .filter((k) => turn.blocks[k].kind === "text").map((k) => turn.blocks[k].content).join("");
-  const citations = turn.events.filter(([, name]) => name === "citation").map(([, , d]) => {
+  el.querySelector(".body").textContent = blocks
+    .filter(([, b]) => b.kind === "text").map(([, b]) => b.content).join("");
+  const citations = turn.events.filter((e) => e.name === "citation").map(({ data: d }) => {
     const li = document.createElement("li");
     const a = document.createElement("a");
     a.href = d.url;
@@ -138,64 +110,34 @@ function render(el, turn) {
   });
   el.querySelector(".citations").replaceChildren(...citations);
   const status = turn.latest.status;
-  el.dataset.phase = status && turn.state === "running" ? status[1].phase : "";
-}
-
-function saveTurn(streamId, turn) {
-  sessionStorage.setItem(`sse:${streamId}`, JSON.stringify(turn));
+  el.dataset.phase = status && turn.state === "running" ? status.phase : "";
 }
 
 function follow(streamId, el) {
-  if (page.es) page.es.close();
-  const turn = { ...newTurn(), ...JSON.parse(sessionStorage.getItem(`sse:${streamId}`) || "{}") };
-  page.turns[streamId] = turn;
-  render(el, turn);
+  page.follower?.close();
   page.streamId = streamId;
-  page.reconnects = 0;
-  $("reconnects").textContent = "0";
-  $("last-id").textContent = turn.last || "–";
   $("cancel").disabled = false;
-  document.body.dataset.resumedFrom = turn.last || "0";
-  setConnection("connecting");
-
-  const es = new EventSource(`/api/streams/${streamId}?last_event_id=${turn.last}`);
-  page.es = es;
-  const seen = (e) => {
-    applyEvent(turn, Number(e.lastEventId), e.type, JSON.parse(e.data));
-    render(el, turn);
-    $("last-id").textContent = e.lastEventId;
-    saveTurn(streamId, turn);
-  };
-  es.onopen = () => setConnection("open");
-  for (const name of ["start", "block_start", "text_delta", "block_end", "turnblock_catchup",
-    "citation", "usage", "status"]) {
-    es.addEventListener(name, seen);
-  }
-  const finish = (state) => {
-    es.close();
-    if (page.es === es) page.es = null;
-    el.classList.remove("streaming");
-    el.dataset.state = state;
-    $("cancel").disabled = true;
-    setConnection(state);
-  };
-  for (const end of TERMINAL) {
-    es.addEventListener(end, (e) => {
-      if (end === "error" && e.data === undefined) {
-        // EventSource's own error: the connection dropped (it reconnects) or was refused.
-        if (es.readyState === EventSource.CONNECTING) {
-          page.reconnects += 1;
-          $("reconnects").textContent = String(page.reconnects);
-          setConnection("reconnecting");
-        } else if (es.readyState === EventSource.CLOSED && page.es === es) {
-          finish(turn.state === "running" ? "error" : turn.state);
-        }
-        return;
-      }
-      seen(e);
-      finish(end);
-    });
-  }
+  const follower = (page.follower = followStream(`/api/streams/${streamId}`, {
+    events: ["citation", "usage", "status"],
+    onChange: (turn) => {
+      render(el, turn);
+      $("last-id").textContent = String(turn.lastEventId);
+    },
+    onState: (state, follower) => {
+      setConnection(state);
+      $("reconnects").textContent = String(follower.reconnects);
+      if (state === "open" || state === "connecting" || state === "reconnecting") return;
+      el.classList.remove("streaming");
+      el.dataset.state = TERMINAL.includes(state) ? state : "error";
+      $("cancel").disabled = true;
+    },
+  }));
+  page.turns[streamId] = follower.turn;
+  render(el, follower.turn);
+  $("last-id").textContent = follower.lastEventId ? String(follower.lastEventId) : "–";
+  $("reconnects").textContent = "0";
+  document.body.dataset.resumedFrom = String(follower.lastEventId);
+  setConnection(follower.state);
 }
 
 // A finished reply: its whole turn once, from the stream's stored record (NDJSON).
@@ -220,7 +162,7 @@ async function loadConversation(id) {
     a.classList.toggle("active", a.dataset.id === String(conversation.id));
   }
   $("messages").replaceChildren();
-  if (page.es) page.es.close();
+  page.follower?.close();
   setConnection("idle");
   for (const m of conversation.messages) {
     const el = addMessage(m.role, m.content, m.state);
@@ -251,6 +193,7 @@ async function send(text, options = {}) {
   addMessage("user", result.user.content);
   follow(result.reply.stream_id, addMessage("assistant", "", "streaming"));
 }
+window.send = send; // for the browser tests
 
 function runJob() {
   $("run-job").disabled = true;
@@ -289,7 +232,7 @@ $("composer").addEventListener("submit", (event) => {
   send(text).catch((err) => setConnection(`failed: ${err.message}`));
 });
 $("cancel").addEventListener("click", () => {
-  if (page.streamId) api("POST", `/api/streams/${page.streamId}/cancel`, {}).catch(() => {});
+  page.follower?.cancel().catch(() => {});
 });
 $("new-chat").addEventListener("click", () => {
   page.conversation = null;

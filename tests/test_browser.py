@@ -160,7 +160,8 @@ def test_phone_width_has_no_horizontal_scroll(page: Page, web: LiveServer) -> No
 def shown_turn(page: Page, stream_id: str) -> dict[str, Any]:
     """The page's own turn state for ``stream_id``: blocks by number, app events, state."""
     turn: dict[str, Any] = page.evaluate(f"page.turns[{stream_id!r}]")
-    turn["blocks"] = {int(k): v for k, v in turn["blocks"].items()}
+    turn["blocks"] = dict(enumerate(turn["blocks"]))
+    turn["events"] = [(e["id"], e["name"], e["data"]) for e in turn["events"]]
     return turn
 
 
