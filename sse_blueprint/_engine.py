@@ -921,7 +921,10 @@ class Stream:
         start = self.start_event
         if start is not None and after < start.id <= self._trimmed_id:
             out.insert(0, start)
-        sub._pos = self._visible
+        # The store may hold more than readers were shown (durable delivery: a write committed,
+        # its writer not yet resumed): this reader then goes on after what the snapshot covers.
+        covered = max((e.id for e in out), default=0)
+        sub._pos = max(self._visible, self._base + self._index_after(covered))
         return out
 
     # -- reader side ---------------------------------------------------------------------------

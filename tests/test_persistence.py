@@ -38,6 +38,7 @@ class FlakyStore:
         self.failure_rate = failure_rate
         self.fail_next = 0
         self.write_delay = 0.0
+        self.ack_delay = 0.0  # after the write: committed, but the writer does not know yet
         self.saves = 0
         self.failures = 0
         self.writing = gevent.event.Event()  # set when a delayed write begins
@@ -57,6 +58,8 @@ class FlakyStore:
             raise OSError("injected database failure")
         self.saves += 1
         self.inner.save(record, blocks, events)
+        if self.ack_delay and (blocks or events):
+            gevent.sleep(self.ack_delay)  # readers that load the turn now see more than is out
 
     def load_stream(self, stream_id: str) -> StreamRecord | None:
         return self.inner.load_stream(stream_id)
@@ -136,6 +139,7 @@ ops = st.lists(
     buffer_size=st.sampled_from([1, 2, 5, 12, 1000]),
     failure_rate=st.sampled_from([0.0, 0.3]),
     write_delay=st.sampled_from([0.0, 0.003, 0.01]),
+    ack_delay=st.sampled_from([0.0, 0.0, 0.004]),
     clients=st.lists(st.lists(st.integers(1, 15), min_size=1, max_size=8), min_size=1, max_size=4),
     seed=st.integers(0, 2**32),
     durable=st.booleans(),
@@ -145,6 +149,7 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     buffer_size: int,
     failure_rate: float,
     write_delay: float,
+    ack_delay: float,
     clients: list[list[int]],
     seed: int,
     durable: bool,
@@ -157,6 +162,7 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
     rng = random.Random(seed)
     store = FlakyStore(rng, failure_rate)
     store.write_delay = write_delay
+    store.ack_delay = ack_delay
     sent: list[tuple[int, str, dict[str, Any]]] = []  # every event the producer sent, as sent
 
     def producer(ctx: ProducerContext) -> None:
@@ -511,3 +517,33 @@ def test_saves_of_many_streams_share_transactions_and_a_bad_one_fails_alone(
     assert [g.get() for g in good] == ["ok"] * 50
     assert len(commits) <= 3, "concurrent saves were not grouped"
     store.close()
+
+
+def test_durable_catch_up_while_a_write_is_committed_but_not_yet_acknowledged() -> None:
+    """The store can hold more than readers were shown: a write committed, its writer not yet
+    resumed (SQLite's commit runs in a thread). A reader that catches up then gets the store's
+    blocks, and must not get those events again once they are revealed."""
+    store = FlakyStore()
+
+    def producer(ctx: ProducerContext) -> None:
+        ctx.text(0, "a")
+        ctx.end_block(0)
+        ctx.sleep(0.05)  # saved, revealed, trimmed
+        store.ack_delay = 0.3
+        ctx.text(1, "b")
+        ctx.end_block(1)  # saved at once, acknowledged 0.3 s later
+        ctx.sleep(0.6)
+
+    stream = Stream(producer, buffer_size=1, store=store, durable=True)
+    stream.start()
+    with gevent.Timeout(10):
+        while store.saves < 3 or not store.ack_delay:  # the record, block 0, then block 1
+            gevent.sleep(0.005)
+        client = Transcript()
+        sub = stream.subscribe(0)
+        while not sub.done:
+            for e in sub.poll(1):
+                assert e.id > client.last_id, f"{e} again after {client.last_id}"
+                client.apply(e.id, e.event, e.data)
+    sub.close()
+    assert [b["content"] for _, b in sorted(client.turn.items())] == ["a", "b"]

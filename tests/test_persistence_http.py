@@ -256,13 +256,18 @@ def test_a_reader_that_needs_the_database_while_it_is_down_gets_503(
     assert after.transcript.terminal == "done"
 
 
-def _follow_until_cut(base: str, stream_id: str) -> list[Any]:
-    """Read a stream until it ends or the server dies; the events that arrived whole."""
+def _follow_until_cut(
+    base: str, stream_id: str, progress: list[int] | None = None, slot: int = 0
+) -> list[Any]:
+    """Read a stream until it ends or the server dies; the events that arrived whole (their
+    count so far in ``progress[slot]``)."""
     parser, events = SSEParser(), []
     url = f"{base}/api/streams/{stream_id}"
     with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=30) as response:
         for chunk in response.iter_raw():
             events += parser.feed(chunk)
+            if progress is not None:
+                progress[slot] = len(events)
     return events
 
 
@@ -275,9 +280,14 @@ def test_durable_delivery_gives_everyone_the_same_turn_after_kill_9(
     config = {"SSE_DATABASE_URL": database.url, "SSE_DELIVERY": "durable"}
     first = server_factory(config, app="tests.live_app:app")
     stream_id = start_demo(first.url, LONG_TEXT, chunk_size=3, interval_ms=10)
+    progress = [0, 0, 0]
     with ThreadPoolExecutor(3) as pool:
-        readers = [pool.submit(_follow_until_cut, first.url, stream_id) for _ in range(3)]
-        time.sleep(1.0)
+        readers = [
+            pool.submit(_follow_until_cut, first.url, stream_id, progress, n) for n in range(3)
+        ]
+        deadline = time.monotonic() + 30  # mid-stream: every reader has some of it (however
+        while min(progress) <= 10 and time.monotonic() < deadline:  # busy the machine is)
+            time.sleep(0.02)
         assert first.proc is not None
         os.killpg(first.proc.pid, signal.SIGKILL)
         seen = [r.result(timeout=30) for r in readers]
