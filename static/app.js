@@ -200,23 +200,23 @@ function runJob() {
   $("job-progress").value = 0;
   $("job-message").textContent = "Starting…";
   api("POST", "/api/streams", { producer: "progress", input: { steps: 20, interval_ms: 60 } })
-    .then(({ stream_id }) => {
-      const es = new EventSource(`/api/streams/${stream_id}`);
-      es.addEventListener("progress", (e) => {
-        const d = JSON.parse(e.data);
-        $("job-progress").value = d.percent;
-        $("job-message").textContent = `${d.percent} % — ${d.message}`;
-      });
-      for (const end of ["done", "cancelled", "error"]) {
-        es.addEventListener(end, (e) => {
-          if (end === "error" && e.data === undefined) return;  // reconnecting
-          es.close();
-          const d = JSON.parse(e.data);
-          $("job-message").textContent = end === "done" ? `Done: ${d.result}` : `${end}: ${d.message || ""}`;
-          document.body.dataset.job = end;
+    .then(({ stream_url }) => {
+      followStream(stream_url, {
+        store: null, // a job's progress need not survive a reload
+        events: ["progress"],
+        onChange: ({ latest: { progress: d } }) => {
+          if (!d) return;
+          $("job-progress").value = d.percent;
+          $("job-message").textContent = `${d.percent} % — ${d.message}`;
+        },
+        onState: (state, { turn }) => {
+          if (["open", "connecting", "reconnecting"].includes(state)) return;
+          const d = turn.end ?? {};
+          $("job-message").textContent = state === "done" ? `Done: ${d.result}` : `${state}: ${d.message || ""}`;
+          document.body.dataset.job = state;
           $("run-job").disabled = false;
-        });
-      }
+        },
+      });
     })
     .catch((err) => {
       $("job-message").textContent = `Could not start: ${err.message}`;
