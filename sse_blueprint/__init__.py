@@ -26,7 +26,10 @@ catches up exactly: no gap, no duplicate.
 from __future__ import annotations
 
 from ._config import ConfigError, SSEConfig
-from ._engine import (
+from ._records import BlockStore, StoredTurn, StreamRecord, TurnBlock, TurnEvent
+from ._storage import SQLStore, create_all, metadata, run_blocking
+from ._wire import WireFormatError
+from .engine import (
     TERMINAL_EVENTS,
     Block,
     Event,
@@ -41,10 +44,7 @@ from ._engine import (
     StreamState,
     Subscription,
 )
-from ._flask import SSE, InputError, shutdown
-from ._records import BlockStore, StoredTurn, StreamRecord, TurnBlock, TurnEvent
-from ._storage import SQLStore, create_all, metadata, run_blocking
-from ._wire import WireFormatError
+from .web import SSE, InputError, shutdown
 
 __all__ = [
     "SSE",

@@ -57,8 +57,8 @@ from redis.client import Pipeline
 
 from . import _wire
 from ._batch import Batcher
-from ._engine import Event, Stream, StreamClosed, StreamState, lost, lost_data
 from ._records import BlockStore
+from .engine import Event, Stream, StreamClosed, StreamState, lost, lost_data
 
 __all__ = ["RedisBackend"]
 

@@ -22,7 +22,7 @@ import gevent
 import gevent.socket
 
 from . import _observe
-from ._engine import Event, Subscription
+from .engine import Event, Subscription
 
 __all__ = ["DirectWriter", "WriteWatch", "encode", "follow"]
 
@@ -80,7 +80,7 @@ class DirectWriter:
     """Writes live events straight to a client's socket, as HTTP/1.1 chunks, without blocking.
 
     Under gunicorn's gevent worker, a stream's new events reach all its idle readers from one
-    greenlet (see :class:`~sse_blueprint._engine.Subscription`): one non-blocking ``send`` per
+    greenlet (see :class:`~sse_blueprint.engine.Subscription`): one non-blocking ``send`` per
     client instead of a greenlet switch and the server's write path. gunicorn frames the body
     in chunks (HTTP/1.1, no Content-Length), sends the headers with the first chunk, and ends
     it with the last; this only adds whole chunks in between. What a full socket did not take

@@ -40,8 +40,10 @@ from typing import Any
 
 import gevent
 
-from . import _flask, _transport
-from ._flask import shut_connection, shutdown
+from . import _transport
+from ._guard import shut_connection
+from .web import shutdown
+from .web import state as web_state
 
 __all__ = ["post_worker_init", "worker_exit"]
 
@@ -81,12 +83,12 @@ def post_worker_init(worker: Any) -> None:
     ``SSE_REDIS_URL``) refuses to boot: gunicorn then stops with "Worker failed to boot".
     """
     workers = getattr(worker.cfg, "workers", 1)
-    if workers > 1 and any(state.backend is None for state in list(_flask._STATES)):
-        log.error("%s (%d workers)", _flask.MULTIPROCESS_REFUSAL, workers)
+    if workers > 1 and any(state.backend is None for state in list(web_state.STATES)):
+        log.error("%s (%d workers)", web_state.MULTIPROCESS_REFUSAL, workers)
         sys.exit(WORKER_BOOT_ERROR)
     gc.collect()
     gc.freeze()
-    thresholds = [state.config.gc_thresholds for state in list(_flask._STATES)]
+    thresholds = [state.config.gc_thresholds for state in list(web_state.STATES)]
     if thresholds and thresholds[0] is not None:
         gc.set_threshold(*thresholds[0])
     _transport.direct_writes_possible = _speaks_plain_http(worker)

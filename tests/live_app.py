@@ -64,7 +64,7 @@ def resources() -> dict[str, Any]:
 
     import greenlet  # type: ignore[import-untyped]
 
-    from sse_blueprint._flask import _state
+    from sse_blueprint.web.state import app_state as _state
 
     state = _state()
     store: Any = state.store
@@ -81,7 +81,7 @@ def resources() -> dict[str, Any]:
             1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead
         ),
         "readers": sum(s.subscriber_count for s in streams + mirrors),
-        "parked": sum(len(s._parked) for s in streams + mirrors),
+        "parked": sum(len(s.readers.parked) for s in streams + mirrors),
         "running": state.registry.running,
         "db_checked_out": checked_out,
         "db_open": checked_out + (pool_.checkedin() if pooled else 0),

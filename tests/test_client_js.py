@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sse_blueprint._flask import CLIENT_VERSION
+from sse_blueprint.web.views import CLIENT_VERSION
 from tests.conftest import ROOT, LiveServer, npm_folder, start_stream, wait_done
 
 CLIENT = ROOT / "sse_blueprint/js"

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sse_blueprint import Event, ProducerContext, Stream
-from sse_blueprint._engine import Subscription
+from sse_blueprint.engine import Subscription
 from tests.conftest import LiveServer, start_stream, wait_done
 from tests.sse_parser import SSEParser, Transcript
 
@@ -115,12 +115,12 @@ def test_parked_readers_are_released_at_once() -> None:
     readers = [gevent.spawn(read_direct, s, Recorder()) for s in subs]
     stream.start()
     gevent.sleep(0.05)
-    assert len(stream._parked) == 10
+    assert len(stream.readers.parked) == 10
     began = time.monotonic()
     assert stream.release_readers() == 10
     gevent.joinall(readers, timeout=5, raise_error=True)
     assert time.monotonic() - began < 1
-    assert not stream._parked
+    assert not stream.readers.parked
     stream.cancel()
 
 

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sse_blueprint import _engine
-from sse_blueprint._engine import (
+from sse_blueprint._records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
+from sse_blueprint._storage import SQLStore
+from sse_blueprint.engine import (
     LOST_ID_GAP,
     Event,
     ProducerContext,
@@ -24,8 +25,7 @@ from sse_blueprint._engine import (
     lost,
     replay,
 )
-from sse_blueprint._records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
-from sse_blueprint._storage import SQLStore
+from sse_blueprint.engine import persister as persister_module
 from tests.sse_parser import Transcript
 
 
@@ -73,8 +73,8 @@ class FlakyStore:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_engine, "PERSIST_RETRY_MIN", 0.001)
-    monkeypatch.setattr(_engine, "PERSIST_RETRY_MAX", 0.005)
+    monkeypatch.setattr(persister_module, "PERSIST_RETRY_MIN", 0.001)
+    monkeypatch.setattr(persister_module, "PERSIST_RETRY_MAX", 0.005)
 
 
 def apply_all(client: Transcript, events: list[Event]) -> None:

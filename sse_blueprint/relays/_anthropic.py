@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .._engine import ProducerContext
+from ..engine import ProducerContext
 from ._openai import DEFAULT_RETRIES, DEFAULT_STALL_TIMEOUT, dump
 from ._relay import Blocks, RelayResult, ToolCall, UpstreamFailed, parse_arguments, relay
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._engine import ProducerContext
+from ..engine import ProducerContext
 from ._relay import Blocks, RelayResult, ToolCall, UpstreamFailed, parse_arguments, relay
 
 __all__ = ["relay_chat_completions", "relay_responses"]

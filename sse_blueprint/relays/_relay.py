@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._engine import Block, ProducerContext, ProducerError, StreamClosed
+from ..engine import Block, ProducerContext, ProducerError, StreamClosed
 
 __all__ = ["RelayResult", "ToolCall", "UpstreamFailed", "relay"]
 

@@ -1,0 +1,219 @@
+"""A stream's readers: who follows it, how they are woken, fan-out, and cuts for lagging.
+
+:class:`Readers` holds a stream's subscriptions. When the stream reveals new events, the readers
+wake on the event loop's next turn (a producer's burst becomes one write per reader). Readers
+that write directly to their sockets wait *parked*: a fan-out writes their new events for them,
+inline for a few (the chat shape) or from one greenlet for many, and wakes only those it cannot
+serve. A reader more than ``client_queue`` events behind is cut: its response ends and the client
+resumes from its last id. Nothing is dropped for a reader that stays.
+
+Imports the subscription and gevent; the stream only for typing (it reads ``stream._visible``,
+the one position every reader may take up to).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.event
+
+from .. import _observe
+from .subscription import Subscription
+
+if TYPE_CHECKING:
+    from .stream import Stream
+
+__all__ = ["FAN_OUT_INLINE", "FAN_OUT_SLICE", "Readers"]
+
+log = logging.getLogger("sse_blueprint")
+
+#: Seconds a fan-out runs before it lets other greenlets run.
+FAN_OUT_SLICE = 0.02
+#: At most this many parked readers are written to from the wake-up itself, without a
+#: fan-out greenlet (a few dozen non-blocking sends take well under a millisecond).
+FAN_OUT_INLINE = 16
+
+
+class Readers:
+    """The subscriptions of one stream (see the module docstring)."""
+
+    __slots__ = (
+        "_fan_again", "_fanning_out", "_news", "_stream", "_wake_pending", "_wake_timer",
+        "client_queue", "min_pos_hint", "parked", "subscribers",
+    )  # fmt: skip
+
+    def __init__(self, stream: Stream, client_queue: int) -> None:
+        self._stream = stream
+        self.client_queue = client_queue
+        self.subscribers: set[Subscription] = set()
+        # Lower bound of every subscriber's position, refreshed when a lag scan runs.
+        self.min_pos_hint = 0
+        self._news: gevent.event.Event | None = None
+        self.parked: set[Subscription] = set()  # direct subscribers waiting in poll
+        self._fanning_out = False  # a fan-out to the parked subscribers is scheduled or running
+        self._fan_again = False  # news came while a fan-out paused: it makes another pass
+        self._wake_pending = False
+        self._wake_timer: Any = None  # a libev timer, made on first use
+
+    def __len__(self) -> int:
+        return len(self.subscribers)
+
+    def add(self, sub: Subscription) -> None:
+        self.subscribers.add(sub)
+        self.min_pos_hint = min(self.min_pos_hint, sub._pos)
+
+    def discard(self, sub: Subscription) -> None:
+        self.subscribers.discard(sub)
+
+    def lowest(self, default: int) -> int:
+        """The lowest position a reader still has to take (``default`` if lower than all)."""
+        low = default
+        for sub in self.subscribers:
+            low = min(low, sub._pos)
+        return low
+
+    def revealed(self, visible: int) -> None:
+        """Events up to ``visible`` may be taken: cut laggards, wake readers on the next turn."""
+        if visible - self.min_pos_hint > self.client_queue:
+            self.cut_laggards(visible)
+        if (self._news is not None or self.parked) and not self._wake_pending:
+            # Readers wake on the event loop's next turn, not now: a producer that appends
+            # several events before it really waits (a burst, a block at once) gets them all
+            # written in one write per reader instead of one write per event.
+            self._wake_pending = True
+            timer = self._wake_timer
+            if timer is None:
+                timer = self._wake_timer = gevent.get_hub().loop.timer(0.0)
+            timer.start(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every waiting reader now (parked ones through a fan-out)."""
+        news = self._news
+        if news is not None:
+            self._news = None
+            news.set()
+        if self.parked:
+            if self._fanning_out:
+                self._fan_again = True
+            elif len(self.parked) <= FAN_OUT_INLINE:
+                # A few readers (the chat shape): write to them right here. Their writes never
+                # block, and a greenlet per wake-up would cost more than the writes.
+                self._fan_out_once(inline=True)
+            else:
+                self._fanning_out = True
+                gevent.spawn_raw(self._fan_out)
+
+    def wait_for_news(self, timeout: float | None) -> None:
+        """Wait in :meth:`Subscription.poll` (a reader that writes for itself)."""
+        news = self._news
+        if news is None:
+            news = self._news = gevent.event.Event()
+        news.wait(timeout)
+
+    def park(self, sub: Subscription, timeout: float | None) -> None:
+        """Wait in :meth:`Subscription.poll` while the fan-out delivers ``sub``'s events."""
+        wakeup = sub._wakeup
+        if wakeup is None:
+            wakeup = sub._wakeup = gevent.event.Event()
+        else:
+            wakeup.clear()
+        self.parked.add(sub)
+        try:
+            wakeup.wait(timeout)
+        finally:
+            # Before anything else runs: from here on only this greenlet writes to the client.
+            self.parked.discard(sub)
+
+    def _fan_out(self) -> None:
+        """Deliver new events to every parked subscriber; wake those it cannot serve."""
+        try:
+            self._fan_again = True
+            while self._fan_again:
+                self._fan_again = False
+                self._fan_out_once()
+        finally:
+            self._fanning_out = False
+
+    def _fan_out_once(self, inline: bool = False) -> None:
+        # A parked subscriber's connection belongs to this loop until the subscriber is woken
+        # (and unparked) or its wait times out, which it can only do while this loop pauses:
+        # hence the membership check. The pause lets the rest of the worker run when a round
+        # is long (many clients, big events); ``inline`` (a few readers, maybe in the hub's own
+        # callback) never pauses.
+        parked = self.parked
+        stream = self._stream
+        clock = time.perf_counter
+        began = clock()
+        for i, sub in enumerate(list(parked)):
+            if i & 63 == 63 and not inline and clock() - began > FAN_OUT_SLICE:
+                gevent.sleep(0)
+                began = clock()
+            if sub not in parked:
+                continue
+            try:
+                if not (sub.cut or sub.closed) and sub._pos < stream._visible:
+                    events = sub._take()
+                    if events and not sub.direct(events):  # type: ignore[misc]
+                        self._unpark(sub)  # its greenlet finishes the write, or ends
+                        continue
+                if sub.done:
+                    self._unpark(sub)
+            except Exception as exc:
+                # (Logged from a greenlet of its own: a log handler may block, the hub may not.)
+                gevent.spawn_raw(
+                    log.error, "stream %s: direct write failed", stream.id, exc_info=exc,
+                    extra={"stream_id": stream.id},
+                )  # fmt: skip
+                sub.cut = True  # the client resumes from its last id
+                self.subscribers.discard(sub)
+                self._unpark(sub)
+
+    def _unpark(self, sub: Subscription) -> None:
+        self.parked.discard(sub)
+        if sub._wakeup is not None:
+            sub._wakeup.set()
+
+    def release(self, *, only_writing: bool = False) -> int:
+        """Cut readers now (shutdown): all, or only those stuck in a write. How many."""
+        subs = [s for s in self.subscribers if s.writing_since or not only_writing]
+        for sub in subs:
+            sub.cut = True
+            self.subscribers.discard(sub)
+        if subs:
+            self.notify()
+        return len(subs)
+
+    def cut_laggards(self, visible: int) -> None:
+        """Cut every subscriber more than ``client_queue`` events behind; refresh the hint."""
+        stream_id = self._stream.id
+        limit = visible - self.client_queue
+        low = visible
+        for sub in list(self.subscribers):
+            if sub._pos < limit:
+                sub.cut = True
+                self.subscribers.discard(sub)
+                _observe.METRICS.cut()
+                if not sub._waiting and sub.on_cut is not None:
+                    try:
+                        sub.on_cut()
+                    except Exception:
+                        log.exception(
+                            "stream %s: on_cut failed", stream_id, extra={"stream_id": stream_id}
+                        )
+                log.info(
+                    "stream %s: cut a subscriber %d events behind (limit %d)",
+                    stream_id, visible - sub._pos, self.client_queue,
+                    extra={"stream_id": stream_id},
+                )  # fmt: skip
+            elif sub._pos < low:
+                low = sub._pos
+        self.min_pos_hint = low
+        # Wake the cut subscribers (if they are waiting) so that their responses end now.
+        self.notify()

@@ -1,0 +1,522 @@
+"""The stream engine: producers, the live buffer, fan-out and resume. Imports no Flask.
+
+One :class:`Stream` per producer run. The producer runs on its own greenlet and appends events to
+the stream's live buffer, an append-only log of :class:`Event` objects whose integer ids strictly
+increase. Every event is encoded once, when it is sent, and shared by all subscribers.
+
+A :class:`Subscription` is a cursor into that log, not a queue: the producer never copies an event
+per subscriber, and a subscriber that wakes up takes everything it has pending in one batch (one
+write to its socket). A subscriber that falls more than ``client_queue`` events behind is *cut*: it
+stops being a subscriber, its response ends, and the client resumes with ``Last-Event-ID``.
+Nothing is ever dropped for a subscriber that stays.
+
+Persistence (two tiers): block events (``block_start``, ``text_delta``, ``block_end``) are
+aggregated per block as they arrive, and replayable app events kept, by a
+:class:`~sse_blueprint._turn.TurnBuilder`. A persister greenlet per stream writes the blocks that
+changed, the new events and the stream record to a :class:`~sse_blueprint.BlockStore` when a
+block ends, when more than ``buffer_size`` events are unsaved, and at the end. It notes the last
+event id *before* writing and, once the write succeeded, trims the live buffer only up to that
+id (and never past a connected reader), so events sent while the write was in flight always
+stay. A failed write keeps everything and is retried.
+A reader whose position is older than the buffer gets the turn from the store, merged with the
+buffer into one exact snapshot (:func:`~sse_blueprint._turn.catch_up`), then the live events.
+
+Everything here runs on one OS thread under gevent. Greenlets switch only at blocking calls, so a
+method that does not block is atomic: :meth:`Stream.subscribe` takes its snapshot and registers
+the cursor without a lock, and no event can slip in between (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent import Greenlet
+
+from .. import _observe, _wire
+from .._event import DURABLE, Event
+from .._records import BlockStore, StreamRecord
+from .._turn import TurnBuilder, catch_up
+from .context import Producer, ProducerContext, WakeUp
+from .lifecycle import ProducerError, StreamClosed, StreamState
+from .persister import Persister, Unsaved
+from .ports import StreamBackend
+from .readers import Readers
+from .subscription import Subscription
+
+__all__ = ["Stream", "new_stream_id"]
+
+log = logging.getLogger("sse_blueprint")
+
+
+def new_stream_id() -> str:
+    """A new stream id: 128 random bits, URL-safe base64 (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+def _event_id(event: Event) -> int:
+    return event.id
+
+
+class Stream:
+    """One producer run and its live buffer. See the module docstring.
+
+    Construct through :meth:`StreamRegistry.create`; call :meth:`start` to run the producer.
+    With a ``store``, blocks are persisted and the buffer is trimmed (see the module docstring);
+    without one the buffer keeps every event until the stream is forgotten.
+    """
+
+    def __init__(
+        self,
+        producer: Producer,
+        input: Mapping[str, Any] | None = None,
+        *,
+        stream_id: str | None = None,
+        producer_name: str = "",
+        timeout: float | None = None,
+        client_queue: int = 2048,
+        buffer_size: int = 1024,
+        store: BlockStore | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        on_complete: Callable[[Stream], None] | None = None,
+        backend: StreamBackend | None = None,
+        mirror: bool = False,
+        max_event_bytes: int = 1 << 20,
+        durable: bool = False,
+        max_meta_bytes: int = 65536,
+        max_replayed_events: int = 1000,
+    ) -> None:
+        self.id = stream_id or new_stream_id()
+        self.max_event_bytes = max_event_bytes
+        self.producer_name = producer_name
+        self.input: Mapping[str, Any] = input or {}
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.state = StreamState.RUNNING
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.client_queue = client_queue
+        self.buffer_size = buffer_size
+        self.timeout = timeout
+        self._producer = producer
+        self._on_complete = on_complete
+        self._greenlet: Greenlet | None = None
+        self._timer: Greenlet | None = None
+        self._closed = gevent.event.Event()  # set when the terminal event is in the log
+        # The producer while in ctx.sleep: how to wake it (its greenlet's throw).
+        self._sleeper: Callable[[type[BaseException]], object] | None = None
+        # The live buffer: _log[i] has absolute index _base + i; _end = _base + len(_log).
+        self._log: list[Event] = []
+        self._base = 0
+        self._end = 0
+        # Readers see the log up to here (absolute index): its end, or in durable delivery
+        # (``SSE_DELIVERY = "durable"``) only as far as the store has it.
+        self._visible = 0
+        self._last_id = 0
+        self.readers = Readers(self, client_queue)
+        self.start_event: Event | None = None
+        self.terminal_event: Event | None = None
+        # Persistence.
+        self._store = store
+        self._turn = TurnBuilder(max_meta_bytes=max_meta_bytes, max_events=max_replayed_events)
+        self._persisted_id = 0  # every event up to this id is covered by the store
+        self._persisted_pos = 0  # absolute log index just past _persisted_id
+        self._trimmed_id = 0  # id of the newest event dropped from the buffer (0: none)
+        self._trim_to = 0  # trim up to here once no reader holds the events back
+        self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
+        # A shared backend (Redis) sees every event first; a mirror only follows another
+        # worker's stream (no producer, no writes) for this worker's readers.
+        self._backend = backend
+        self._append_lock = gevent.lock.Semaphore()
+        self.mirror = mirror
+        self._writes = store is not None and not mirror
+        self._durable = durable and self._writes
+        self._persister = Persister(self, store) if store is not None and self._writes else None
+        if not self._writes:
+            self.saved.set()
+
+    # -- producer side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the producer on its own greenlet (once)."""
+        if self._greenlet is not None or self.mirror:
+            raise RuntimeError("stream already started" if not self.mirror else "a mirror")
+        if self._backend is not None:
+            self._backend.claim(self)
+        self.start_event = self._append(
+            "start", {"stream_id": self.id, "producer": self.producer_name}
+        )
+        self._request_flush()  # the record exists in the store from the start
+        self._greenlet = gevent.spawn(self._run)
+        _observe.METRICS.stream_started(self.producer_name)
+        if self.timeout:
+            self._timer = gevent.spawn_later(self.timeout, self._expire)
+
+    def _run(self) -> None:
+        _observe.current_stream.set(self.id)
+        ctx = ProducerContext(self, self.input)
+        try:
+            result: object = self._producer(ctx)
+        except StreamClosed:
+            pass  # cancelled or timed out: the terminal event is already there
+        except ProducerError as exc:
+            _observe.METRICS.producer_error(self.producer_name)
+            self._terminate(StreamState.ERROR, {"message": str(exc) or "producer failed"})
+        except Exception:
+            _observe.METRICS.producer_error(self.producer_name)
+            log.exception(
+                "producer %r of stream %s failed",
+                self.producer_name,
+                self.id,
+                extra={"stream_id": self.id},
+            )
+            self._terminate(StreamState.ERROR, {"message": "producer failed"})
+        else:
+            if not isinstance(result, Mapping):
+                if result is not None:
+                    log.error("producer %r returned %r, not a mapping", self.producer_name, result)
+                result = {}
+            self._terminate(StreamState.DONE, dict(result))
+        finally:
+            # A producer that returns or dies before its end leaves no stream "running forever".
+            if not self.finished:
+                self._terminate(StreamState.ERROR, {"message": "producer stopped"})
+            if not self.finished:
+                self._end_here("producer stopped")
+
+    def _end_here(self, message: str) -> None:
+        """The last resort when no end can be written (a backend that keeps refusing): end the
+        stream in this process anyway. With Redis, this worker stops renewing its lease, so the
+        other workers' watchdogs end it there once the lease lapses ("producer lost")."""
+        log.error(
+            "stream %s: its end could not be written; ending it here",
+            self.id,
+            extra={"stream_id": self.id},
+        )
+        data = {"stream_id": self.id, "message": message}
+        self._adopt_terminal(Event(self._last_id + 1, StreamState.ERROR.value, data))
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.stop("stream timed out")
+
+    def stop(self, message: str = "producer stopped") -> bool:
+        """End the stream with ``error`` (``message``) and stop its producer.
+
+        Used for timeouts and at shutdown. False if it had already ended.
+        """
+        return self._terminate(StreamState.ERROR, {"message": message}, stop_producer=True)
+
+    def cancel(self, reason: str | None = None) -> bool:
+        """End the stream with ``cancelled`` and stop its producer. False if it had ended."""
+        data: dict[str, Any] = {"reason": reason} if reason else {}
+        return self._terminate(StreamState.CANCELLED, data, stop_producer=True)
+
+    def _stop_producer(self) -> None:
+        g = self._greenlet
+        # Raised where the producer blocks (sleep, I/O); its ``finally`` blocks run. One that has
+        # not begun (cancelled at once) is left to begin: its first send or sleep raises
+        # StreamClosed, so its own clean-up runs too.
+        begun = g is not None and g.gr_frame is not None
+        if g is not None and begun and not g.dead and g is not gevent.getcurrent():
+            g.kill(StreamClosed(self.id), block=False)
+
+    def _append(
+        self, event: str, data: Mapping[str, Any], replay: str = DURABLE, *, check: bool = False
+    ) -> Event:
+        """Number an event and put it in the stream; ``check``: the producer's, not the engine's
+        (the turn checks it first)."""
+        if self._backend is None:
+            return self._append_now(event, data, replay, check)  # no blocking call: atomic
+        # The backend's write blocks, and a cancel or a timeout may append meanwhile from
+        # another greenlet: one append at a time, or two events would get the same id.
+        with self._append_lock:
+            return self._append_now(event, data, replay, check)
+
+    def _append_now(self, event: str, data: Mapping[str, Any], replay: str, check: bool) -> Event:
+        if self.terminal_event is not None:
+            raise StreamClosed(self.id)
+        ev = Event(self._last_id + 1, event, data, replay)  # (refuses data that is not JSON)
+        if check:
+            self._turn.check(event, data, replay)
+        if len(ev.sse) > self.max_event_bytes:
+            raise ValueError(
+                f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "
+                f"({self.max_event_bytes}); split it into several events"
+            )
+        if self._backend is not None:
+            self._backend.append(self, ev)  # raises StreamClosed if it ended elsewhere
+        self._log_append(ev)
+        _observe.METRICS.event()
+        return ev
+
+    def _log_append(self, ev: Event) -> None:
+        """Put an event (already numbered) in the live buffer and wake the readers."""
+        self._last_id = ev.id
+        self._log.append(ev)
+        self._end += 1
+        durable = self._durable
+        if ev.id == 1 and self.start_event is None:
+            self.start_event = ev  # a mirror's: the owner's is set when it starts
+        if not self.mirror:
+            ended_block = self._turn.apply(ev)
+            if ended_block or self._end - self._persisted_pos > self.buffer_size:
+                self._request_flush()
+        if durable:
+            self._request_flush()  # readers see it once it is written (see _reveal)
+        else:
+            self._reveal(self._end)
+
+    def _reveal(self, pos: int) -> None:
+        """Readers may now take the log up to ``pos``: wake them (on the loop's next turn)."""
+        self._visible = pos
+        self.readers.revealed(pos)
+
+    def _set_metadata(self, values: Mapping[str, Any]) -> None:
+        if self.terminal_event is not None:
+            raise StreamClosed(self.id)
+        merged = {**self.metadata, **values}
+        _wire.dumps(merged)  # JSON or ValueError/TypeError, before anything changes
+        if self._backend is not None:
+            self._backend.set_metadata(self, merged)
+        self.metadata = merged
+        self._request_flush()
+
+    def _ingest(self, ev: Event) -> None:
+        """A mirror's feed: an event written by the owner (on another worker)."""
+        if ev.id <= self._last_id or self.terminal_event is not None:
+            return
+        self._log_append(ev)
+        if ev.terminal:
+            self._ended(ev)
+
+    def _adopt_terminal(self, ev: Event) -> None:
+        """The owner learns that its stream ended elsewhere (a cancel, a lease lost)."""
+        if self.terminal_event is not None or ev.id <= self._last_id:
+            return
+        if ev.id > self._last_id + 1:
+            # Our own appends before it are still on their way back: take it after them.
+            gevent.spawn_later(0.005, self._adopt_terminal, ev)
+            return
+        self._log_append(ev)
+        self._ended(ev)
+        self._stop_producer()
+
+    def _terminate(
+        self, state: StreamState, data: Mapping[str, Any], *, stop_producer: bool = False
+    ) -> bool:
+        """The one way this process ends its stream (the producer's return or failure, a cancel,
+        a timeout, shutdown): append the terminal event, which every worker sees, and stop the
+        producer if asked. False if the stream had ended, here or elsewhere (then the backend
+        adopted that end: :meth:`_adopt_terminal`)."""
+        if self.terminal_event is not None:
+            return False
+        try:
+            ev = self._append(state.value, {"stream_id": self.id, **data})
+        except StreamClosed:
+            return False  # it ended elsewhere first (the backend adopted that terminal event)
+        self._ended(ev)
+        if stop_producer:
+            self._stop_producer()
+        return True
+
+    def _wake_sleeper(self) -> None:
+        # (In the hub.) Still asleep in ctx.sleep: end that sleep; it raises StreamClosed.
+        sleeper = self._sleeper
+        if sleeper is not None:
+            sleeper(WakeUp)
+
+    def _ended(self, ev: Event) -> None:
+        """Bookkeeping once the terminal event ``ev`` is in the buffer."""
+        self.terminal_event = ev
+        self.state = StreamState(ev.event)
+        self.finished_at = time.time()
+        self._closed.set()
+        if self._sleeper is not None:  # the producer, in ctx.sleep: wake it now
+            gevent.get_hub().loop.run_callback(self._wake_sleeper)
+        self._request_flush()
+        if self._greenlet is not None:
+            _observe.METRICS.stream_finished(self.producer_name, ev.event)
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+        if self._on_complete is not None:
+            try:
+                self._on_complete(self)
+            except Exception:
+                log.exception(
+                    "on_complete hook of stream %s failed", self.id, extra={"stream_id": self.id}
+                )
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def record(self) -> StreamRecord:
+        """The stream's durable state now."""
+        terminal = self.terminal_event
+        return StreamRecord(
+            stream_id=self.id,
+            producer=self.producer_name,
+            state=self.state.value,
+            last_event_id=self._last_id,
+            created_at=self.created_at,
+            metadata=self.metadata,
+            finished_at=self.finished_at,
+            terminal=terminal.event if terminal else None,
+            terminal_id=terminal.id if terminal else None,
+            terminal_data=terminal.data if terminal else None,
+        )
+
+    def _request_flush(self) -> None:
+        if self._persister is not None:
+            self._persister.request()
+
+    def unsaved(self) -> Unsaved:
+        """What the store lacks now (for the persister; blocks nothing)."""
+        blocks, events = self._turn.unsaved(self.id)
+        return Unsaved(self._end, self._last_id, self.record(), blocks, events)
+
+    def stored(self, done: Unsaved) -> bool:
+        """The store now holds ``done``: reveal it (durable delivery), trim the buffer up to it,
+        tell the backend. True once the store holds the whole finished stream."""
+        self._turn.saved(done.blocks, done.events)
+        if done.last_id > self._persisted_id:
+            self._persisted_id, self._persisted_pos = done.last_id, done.end_pos
+            if self._durable:
+                self._reveal(done.end_pos)
+        if done.blocks or done.events or len(self._log) > self.buffer_size:
+            # (A write of the record alone trims nothing: that would only send new readers to
+            # the store for the ``start`` event.)
+            self._trim_to = self._persisted_id
+            self._trim(self._trim_to)
+            if self._backend is not None:
+                self._backend.persisted(self, self._persisted_id)
+        if self.finished and self._persisted_id >= self._last_id:
+            if not self.saved.is_set():
+                log.debug("stream %s: saved", self.id, extra={"stream_id": self.id})
+            self.saved.set()
+            return True
+        return False
+
+    @property
+    def persist_failures(self) -> int:
+        """Writes to the store that failed (and were retried)."""
+        return self._persister.failures if self._persister is not None else 0
+
+    def _trim(self, up_to_id: int) -> int:
+        """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest."""
+        # The newest event always stays (a finished stream's terminal), and what readers lack.
+        keep_from = self.readers.lowest(self._end - 1)
+        count = min(self._index_after(up_to_id), keep_from - self._base)
+        if count <= 0:
+            return 0
+        self._trimmed_id = self._log[count - 1].id
+        del self._log[:count]
+        self._base += count
+        self.readers.min_pos_hint = max(self.readers.min_pos_hint, self._base)
+        return count
+
+    def _catch_up(self, sub: Subscription) -> list[Event]:
+        """The turn from the store merged with the buffer: an exact snapshot, then live events.
+
+        ``sub`` was registered at the start of the buffer, which pins it (nothing after that is
+        trimmed) while the store is read. Every event the store does not cover is newer than
+        what was trimmed, so it is in the pinned buffer. The merge below does not block, so the
+        snapshot and the switch to live events are one step.
+        """
+        after = sub._after
+        store = self._store
+        assert store is not None
+        try:
+            stored = store.load_turn(self.id, after)
+        except Exception as exc:
+            log.warning(
+                "stream %s: catch-up from the store failed (%s); cutting reader",
+                self.id,
+                exc,
+                extra={"stream_id": self.id},
+            )
+            sub.cut = True
+            self.readers.discard(sub)
+            return []
+        if sub.done:
+            return []
+        out = catch_up(stored, self._log[sub._pos - self._base : self._visible - self._base], after)
+        start = self.start_event
+        if start is not None and after < start.id <= self._trimmed_id:
+            out.insert(0, start)
+        # The store may hold more than readers were shown (durable delivery: a write committed,
+        # its writer not yet resumed): this reader then goes on after what the snapshot covers.
+        covered = max((e.id for e in out), default=0)
+        sub._pos = max(self._visible, self._base + self._index_after(covered))
+        return out
+
+    # -- reader side ---------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.terminal_event is not None
+
+    @property
+    def last_event_id(self) -> int:
+        return self._last_id
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self.readers)
+
+    @property
+    def buffered(self) -> int:
+        """Events in the live buffer now."""
+        return len(self._log)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the stream has ended; True if it has."""
+        return bool(self._closed.wait(timeout))
+
+    def subscribe(
+        self, last_event_id: int = 0, *, on_cut: Callable[[], None] | None = None
+    ) -> Subscription:
+        """Follow the stream from the first event whose id is greater than ``last_event_id``.
+
+        The snapshot (which events are already there) and the registration (which events will
+        be delivered live) happen in one step with no blocking call in between, so under gevent
+        no event can be missed or delivered twice, however busy the producer is. An id ahead of
+        the stream delivers only later ids. An id older than the buffer is caught up from the
+        store on the first :meth:`Subscription.poll`.
+        """
+        if last_event_id < self._trimmed_id:
+            sub = Subscription(self, self._base, last_event_id, on_cut)
+            sub._catchup = True
+            _observe.METRICS.catch_up("database")
+        else:
+            _observe.METRICS.catch_up("buffer")
+            sub = Subscription(
+                self, self._base + self._index_after(last_event_id), last_event_id, on_cut
+            )
+        if not (self.finished and sub._pos >= self._end and not sub._catchup):
+            self.readers.add(sub)
+        return sub
+
+    def _index_after(self, last_event_id: int) -> int:
+        return bisect.bisect_right(self._log, last_event_id, key=_event_id)
+
+    def _events_from(self, pos: int) -> list[Event]:
+        return self._log[pos - self._base : self._visible - self._base]
+
+    def release_readers(self, *, only_writing: bool = False) -> int:
+        """End readers' responses now (shutdown): each resumes from its last id elsewhere.
+
+        With ``only_writing``, only readers stuck in a write (``writing_since`` set) are
+        released; the others take what they have pending and end by themselves. Returns how
+        many readers were released.
+        """
+        released = self.readers.release(only_writing=only_writing)
+        if released and self._trim_to > self._trimmed_id:
+            self._trim(self._trim_to)
+        return released

@@ -1,0 +1,114 @@
+"""A reader's cursor into a stream's live buffer (:class:`Subscription`).
+
+Imports the event type and gevent; the stream only for typing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import gevent.event
+
+from .._event import Event
+
+if TYPE_CHECKING:
+    from .stream import Stream
+
+__all__ = ["Subscription"]
+
+
+class Subscription:
+    """A reader's cursor into a stream's live buffer.
+
+    Use :meth:`poll` in a loop; it returns the pending events (several at once when the reader
+    was busy) or an empty list after ``timeout`` seconds without news, the moment to write a
+    heartbeat. Stop once :attr:`done` (cut, closed, or everything up to the terminal event
+    taken). Always :meth:`close` (in ``finally``).
+
+    ``on_cut`` is called if the subscriber is cut while it is *not* waiting in :meth:`poll`,
+    that is while it is blocked writing to a client that stopped reading; the web layer uses it
+    to shut that connection, which frees the greenlet stuck in the write.
+
+    ``direct``, when the web layer sets it, writes events to the client without blocking and
+    returns True if all of it went out. While such a subscriber waits in :meth:`poll`, the
+    stream delivers its new events through ``direct`` from one greenlet for all of them, and
+    wakes the subscriber only when that is not enough (a partial or failed write, the end, a
+    cut). That spares a greenlet switch and the server's write path per event per client.
+    """
+
+    __slots__ = (
+        "_after", "_catchup", "_pos", "_stream", "_waiting", "_wakeup", "closed", "cut",
+        "direct", "on_cut", "writing_since",
+    )  # fmt: skip
+
+    def __init__(
+        self, stream: Stream, pos: int, after: int, on_cut: Callable[[], None] | None = None
+    ) -> None:
+        self._stream = stream
+        self._pos = pos  # absolute index in the stream's log of the next event to deliver
+        self._after = after  # deliver only ids greater than this (the client's Last-Event-ID)
+        self._catchup = False  # True: the buffer no longer covers ``after``; ask the store first
+        self._waiting = False
+        self.cut = False
+        self.closed = False
+        self.on_cut = on_cut
+        self.writing_since = 0.0  # when the web layer began a write still under way (0: none)
+        self.direct: Callable[[list[Event]], bool] | None = None
+        self._wakeup: gevent.event.Event | None = None  # what a direct subscriber waits on
+
+    @property
+    def stream_id(self) -> str:
+        return self._stream.id
+
+    @property
+    def from_store(self) -> bool:
+        """The buffer no longer covers the position: the first :meth:`poll` reads the store."""
+        return self._catchup
+
+    @property
+    def lag(self) -> int:
+        """Events appended but not yet taken by this subscriber."""
+        return self._stream._visible - self._pos
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will come: cut, closed, or the stream ended and all of it was taken."""
+        return self.cut or self.closed or (self._stream.finished and self._pos >= self._stream._end)
+
+    def poll(self, timeout: float | None) -> list[Event]:
+        """Return pending events, waiting up to ``timeout`` seconds for some."""
+        stream = self._stream
+        if self._catchup:
+            self._catchup = False
+            return stream._catch_up(self)
+        if self._pos >= stream._visible and not self.done:
+            self._waiting = True
+            try:
+                if self.direct is None:
+                    stream.readers.wait_for_news(timeout)
+                else:
+                    stream.readers.park(self, timeout)
+            finally:
+                self._waiting = False
+        if self.cut or self.closed:
+            return []
+        return self._take()
+
+    def _take(self) -> list[Event]:
+        """The pending events, marked as delivered."""
+        events = self._stream._events_from(self._pos)
+        self._pos += len(events)
+        if events and events[0].id <= self._after:
+            # Only for a Last-Event-ID ahead of the stream: skip what the client claims to have.
+            events = [e for e in events if e.id > self._after]
+        return events
+
+    def close(self) -> None:
+        """Stop following the stream. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            stream = self._stream
+            stream.readers.discard(self)
+            if stream._trim_to > stream._trimmed_id:
+                stream._trim(stream._trim_to)  # this reader may have been holding it back
