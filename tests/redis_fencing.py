@@ -17,7 +17,7 @@ import gevent.event  # noqa: E402
 import redis  # noqa: E402
 
 from sse_blueprint import ProducerContext, Stream, StreamClosed  # noqa: E402
-from sse_blueprint._redis import RedisBackend  # noqa: E402
+from sse_blueprint.backends.redis import RedisBackend  # noqa: E402
 
 
 def main(url: str) -> None:

@@ -24,7 +24,7 @@ import redis.client  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 from sse_blueprint import ProducerContext, Stream  # noqa: E402
-from sse_blueprint._redis import RedisBackend  # noqa: E402
+from sse_blueprint.backends.redis import RedisBackend  # noqa: E402
 from tests.redis_busy import busy_redis  # noqa: E402
 
 

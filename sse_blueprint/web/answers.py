@@ -210,7 +210,7 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, outages):
         return True
     try:
-        from .._redis import is_transient
+        from ..backends.redis import is_transient
     except ImportError:  # redis is not installed
         return False
     return is_transient(exc)

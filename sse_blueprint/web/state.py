@@ -21,7 +21,7 @@ from .._transport import WriteWatch
 from ..engine import Stream, StreamRegistry
 
 if TYPE_CHECKING:
-    from .._redis import RedisBackend
+    from ..backends.redis import RedisBackend
     from .extension import SSE
 
 __all__ = ["EXTENSION_KEY", "MULTIPROCESS_REFUSAL", "STATES", "AppState", "app_state", "shutdown"]
@@ -45,7 +45,7 @@ class AppState:
         self.store = store
         self.backend: RedisBackend | None = None
         if config.redis_url:
-            from .._redis import RedisBackend  # redis is needed only with SSE_REDIS_URL
+            from ..backends.redis import RedisBackend  # redis is needed only with SSE_REDIS_URL
 
             self.backend = RedisBackend(
                 config.redis_url,

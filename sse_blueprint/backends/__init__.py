@@ -1,0 +1,1 @@
+"""Backends shared between workers: ``redis`` (the engine's ports, implemented over Redis)."""

@@ -1,0 +1,18 @@
+"""The Redis backend (``SSE_REDIS_URL``): streams shared across workers and instances.
+
+    backend     RedisBackend: the owner's writes and fencing, ends and status from any worker
+    scripts     keys, channels and the Lua scripts
+    connection  the pool, and the one rule for retrying what Redis did not run
+    pubsub      the worker's one Pub/Sub connection
+    mirrors     followers of streams that other workers run, and their watchdog
+    clients     open responses per client address, across the deployment
+
+Imports the engine and redis; the engine knows this only through its ports.
+"""
+
+from __future__ import annotations
+
+from .backend import LOST_IN_REDIS, RedisBackend
+from .connection import is_transient
+
+__all__ = ["LOST_IN_REDIS", "RedisBackend", "is_transient"]
