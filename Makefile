@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.run-stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test bench lint typecheck system-deps clean
+.PHONY: run test test-fast bench lint typecheck system-deps clean
 
 # `make run` installs only what serving needs (the library and the reference app's Redis and
 # PostgreSQL drivers); `make test` adds the development tools.
@@ -40,6 +40,14 @@ system-deps:
 
 test: lint typecheck system-deps
 	$(BIN)/python -m pytest
+
+# The fast tier: the engine with in-memory parts and the views through Flask's test client; no
+# server, no Redis, no browser (about half a minute). `make test` runs it too, with the rest.
+FAST_TESTS := tests/test_engine.py tests/test_turn_api.py tests/test_persistence.py \
+	tests/test_batch.py tests/test_wire.py tests/test_config.py tests/test_views.py \
+	tests/test_relay_units.py
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
 # Benchmarks against peers (not part of `make test`): about 10 minutes, loopback only.
 # Writes benchmarks/results/results.md, results.json and fanout.png, and copies the table into

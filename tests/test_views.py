@@ -1,0 +1,116 @@
+"""The views through Flask's test client: refusals, status and headers, no server (fast tier).
+
+Streaming answers need gevent's server and are tested against gunicorn (``test_http.py``); what
+a view answers before any streaming is tested here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from sse_blueprint import SSE, InputError, ProducerContext
+from sse_blueprint.web.views import CLIENT_VERSION
+
+
+def refuse_shouting(input: Mapping[str, Any]) -> Mapping[str, Any]:
+    if str(input.get("text", "")).isupper():
+        raise InputError("no shouting")
+    return input
+
+
+@pytest.fixture
+def client() -> Iterator[FlaskClient]:
+    sse = SSE()
+
+    @sse.producer("echo", validate=refuse_shouting)
+    def echo(ctx: ProducerContext) -> dict[str, Any]:
+        ctx.text(0, str(ctx.input.get("text", "")))
+        return {}
+
+    app = Flask(__name__)
+    app.config.update(SSE_DATABASE_URL="sqlite://", SSE_CORS_ORIGINS="https://app.example")
+    sse.init_app(app)
+    with app.test_client() as test_client:
+        yield test_client
+
+
+def started(client: FlaskClient) -> str:
+    response = client.post("/api/streams", json={"producer": "echo", "input": {"text": "hi"}})
+    assert response.status_code == 201
+    stream_id: str = response.get_json()["stream_id"]
+    return stream_id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "says"),
+    [
+        ({"data": "producer=echo", "content_type": "application/x-www-form-urlencoded"}, 415,
+         "application/json"),
+        ({"data": "{nope", "content_type": "application/json"}, 400, "JSON"),
+        ({"json": {"producer": "nope"}}, 400, "producer"),
+        ({"json": {"producer": "echo", "input": "text"}}, 400, "input"),
+        ({"json": {"producer": "echo", "input": {"text": "HEY"}}}, 400, "no shouting"),
+    ],
+)  # fmt: skip
+def test_a_refused_start_is_a_4xx_with_a_json_reason(
+    client: FlaskClient, kwargs: dict[str, Any], status: int, says: str
+) -> None:
+    response = client.post("/api/streams", **kwargs)
+    assert response.status_code == status
+    assert says in response.get_json()["error"]
+
+
+def test_unknown_streams_and_paths_are_json_404s(client: FlaskClient) -> None:
+    for path in ("/api/streams/nope", "/api/streams/nope/status", "/api/streams/a/b/c"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "error" in response.get_json()
+    assert client.post("/api/streams/nope/cancel", json={}).status_code == 404
+
+
+def test_bad_positions_and_formats_are_400s(client: FlaskClient) -> None:
+    stream_id = started(client)
+    bad_id = client.get(f"/api/streams/{stream_id}", headers={"Last-Event-ID": "x"})
+    assert bad_id.status_code == 400
+    assert "Last-Event-ID" in bad_id.get_json()["error"]
+    bad_format = client.get(f"/api/streams/{stream_id}?format=xml")
+    assert bad_format.status_code == 400
+    assert "ai-sdk" in bad_format.get_json()["error"]
+
+
+def test_status_and_cancel_answer_json(client: FlaskClient) -> None:
+    stream_id = started(client)
+    status = client.get(f"/api/streams/{stream_id}/status").get_json()
+    assert status["stream_id"] == stream_id
+    assert status["state"] in ("running", "done")
+    assert status["producer"] == "echo"
+    cancel = client.post(f"/api/streams/{stream_id}/cancel", json={})
+    assert cancel.status_code in (200, 202)
+    assert cancel.get_json()["state"] in ("done", "cancelled")
+
+
+def test_wrong_methods_are_json_405s_with_allow(client: FlaskClient) -> None:
+    response = client.put("/api/streams", json={})
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert "error" in response.get_json()
+
+
+def test_cors_headers_for_the_allowed_origin_only(client: FlaskClient) -> None:
+    allowed = client.get("/api/streams/nope/status", headers={"Origin": "https://app.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = client.get("/api/streams/nope/status", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_the_client_module_is_served(client: FlaskClient) -> None:
+    response = client.get(f"/api/client.js?v={CLIENT_VERSION}")
+    assert response.status_code == 200
+    assert response.mimetype == "text/javascript"
+    assert b"export function applyEvent" in response.data
+    assert "immutable" in response.headers["Cache-Control"]
