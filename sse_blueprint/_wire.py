@@ -139,13 +139,17 @@ def encode_ndjson(id: int, event: str, data: Mapping[str, Any] | str) -> bytes:
     return ('{"id":%d,"event":%s,"data":%s}\n' % (id, dumps(event), body)).encode("utf-8")
 
 
-def relay_message(id: int, event: str, data_json: str, *, own: bool = False) -> str:
+def relay_message(
+    id: int, event: str, data_json: str, *, own: bool = False, replay: str = "durable"
+) -> str:
     """One event as a message between workers (the Redis backend's Pub/Sub channel).
 
-    ``{"id", "e", "d"}`` and ``"o": 1`` for the owner's own appends; ``data_json`` is the event's
-    data already serialized. The event name is escaped like any JSON string.
+    ``{"id", "e", "d"}``, ``"o": 1`` for the owner's own appends and ``"r"`` for an app event
+    that is not durable (``latest``, ``ephemeral``); ``data_json`` is the event's data already
+    serialized. The event name is escaped like any JSON string.
     """
-    return '{"id":%d,%s"e":%s,"d":%s}' % (id, '"o":1,' if own else "", dumps(event), data_json)
+    extra = ('"o":1,' if own else "") + ("" if replay == "durable" else '"r":%s,' % dumps(replay))
+    return '{"id":%d,%s"e":%s,"d":%s}' % (id, extra, dumps(event), data_json)
 
 
 def relay_message_head(event: str, data_json: str) -> str:

@@ -256,6 +256,16 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Any]:
+    """A model provider on loopback (:mod:`tests.upstream`), one per test module."""
+    from tests.upstream import Upstream
+
+    server = Upstream()
+    yield server
+    server.close()
+
+
 def npm_folder(home: Path, *packages: str, files: tuple[Path, ...] = ()) -> Path:
     """``home`` made an npm project with ``packages`` installed and ``files`` copied in."""
     npm = shutil.which("npm")

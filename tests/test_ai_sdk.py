@@ -205,3 +205,22 @@ def test_an_unknown_format_is_a_400(server: LiveServer) -> None:
     response = httpx.get(f"{server.url}/api/streams/{stream_id}", params={"format": "aisdk"})
     assert response.status_code == 400
     assert "ai-sdk" in response.json()["error"]
+
+
+def test_another_instance_serves_the_same_message(
+    ai_sdk: Path, server_factory: Any, redis_server: Any, postgres: Any
+) -> None:
+    """Read through another instance's mirror (Redis), the SDK rebuilds the same message: the
+    replay mode of each app event travels with it, so the newest ``latest`` event still replaces
+    the others (one ``data-status`` part) and the ephemeral one stays transient."""
+    from tests.test_redis import shared_config
+
+    config = shared_config(redis_server, postgres)
+    owner = server_factory(config, app="tests.live_app:app")
+    other = server_factory(config, app="tests.live_app:app")
+    stream_id = script_stream(owner, interval_ms=10)
+    url = f"{other.url}/api/streams/{stream_id}?format=ai-sdk"
+    live = node(ai_sdk, mode="read", url=url)["message"]  # joined while it runs
+    want = expected(owner, stream_id)
+    assert shown(live) == want
+    assert shown(node(ai_sdk, mode="read", url=url)["message"]) == want

@@ -34,13 +34,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def relay_server(server_factory: Any, upstream: Upstream) -> Iterator[LiveServer]:
     server: LiveServer = server_factory(
         {"RELAY_UPSTREAM": upstream.url, "SSE_HEARTBEAT_INTERVAL": 0.5},

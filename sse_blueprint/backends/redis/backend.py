@@ -58,6 +58,7 @@ from redis.client import Pipeline
 
 from ... import _wire
 from ..._batch import Batcher
+from ..._event import DURABLE
 from ..._records import BlockStore
 from ...engine import Event, Stream, StreamClosed, StreamState, lost_data
 from .clients import ClientCounter
@@ -159,7 +160,8 @@ class RedisBackend:
             int(self.retention),
             time.time(),
             channel,
-            _wire.relay_message(event.id, event.event, event.json, own=True),
+            _wire.relay_message(event.id, event.event, event.json, own=True, replay=event.replay),
+            "" if event.replay == DURABLE else event.replay,
         ]
         try:
             self._appends.submit(([meta, events, lease], args))

@@ -23,6 +23,7 @@ import gevent
 import gevent.event
 import redis
 
+from ..._event import DURABLE
 from ..._records import BlockStore
 from ...engine import Event, Stream, lost, lost_data
 from .connection import RedisConnection
@@ -133,7 +134,7 @@ class Mirrors:
             stream._trim_to = max(stream._trim_to, payload["persisted"])
             stream._trim(stream._trim_to)
             return
-        event = Event(payload["id"], payload["e"], payload["d"])
+        event = Event(payload["id"], payload["e"], payload["d"], payload.get("r", DURABLE))
         early = self._early.get(stream.id)
         if early is not None:
             early.append(event)  # the mirror is still being filled

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from ..._event import DURABLE
 from ...engine import Event
 
 __all__ = [
@@ -24,7 +25,8 @@ __all__ = [
 LOST_IN_REDIS = "stream state lost in Redis"
 
 # KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel,
-# the message to publish (wire.relay_message)
+# the message to publish (wire.relay_message), the replay mode of an app event that is not durable
+# or "" (entry field "r")
 # Returns 1, or 2 for an append that is already there: a retry whose first attempt ran but whose
 # reply was lost (Redis stopped, the connection broke). Only the generation's holder appends while
 # the stream runs, so an id it already has can only be that.
@@ -34,7 +36,11 @@ if not gen then return redis.error_reply('LOST') end
 if gen ~= ARGV[1] then return redis.error_reply('FENCED') end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
 if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[1], 'last_id') or '0') then return 2 end
-redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
+if ARGV[10] == '' then
+  redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
+else
+  redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4], 'r', ARGV[10])
+end
 redis.call('HSET', KEYS[1], 'last_id', ARGV[2])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', ARGV[7])
@@ -125,5 +131,7 @@ def client_key(address: str) -> str:
 
 
 def event_from_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
-    """An event from a Redis Stream entry (``<id>-0``, fields ``e`` and ``d``)."""
-    return Event(int(entry_id.split(b"-")[0]), fields[b"e"].decode(), json.loads(fields[b"d"]))
+    """An event from a Redis Stream entry (``<id>-0``, fields ``e``, ``d`` and maybe ``r``)."""
+    replay = fields[b"r"].decode() if b"r" in fields else DURABLE
+    event_id = int(entry_id.split(b"-")[0])
+    return Event(event_id, fields[b"e"].decode(), json.loads(fields[b"d"]), replay)
