@@ -70,8 +70,9 @@ def resources() -> dict[str, Any]:
     store: Any = state.store
     gc.collect()
     streams = list(state.registry._streams.values())
-    mirrors = list(state.backend.mirrors.values()) if state.backend is not None else []
-    pool: Any = state.backend.redis.connection_pool if state.backend is not None else None
+    backend: Any = state.backend  # the Redis backend's own parts, beyond the port
+    mirrors = list(backend.mirrors.values()) if backend is not None else []
+    pool: Any = backend.redis.connection_pool if backend is not None else None
     pool_ = store.engine.pool
     pooled = hasattr(pool_, "checkedout")  # SQLite files use NullPool: nothing held
     checked_out = pool_.checkedout() if pooled else 0

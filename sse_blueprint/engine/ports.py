@@ -33,7 +33,29 @@ class StreamBackend(Protocol):
 
 
 class SharedBackend(StreamBackend, Protocol):
-    """What the registry needs of a backend shared between workers (``RedisBackend``)."""
+    """A backend shared between workers and instances (``RedisBackend``): everything the
+    registry and the web layer ask of it, whichever worker runs the stream."""
 
     def mirror(self, stream_id: str) -> Stream | None:
         """This worker's follower of a stream run elsewhere, or None if unknown."""
+
+    def release_mirrors(self) -> int:
+        """Shutdown: end the responses of every reader of a mirror (they resume elsewhere)."""
+
+    def status(self, stream_id: str) -> dict[str, Any] | None:
+        """The shared state of a stream (``stream_id``, ``state``, ``last_event_id``, ...)."""
+
+    def end(
+        self, stream_id: str, state: str, data: dict[str, Any], *, if_lease_gone: bool = False
+    ) -> str | None:
+        """End a running stream from any worker: ``"ok"``, its state, or None if unknown."""
+
+    def active(self, stream_ids: list[str]) -> dict[str, bool]:
+        """Which of these streams are running, on any worker or instance."""
+
+    def claim_client(self, address: str, limit: int) -> str | None:
+        """Count one more open response from ``address`` everywhere: a token to release, None
+        at the limit, "" when the count cannot be kept now (let through)."""
+
+    def release_client(self, token: str) -> None:
+        """The response counted with ``token`` has ended."""

@@ -18,10 +18,9 @@ from .. import _wire
 from .._config import SSEConfig
 from .._records import BlockStore
 from .._transport import WriteWatch
-from ..engine import Stream, StreamRegistry
+from ..engine import SharedBackend, Stream, StreamRegistry
 
 if TYPE_CHECKING:
-    from ..backends.redis import RedisBackend
     from .extension import SSE
 
 __all__ = ["EXTENSION_KEY", "MULTIPROCESS_REFUSAL", "STATES", "AppState", "app_state", "shutdown"]
@@ -43,7 +42,7 @@ class AppState:
         self.ext = ext
         self.config = config
         self.store = store
-        self.backend: RedisBackend | None = None
+        self.backend: SharedBackend | None = None
         if config.redis_url:
             from ..backends.redis import RedisBackend  # redis is needed only with SSE_REDIS_URL
 
