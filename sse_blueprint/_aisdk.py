@@ -12,7 +12,9 @@ message twice. Then, per block: ``text`` → ``text-start/-delta/-end``, ``reaso
 app's own kind → a ``data-<kind>`` part (id ``block-<n>``) at its start and end. App events →
 ``data-<event>`` parts: durable ones under their own id, ``latest`` ones under the event's name
 (so the newest replaces the rest), ephemeral ones ``transient``. ``done`` → ``finish`` (with the
-done data as message metadata), ``error`` → ``error``, ``cancelled`` → ``abort``.
+done data as message metadata), ``error`` → ``error``, ``cancelled`` → ``abort``. An answer cut
+short before the end (a reader released at shutdown) ends with an ``error`` chunk, never as if
+the message were finished.
 
 Imports the event type and the wire module only.
 """
@@ -31,6 +33,7 @@ __all__ = ["HEADERS", "UIMessageStream"]
 #: What the SDK's own server helpers send (``UI_MESSAGE_STREAM_HEADERS``).
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 DONE = b"data: [DONE]\n\n"
+INTERRUPTED = "the stream was interrupted before its end; resume it to continue"
 
 _FINISH_REASONS = {
     "stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
@@ -38,6 +41,10 @@ _FINISH_REASONS = {
     "tool_calls": "tool-calls", "tool_use": "tool-calls", "function_call": "tool-calls",
     "content_filter": "content-filter", "refusal": "content-filter",
 }  # fmt: skip
+
+
+#: The kinds that have UI parts of their own; every other kind is a ``data-<kind>`` part.
+_NATIVE_KINDS = frozenset({"text", "reasoning", "tool_call", "tool_result"})
 
 
 def chunk(part: Mapping[str, Any]) -> bytes:
@@ -72,6 +79,12 @@ class UIMessageStream:
     def start(self) -> bytes:
         return chunk({"type": "start", "messageId": self.stream_id})
 
+    def interrupted(self) -> bytes:
+        """The end of an answer cut short (the reader fell behind, or the server is restarting)
+        before the stream's own end: an ``error`` chunk, so the SDK does not take the partial
+        message for a finished one; resuming (``resumeStream``) replays the turn whole."""
+        return chunk({"type": "error", "errorText": INTERRUPTED})
+
     def encode(self, events: list[Event]) -> bytes:
         return b"".join([self._event(ev) for ev in events])
 
@@ -84,9 +97,13 @@ class UIMessageStream:
         if name == "block_end":
             return self._end(data["block"], data.get("meta") or {})
         if name == "turnblock_catchup":
-            out = self._start(data["block"], data["kind"], data.get("meta") or {})
-            out += self._delta(data["block"], data["content"])
-            return out + (self._end(data["block"], {}) if data.get("complete") else b"")
+            index, kind, meta = data["block"], data["kind"], data.get("meta") or {}
+            if kind not in _NATIVE_KINDS:  # an app's kind: one data part, as the block is now
+                block = self.parts[index] = _Part(index, kind, meta)
+                block.content.append(data["content"])
+                return self._data(block, complete=bool(data.get("complete")))
+            out = self._start(index, kind, meta) + self._delta(index, data["content"])
+            return out + (self._end(index, {}) if data.get("complete") else b"")
         if name == "start":
             return b""  # sent by :meth:`start`, once, whatever the reader's position
         if name == "done":

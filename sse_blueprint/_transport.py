@@ -175,6 +175,7 @@ def follow(
     release: Callable[[], None] | None = None,
     first: list[Event] | None = None,
     translate: Callable[[list[Event]], bytes] | None = None,
+    cut_notice: bytes = b"",
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
@@ -186,7 +187,9 @@ def follow(
     reach the client without passing through here once the server has sent the headers (after
     the first write). ``first`` is what the subscription already took (its catch-up).
     ``translate`` encodes events in another format (one made per response, such as the AI
-    SDK's); such a response gets no direct writes.
+    SDK's); such a response gets no direct writes. ``cut_notice`` ends a response whose reader
+    was cut or released before the stream's end, for a format whose clients do not reconnect by
+    themselves (an EventSource does, from its last id).
     """
     metrics = _observe.METRICS
     metrics.client_connected()
@@ -219,6 +222,8 @@ def follow(
             if events:
                 data = translate(events) if translate else encode(events, ndjson, b"")
             elif sub.done:
+                if sub.cut and cut_notice:
+                    yield cut_notice
                 return
             else:
                 data = heartbeat
@@ -228,6 +233,8 @@ def follow(
             sub.writing_since = 0.0
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
+                if sub.cut and cut_notice:
+                    yield cut_notice
                 return
             sub.direct = direct  # the headers are out
     finally:

@@ -57,10 +57,10 @@ def answer(state: AppState, found: Stream | StreamRecord, last_id: int, fmt: str
     or ``ai-sdk`` (the AI SDK's UI message stream, always from the turn's start)."""
     ndjson = fmt == NDJSON
     config = state.config
-    translate = None
+    translate, cut_notice = None, b""
     if fmt == AI_SDK:
         ui = UIMessageStream(found.id if isinstance(found, Stream) else found.stream_id)
-        preamble, translate = ui.start(), ui.encode
+        preamble, translate, cut_notice = ui.start(), ui.encode, ui.interrupted()
     else:
         preamble = b"" if ndjson else state.retry
     if isinstance(found, Stream):
@@ -112,6 +112,7 @@ def answer(state: AppState, found: Stream | StreamRecord, last_id: int, fmt: str
             release=release,
             first=first,
             translate=translate,
+            cut_notice=cut_notice,
         )
     else:  # only in the store: it has ended
         if found.terminal_id is not None and last_id >= found.terminal_id:
