@@ -16,10 +16,11 @@ from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from sse_blueprint import ProducerContext, Stream
+from sse_blueprint._backoff import Backoff
 from sse_blueprint.relays import RelayResult
 from sse_blueprint.relays._anthropic import _Messages
 from sse_blueprint.relays._openai import _ChatCompletions, _Responses
-from sse_blueprint.relays._relay import UpstreamFailed, _backoff, _describe, _retryable
+from sse_blueprint.relays._relay import UpstreamFailed, _describe, _retry_after, _retryable
 from tests.sse_parser import Transcript
 
 
@@ -162,14 +163,24 @@ def test_errors_are_described_by_status_and_retried_only_when_transient() -> Non
     ]  # fmt: skip
 
 
-def test_backoff_grows_with_jitter_is_capped_and_honours_a_short_retry_after() -> None:
-    delays = [_backoff(n, _StatusError(503)) for n in range(10)]
+def test_backoff_grows_with_jitter_is_capped_and_resets() -> None:
+    backoff = Backoff(0.5, 8.0, jitter=True)
+    delays = [backoff.delay() for _ in range(10)]
     assert 0.25 <= delays[0] <= 0.5
     assert 2.0 <= delays[3] <= 4.0
     assert all(d <= 8.0 for d in delays)
-    assert _backoff(0, _StatusError(429, "5")) == 5.0
-    assert _backoff(0, _StatusError(429, "3600")) == 30.0  # a long one is not waited out
-    assert _backoff(0, _StatusError(429, "soon")) <= 0.5
+    assert backoff.peek() == 8.0
+    backoff.reset()
+    assert backoff.peek() == 0.5
+    plain = Backoff(0.1, 0.3)
+    assert [plain.delay() for _ in range(4)] == [0.1, 0.2, 0.3, 0.3]
+
+
+def test_a_short_retry_after_is_honoured() -> None:
+    assert _retry_after(_StatusError(429, "5")) == 5.0
+    assert _retry_after(_StatusError(429, "3600")) == 30.0  # a long one is not waited out
+    assert _retry_after(_StatusError(429, "soon")) == 0.0
+    assert _retry_after(_StatusError(503)) == 0.0
 
 
 def test_a_result_is_the_done_data() -> None:

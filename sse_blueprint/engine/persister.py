@@ -21,6 +21,7 @@ import gevent.event
 from gevent import Greenlet
 
 from .. import _observe
+from .._backoff import Backoff
 from .._records import BlockStore, StreamRecord, TurnBlock, TurnEvent
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class Persister:
     def _run(self) -> None:
         stream = self._stream
         _observe.current_stream.set(stream.id)
-        delay = PERSIST_RETRY_MIN
+        backoff = Backoff(PERSIST_RETRY_MIN, PERSIST_RETRY_MAX)
         while True:
             self._wanted.wait()
             self._wanted.clear()
@@ -74,6 +75,7 @@ class Persister:
             try:
                 self.store.save(unsaved.record, unsaved.blocks, unsaved.events)
             except Exception as exc:
+                delay = backoff.delay()
                 self.failures += 1
                 _observe.METRICS.persist_failed()
                 log.warning(
@@ -84,9 +86,8 @@ class Persister:
                 )  # fmt: skip
                 self._wanted.set()
                 gevent.sleep(delay)
-                delay = min(delay * 2, PERSIST_RETRY_MAX)
                 continue
             _observe.METRICS.persisted(time.perf_counter() - began)
-            delay = PERSIST_RETRY_MIN
+            backoff.reset()
             if stream.stored(unsaved) and not self._wanted.is_set():
                 return  # the whole finished stream is in the store

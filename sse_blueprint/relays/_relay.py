@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._backoff import Backoff
 from ..engine import Block, ProducerContext, ProducerError, StreamClosed
 
 __all__ = ["RelayResult", "ToolCall", "UpstreamFailed", "relay"]
@@ -164,6 +164,7 @@ def relay(
         raise ValueError("retries must be >= 0")
     method = create(client.with_options(max_retries=0, timeout=stall_timeout))
     api = str(getattr(translator, "api", "upstream"))  # for the log: "chat.completions"
+    backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP, jitter=True)
     attempt = 0
     while True:
         turn = translator(ctx)
@@ -185,7 +186,7 @@ def relay(
                     extra={"stream_id": ctx.stream_id},
                 )  # fmt: skip
                 raise ProducerError(reason) from None
-            delay = _backoff(attempt, exc)
+            delay = max(backoff.delay(), _retry_after(exc))
             log.warning(
                 "relay %s: %s; retrying in %.1f s (attempt %d of %d)",
                 api, reason, delay, attempt + 1, retries + 1,
@@ -256,9 +257,8 @@ def _error_code(exc: BaseException) -> str | None:
     return code if isinstance(code, str) and _SAFE_CODE.fullmatch(code) else None
 
 
-def _backoff(attempt: int, exc: BaseException) -> float:
-    """Exponential with full jitter; a short ``Retry-After`` from the provider is honoured."""
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+def _retry_after(exc: BaseException) -> float:
+    """A short ``Retry-After`` the provider asked for (at most 30 s), else 0."""
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)
     raw = headers.get("retry-after") if headers is not None else None
@@ -266,4 +266,4 @@ def _backoff(attempt: int, exc: BaseException) -> float:
         asked = float(raw) if raw is not None else 0.0
     except ValueError:
         asked = 0.0
-    return float(max(delay, min(asked, 30.0)))
+    return min(max(asked, 0.0), 30.0)

@@ -6,7 +6,7 @@ answer (:func:`is_transient`: a broken connection, a timeout, a busy or loading 
 a patience, and :meth:`~RedisConnection.pipelined` does the same for a round trip of many
 commands.
 
-Imports redis and gevent only.
+Imports redis, gevent and the backoff rule only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import gevent
 import redis
 from redis.client import Pipeline
+
+from ..._backoff import Backoff
 
 __all__ = ["RedisConnection", "is_transient"]
 
@@ -62,15 +64,14 @@ class RedisConnection:
     def retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call Redis; while it cannot answer (see :func:`is_transient`) retry with backoff for
         ``patience`` seconds, then raise."""
-        delay, deadline = 0.05, time.monotonic() + self.patience
+        backoff, deadline = Backoff(0.05, 1.0), time.monotonic() + self.patience
         while True:
             try:
                 return func(*args, **kwargs)
             except redis.RedisError as exc:
-                if not is_transient(exc) or time.monotonic() + delay > deadline:
+                if not is_transient(exc) or time.monotonic() + backoff.peek() > deadline:
                     raise
-                gevent.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                gevent.sleep(backoff.delay())
 
     def pipelined(
         self,

@@ -4,7 +4,7 @@ Whatever fails (Redis gone, or busy and refusing a SUBSCRIBE), the reader reconn
 backoff and subscribes again to every channel it follows; each channel's ``on_subscribed`` then
 runs again (a mirror reads what it missed from the Redis Stream).
 
-Imports the connection only; it knows nothing of streams.
+Imports the connection and the backoff rule; it knows nothing of streams.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import gevent
 import gevent.event
 import redis
 
+from ..._backoff import Backoff
 from .connection import RedisConnection
 
 __all__ = ["PubSub"]
@@ -59,7 +60,7 @@ class PubSub:
             self._listener = gevent.spawn(self._listen)
 
     def _listen(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 self._pubsub = self.conn.redis.pubsub()  # type: ignore[no-untyped-call]
@@ -74,8 +75,9 @@ class PubSub:
                     message = self._pubsub.get_message(timeout=0.05)
                     if message is not None:
                         self._on_message(message)
-                    delay = 0.1
+                    backoff.reset()
             except Exception as exc:  # the worker's live events stop if this greenlet does
+                delay = backoff.delay()
                 if isinstance(exc, redis.RedisError | OSError):
                     log.warning("Redis Pub/Sub failed (%s); reconnecting in %.1fs", exc, delay)
                 else:
@@ -85,7 +87,6 @@ class PubSub:
                 with contextlib.suppress(Exception):
                     self._pubsub.close()
                 gevent.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
