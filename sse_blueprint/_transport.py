@@ -217,14 +217,12 @@ def follow(
                     return
                 if not events:
                     if sub.done:
-                        return
+                        break
                     continue
             if events:
                 data = translate(events) if translate else encode(events, ndjson, b"")
             elif sub.done:
-                if sub.cut and cut_notice:
-                    yield cut_notice
-                return
+                break
             else:
                 data = heartbeat
             metrics.sent(len(events), len(data))
@@ -233,10 +231,10 @@ def follow(
             sub.writing_since = 0.0
             if sub.done:
                 # After the terminal event; or cut for lagging: the client resumes from its id.
-                if sub.cut and cut_notice:
-                    yield cut_notice
-                return
+                break
             sub.direct = direct  # the headers are out
+        if sub.cut and cut_notice:
+            yield cut_notice  # ended before the stream did, for a client that does not resume
     finally:
         watch.readers.pop(sub, None)
         sub.close()

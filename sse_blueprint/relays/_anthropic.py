@@ -150,9 +150,7 @@ class _Messages:
         result = self.result
         if not self.stopped:
             raise UpstreamFailed("stream_ended_early")
-        self.blocks.end_all()
-        result.text = "".join(self.blocks.texts["text"])
-        result.reasoning = "".join(self.blocks.texts["reasoning"])
+        self.blocks.finish(result)
         result.assistant = {
             "role": "assistant",
             "content": [self.content[i] for i in sorted(self.content)],

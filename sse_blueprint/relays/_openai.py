@@ -157,9 +157,7 @@ class _ChatCompletions:
             call.input, meta = parse_arguments(call.arguments)
             blocks.end(("tool", index), {**meta, "call_id": call.id, "name": call.name})
             result.tool_calls.append(call)
-        blocks.end_all()
-        result.text = "".join(blocks.texts["text"])
-        result.reasoning = "".join(blocks.texts["reasoning"])
+        blocks.finish(result)
         message: dict[str, Any] = {"role": "assistant", "content": result.text or None}
         if result.tool_calls:
             message["tool_calls"] = [
@@ -259,9 +257,7 @@ class _Responses:
         result, blocks = self.result, self.blocks
         if not self.ended:
             raise UpstreamFailed("stream_ended_early")
-        blocks.end_all()
-        result.text = "".join(blocks.texts["text"])
-        result.reasoning = "".join(blocks.texts["reasoning"])
+        blocks.finish(result)
         items: list[dict[str, Any]] = []
         if result.text:
             items.append({"role": "assistant", "content": result.text})

@@ -119,9 +119,13 @@ class Blocks:
         if block is not None:
             block.end(_present(meta))
 
-    def end_all(self) -> None:
+    def finish(self, result: RelayResult) -> RelayResult:
+        """End the blocks still open; ``result`` gets the turn's text and reasoning."""
         for key in list(self.open):
             self.end(key)
+        result.text = "".join(self.texts["text"])
+        result.reasoning = "".join(self.texts["reasoning"])
+        return result
 
 
 def _present(meta: Mapping[str, Any] | None) -> dict[str, Any]:
