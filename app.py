@@ -416,13 +416,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         saved = store.add_exchange(conversation_id, text.strip())
         if saved is None:
             return {"error": "conversation not found"}, 404
-        user, reply_id = saved
+        user, reply_id, history = saved
         options = {k: body[k] for k in ("chunk_size", "interval_ms") if k in body}
-        history = [
-            {"role": m["role"], "content": m["content"]}
-            for m in (store.conversation(conversation_id) or {}).get("messages", [])
-            if m["id"] != reply_id
-        ]
         input = {"prompt": text, "message_id": reply_id, "store": store, "history": history}
         try:
             stream = sse.start("chat", {**input, "assistant": assistant, **options})

@@ -129,17 +129,23 @@ class ChatStore:
 
         return self._session(work)
 
-    def add_exchange(self, conversation_id: int, text: str) -> tuple[dict[str, Any], int] | None:
-        """Save the user's message and an empty assistant reply; return (user message, reply id)."""
+    def add_exchange(
+        self, conversation_id: int, text: str
+    ) -> tuple[dict[str, Any], int, list[dict[str, str]]] | None:
+        """Save the user's message and an empty assistant reply; return the user message, the
+        reply's id and the conversation so far (``{"role", "content"}``, the user's message
+        last), in one transaction."""
 
-        def work(session: Session) -> tuple[dict[str, Any], int] | None:
-            if session.get(Conversation, conversation_id) is None:
+        def work(session: Session) -> tuple[dict[str, Any], int, list[dict[str, str]]] | None:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is None:
                 return None
+            history = [{"role": m.role, "content": m.content} for m in conversation.messages]
             user = Message(conversation_id=conversation_id, role="user", content=text)
             reply = Message(conversation_id=conversation_id, role="assistant", state="streaming")
             session.add_all([user, reply])
             session.flush()
-            return user.to_dict(), reply.id
+            return user.to_dict(), reply.id, [*history, {"role": "user", "content": text}]
 
         return self._session(work)
 
