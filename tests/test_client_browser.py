@@ -97,18 +97,25 @@ def shown(page: Page) -> dict[str, Any]:
 
 
 def test_exact_across_more_than_fifty_cuts(context: BrowserContext, site: LiveServer) -> None:
+    # How many cuts one turn takes depends on the schedule (a client that reconnects late gets
+    # the blocks so far as one catch-up, fewer bytes); so turns follow one another until the
+    # proxy has cut at least 50 times, and every one of them must be rebuilt exactly.
     proxy = CuttingProxy(site.url, seed=11, max_bytes=700, only=b"GET /api/streams/", in_body=True)
+    page = open_page(context, proxy.url)
+    reconnects = turns = 0
     try:
-        stream_id = start_stream(site.url, "script", steps=steps(24, 60), chunk_size=2,
-                                 interval_ms=8)  # fmt: skip
-        page = open_page(context, proxy.url)
-        page.evaluate(f"follow('/api/streams/{stream_id}')")
-        wait_end(page)
+        while (proxy.cuts < 50 or reconnects < 50) and turns < 10:
+            stream_id = start_stream(site.url, "script", steps=steps(24, 60), chunk_size=2,
+                                     interval_ms=8)  # fmt: skip
+            page.evaluate(f"follow('/api/streams/{stream_id}')")
+            wait_end(page)
+            turns += 1
+            reconnects += page.evaluate("window.f.reconnects")
+            assert shown(page) == the_turn(site, stream_id)
     finally:
         proxy.close()
-    assert proxy.cuts >= 50, proxy.cuts
-    assert page.evaluate("window.f.reconnects") >= 50
-    assert shown(page) == the_turn(site, stream_id)
+    assert proxy.cuts >= 50, (proxy.cuts, turns)
+    assert reconnects >= 50
 
 
 def test_a_reload_mid_stream_resumes_and_one_after_the_end_asks_nothing(
