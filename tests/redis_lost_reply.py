@@ -35,16 +35,17 @@ def producer(ctx: ProducerContext) -> None:
 
 def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]], Any]) -> Stream:
     """A stream of :func:`producer` on ``backend``, its appends made by ``append(n, run)``:
-    ``n`` counts them, ``run()`` runs the real append script."""
+    ``n`` counts them, ``run()`` queues the real append script in the batch's pipeline."""
     script = backend._append
+    queue = script.queue
     calls = 0
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(pipe: Any, keys: Any, args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return append(calls, lambda: script(*args, **kwargs))
+        return append(calls, lambda: queue(pipe, keys, args))
 
-    backend._append = counted  # type: ignore[assignment]
+    script.queue = counted  # type: ignore[method-assign]
     stream = Stream(producer, backend=backend)
     stream.start()
     return stream
@@ -52,14 +53,22 @@ def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]
 
 def lost_replies(url: str) -> dict[str, Any]:
     """Every third append runs in Redis, then its reply is 'lost'."""
+    backend = RedisBackend(url, lease=5)
+    script = backend._append
+    queue = script.queue
+    calls = 0
 
-    def lose_every_third_reply(n: int, run: Callable[[], Any]) -> Any:
-        reply = run()
-        if n % 3 == 0:
-            raise redis.ConnectionError("the reply was lost")
-        return reply
+    def lose_every_third_reply(pipe: Any, keys: Any, args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls % 3 == 0:
+            script(keys, args)  # it runs in Redis...
+            raise redis.ConnectionError("the reply was lost")  # ...and its reply is lost
+        return queue(pipe, keys, args)
 
-    stream = started_with(RedisBackend(url, lease=5), lose_every_third_reply)
+    script.queue = lose_every_third_reply  # type: ignore[method-assign]
+    stream = Stream(producer, backend=backend)
+    stream.start()
     ended = stream.wait(10)
     client = redis.Redis.from_url(url)
     entries: Any = client.xrange(f"sse:{{{stream.id}}}:events")
@@ -112,8 +121,8 @@ def outage() -> dict[str, Any]:
 
 def busy(url: str) -> dict[str, Any]:
     """Counting clients while Redis is busy running another client's endless script: it answers
-    BUSY, an error reply rather than a broken connection, to the accountant's pipeline as it
-    loads its scripts. Each claim lets its client through, the pool has every connection back at
+    BUSY, an error reply rather than a broken connection, to the accountant's pipeline. Each
+    claim lets its client through, the pool has every connection back at
     once (not only when the failed pipeline is collected), and claims are counted again once the
     script is killed."""
     backend = RedisBackend(url, lease=1)

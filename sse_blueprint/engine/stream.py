@@ -506,6 +506,10 @@ class Stream:
     def _index_after(self, last_event_id: int) -> int:
         return bisect.bisect_right(self._log, last_event_id, key=_event_id)
 
+    def buffered_after(self, last_event_id: int) -> list[Event]:
+        """The buffered events after ``last_event_id`` (for a backend that lost them)."""
+        return self._log[self._index_after(last_event_id) :]
+
     def _events_from(self, pos: int) -> list[Event]:
         return self._log[pos - self._base : self._visible - self._base]
 

@@ -62,7 +62,7 @@ from ..._event import DURABLE
 from ..._records import BlockStore
 from ...engine import Event, Stream, StreamClosed, StreamState, lost_data
 from .clients import ClientCounter
-from .connection import RedisConnection, is_transient
+from .connection import REDIS_ERRORS, RedisConnection, is_transient
 from .mirrors import Mirrors
 from .pubsub import PubSub
 from .scripts import (
@@ -99,12 +99,12 @@ class RedisBackend:
         self.lease = lease
         self.retention = retention
         self.store = store
-        self._append = self.redis.register_script(APPEND)
+        self._append = self.conn.script(APPEND)
         # Owners' appends, batched across streams (each producer waits for its own).
         self._appends: Batcher[tuple[list[str], list[Any]], Any] = Batcher(self._append_all)
-        self._end = self.redis.register_script(END)
-        self._renew = self.redis.register_script(RENEW)
-        self._set_metadata = self.redis.register_script(SET_METADATA)
+        self._end = self.conn.script(END)
+        self._renew = self.conn.script(RENEW)
+        self._set_metadata = self.conn.script(SET_METADATA)
         self.owned: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
         self.pubsub = PubSub(self.conn)
         self._mirrors = Mirrors(
@@ -148,6 +148,20 @@ class RedisBackend:
             stream._adopt_terminal(event)
 
     def append(self, stream: Stream, event: Event) -> None:
+        try:
+            try:
+                self._appends.submit(self._append_call(stream, event))
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("GAP "):
+                    raise
+                self._fill_gap(stream, int(str(exc).split()[1]), event)
+        except redis.ResponseError as exc:
+            self._refused(stream, exc)
+            raise StreamClosed(stream.id) from exc
+
+    def _append_call(
+        self, stream: Stream, event: Event, *, gap: bool = False
+    ) -> tuple[list[str], list[Any]]:
         meta, events, lease, channel = stream_keys(stream.id)
         gen = self.owned[stream.id][1]
         terminal = event.event if event.terminal else ""
@@ -162,12 +176,23 @@ class RedisBackend:
             channel,
             _wire.relay_message(event.id, event.event, event.json, own=True, replay=event.replay),
             "" if event.replay == DURABLE else event.replay,
+            self.conn.publish,
+            "1" if gap else "",
         ]
-        try:
-            self._appends.submit(([meta, events, lease], args))
-        except redis.ResponseError as exc:
-            self._refused(stream, exc)
-            raise StreamClosed(stream.id) from exc
+        return [meta, events, lease], args
+
+    def _fill_gap(self, stream: Stream, redis_last: int, event: Event) -> None:
+        """Redis has lost events it acknowledged (a failover promoted a replica that had not
+        got them yet): write them again from this owner's buffer, then ``event``. What the
+        buffer no longer holds was persisted first: readers get it from the store."""
+        missing = [ev for ev in stream.buffered_after(redis_last) if ev.id < event.id]
+        log.warning(
+            "stream %s: Redis lost events %d-%d it had acknowledged (a failover?); writing "
+            "them again", stream.id, redis_last + 1, event.id - 1,
+            extra={"stream_id": stream.id},
+        )  # fmt: skip
+        for n, ev in enumerate([*missing, event]):
+            self._appends.submit(self._append_call(stream, ev, gap=n == 0))
 
     def _append_all(self, batch: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """The appends of every stream that are waiting, in one pipeline: one round trip for
@@ -176,7 +201,7 @@ class RedisBackend:
 
         def queue(pipe: Pipeline) -> None:
             for keys, args in batch:
-                self._append(keys=keys, args=args, client=pipe)
+                self._append.queue(pipe, keys, args)
 
         results: list[Any] = self.conn.pipelined(queue, replies=True)
         return results
@@ -198,7 +223,7 @@ class RedisBackend:
         meta = stream_keys(stream.id)[0]
         gen = self.owned[stream.id][1]
         try:
-            self.conn.retrying(self._set_metadata, keys=[meta], args=[gen, json.dumps(metadata)])
+            self.conn.retrying(self._set_metadata, [meta], [gen, json.dumps(metadata)])
         except redis.ResponseError as exc:
             self._refused(stream, exc)
             raise StreamClosed(stream.id) from exc
@@ -208,9 +233,9 @@ class RedisBackend:
         try:
             pipe = self.conn.redis.pipeline(transaction=False)
             pipe.xtrim(events, minid=f"{up_to_id}-0")  # keeps up_to_id itself: never empty
-            pipe.publish(channel, json.dumps({"persisted": up_to_id}))
+            pipe.execute_command(self.conn.publish, channel, json.dumps({"persisted": up_to_id}))
             pipe.execute()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning(
                 "stream %s: trimming Redis failed (%s); it will be trimmed later",
                 stream.id,
@@ -233,8 +258,8 @@ class RedisBackend:
             if stream.finished:
                 break
             try:
-                state = self._renew(keys=[meta, lease], args=[gen, int(self.lease * 1000)])
-            except redis.RedisError as exc:
+                state = self._renew([meta, lease], [gen, int(self.lease * 1000)])
+            except REDIS_ERRORS as exc:
                 log.warning(
                     "stream %s: lease renewal failed (%s)",
                     stream.id,
@@ -264,8 +289,8 @@ class RedisBackend:
         data_json = _wire.dumps(data)
         result = self.conn.retrying(
             self._end,
-            keys=[meta, events, lease],
-            args=[
+            [meta, events, lease],
+            [
                 state,
                 data_json,
                 int(self.retention),
@@ -274,6 +299,7 @@ class RedisBackend:
                 "1" if if_lease_gone else "0",
                 _wire.relay_message_head(state, data_json),
                 ends_channel(stream_id),
+                self.conn.publish,
             ],
         )
         return result.decode() if isinstance(result, bytes) else result

@@ -13,6 +13,7 @@ Imports the connection and the scripts; nothing of the engine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -21,7 +22,7 @@ import gevent
 import gevent.event
 import redis
 
-from .connection import RedisConnection
+from .connection import REDIS_ERRORS, RedisConnection
 from .scripts import CLAIM_CLIENT, RENEW_CLIENTS, client_key
 
 __all__ = ["ClientCounter"]
@@ -35,8 +36,8 @@ class ClientCounter:
     def __init__(self, conn: RedisConnection, lease: float) -> None:
         self.conn = conn
         self.lease = lease
-        self._claim = conn.redis.register_script(CLAIM_CLIENT)
-        self._renew = conn.redis.register_script(RENEW_CLIENTS)
+        self._claim = conn.script(CLAIM_CLIENT)
+        self._renew = conn.script(RENEW_CLIENTS)
         self._clients: dict[str, str] = {}  # token -> address: this worker's open responses
         self._tokens = f"{secrets.token_hex(6)}:"
         self._serial = 0
@@ -57,7 +58,7 @@ class ClientCounter:
         self._account()
         try:
             added = result.get(timeout=self.conn.patience)
-        except (redis.RedisError, gevent.Timeout) as exc:
+        except (*REDIS_ERRORS, gevent.Timeout) as exc:
             log.warning("cannot count clients of %s in Redis: %s", address, exc)
             return ""
         if not added:
@@ -97,20 +98,22 @@ class ClientCounter:
             for address, token in releases:  # first: the places they free count at once
                 pipe.zrem(client_key(address), token)
             for address, token, limit, _ in claims:
-                self._claim([client_key(address)], [token, limit, ttl], pipe)
+                self._claim.queue(pipe, [client_key(address)], [token, limit, ttl])
             for address, tokens in renew.items():
-                self._renew([client_key(address)], [ttl, *tokens], pipe)
+                self._renew.queue(pipe, [client_key(address)], [ttl, *tokens])
             try:
                 replies = pipe.execute(raise_on_error=False)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 replies = [exc] * (len(releases) + len(claims) + len(renew))
                 if releases or renew:  # the members expire by themselves
                     log.warning("cannot update this worker's clients in Redis: %s", exc)
             finally:
-                # redis-py loads the pipeline's scripts before the part of execute() that gives
-                # its connection back: when that fails (an error reply such as BUSY), only
-                # reset() gives it back before the pipeline is collected.
                 pipe.reset()
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                # A restarted Redis or a promoted replica: these claims are let through, the
+                # next ones find the scripts.
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self.conn.load_scripts()
             for (_, _, _, result), reply in zip(claims, replies[len(releases) :], strict=False):
                 if isinstance(reply, Exception):
                     result.set_exception(reply)

@@ -1,45 +1,128 @@
-"""One worker's Redis connections, and the one rule for retrying a call Redis did not run.
+"""One worker's Redis connections, whatever the topology, and the one rule for retrying a call
+Redis did not run.
 
-:class:`RedisConnection` holds the bounded pool (greenlets wait for a connection rather than open
-more), :meth:`~RedisConnection.retrying` calls Redis and retries with backoff while it cannot
-answer (:func:`is_transient`: a broken connection, a timeout, a busy or loading server), within
-a patience, and :meth:`~RedisConnection.pipelined` does the same for a round trip of many
-commands.
+``SSE_REDIS_URL`` names the topology by its scheme:
+
+* ``redis://host:port/db`` (``rediss://``, ``unix://``): one Redis;
+* ``redis+cluster://host:port[,host:port…]``: a Redis Cluster, found from any of those nodes;
+  each stream's keys share a slot, and its channels are sharded (``SPUBLISH``/``SSUBSCRIBE``);
+* ``redis+sentinel://host:port[,host:port…]/service[/db]``: the primary that those Sentinels
+  name for ``service``, followed through failovers.
+
+:class:`RedisConnection` holds the bounded pools (greenlets wait for a connection rather than
+open more), :meth:`~RedisConnection.retrying` calls Redis and retries with backoff while it
+cannot answer (:func:`is_transient`: a broken connection, a timeout, a busy or loading server, a
+cluster that is failing over or moving a slot), within a patience, and
+:meth:`~RedisConnection.pipelined` does the same for a round trip of many commands.
+:class:`LuaScript` runs a script by its SHA, in a pipeline or alone, and loads it again where a
+node does not know it (a restart, a promoted replica).
 
 Imports redis, gevent and the backoff rule only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import gevent
 import redis
 from redis.client import Pipeline
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException
+from redis.sentinel import Sentinel
 
 from ..._backoff import Backoff
 
-__all__ = ["RedisConnection", "is_transient"]
+__all__ = ["REDIS_ERRORS", "LuaScript", "RedisConnection", "is_transient"]
 
 # Error replies for a command Redis did not run because it cannot now (not a refusal).
-_BUSY_REPLIES = ("BUSY ", "TRYAGAIN ", "MASTERDOWN ")
+_BUSY_REPLIES = ("BUSY ", "TRYAGAIN ", "MASTERDOWN ", "CLUSTERDOWN ", "MOVED ", "ASK ", "LOADING ")
+
+#: What a call to Redis may raise: redis-py's cluster client raises some errors of its own kind.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+_SCHEMES = ("redis", "rediss", "unix")
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether Redis did not run the call and will answer it later: the connection broke or
-    timed out, or Redis is busy (another client's long script, loading its data set, a
-    failover) and refused it untried."""
+    timed out, Redis is busy (another client's long script, loading its data set, a failover)
+    and refused it untried, or a cluster is between two shapes (a slot moving, a primary
+    being replaced, its topology not known yet)."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # LOADING is one of them
+        return True
+    if isinstance(exc, ClusterError | RedisClusterException):
         return True
     if not isinstance(exc, redis.ResponseError):
         return False
     # In a pipeline redis-py prefixes the reply: "Command # 1 (HSET ...) of pipeline caused
     # error: BUSY ...".
-    return str(exc).rpartition(" of pipeline caused error: ")[2].startswith(_BUSY_REPLIES)
+    reply = str(exc).rpartition(" of pipeline caused error: ")[2]
+    return reply.startswith(_BUSY_REPLIES) or isinstance(
+        exc, redis.exceptions.TryAgainError | redis.exceptions.AskError
+    )
+
+
+def _hosts(netloc: str) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """``user:password@host:port,host:port`` → credentials, and the hosts."""
+    userinfo, _, hostlist = netloc.rpartition("@")
+    credentials: dict[str, Any] = {}
+    if userinfo:
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            credentials["password"] = unquote(password)
+        if user:
+            credentials["username"] = unquote(user)
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"SSE_REDIS_URL: {item!r} is not host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    return credentials, hosts
+
+
+def connect(url: str, **options: Any) -> tuple[Any, str]:
+    """The client that ``url`` names (see the module docstring), and its topology: ``"single"``,
+    ``"cluster"`` or ``"sentinel"``. ``options`` go to every connection."""
+    scheme, sep, rest = url.partition("://")
+    base, _, topology = scheme.partition("+")
+    if not sep or base not in _SCHEMES or topology not in ("", "cluster", "sentinel"):
+        raise ValueError(
+            f"SSE_REDIS_URL {url!r}: use redis://host:port/db, redis+cluster://host:port,… "
+            "or redis+sentinel://host:port,…/service"
+        )
+    if not topology:
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=16, timeout=10, **options)
+        return redis.Redis(connection_pool=pool), "single"
+    netloc, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    credentials, hosts = _hosts(netloc)
+    if base == "rediss":
+        options["ssl"] = True
+    if topology == "cluster":
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in hosts],  # type: ignore[no-untyped-call]
+            connection_pool_class=redis.BlockingConnectionPool,
+            max_connections=16,
+            **credentials,
+            **options,
+        )
+        return cluster, "cluster"
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError(f"SSE_REDIS_URL {url!r}: name the service: …/service")
+    sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
+    primary = sentinel.master_for(  # type: ignore[no-untyped-call]
+        service, db=int(db or 0), max_connections=64, **credentials, **options
+    )
+    return primary, "sentinel"
 
 
 class RedisConnection:
@@ -48,28 +131,64 @@ class RedisConnection:
     def __init__(self, url: str, *, patience: float) -> None:
         # Blocking reads stay shorter than the socket timeout; dead connections are noticed by
         # health checks. Each connection is named for its worker, so CLIENT LIST tells whose.
-        pool = redis.BlockingConnectionPool.from_url(
+        self.redis, self.topology = connect(
             url,
             client_name=f"sse-blueprint:{socket.gethostname()}:{os.getpid()}",
-            max_connections=16,
-            timeout=10,
             socket_timeout=10,
             socket_connect_timeout=5,
             health_check_interval=15,
         )
-        self.redis = redis.Redis(connection_pool=pool)
+        self.cluster = self.topology == "cluster"
+        #: The command that publishes on a stream's channel: sharded in a cluster, so that an
+        #: event goes only to the shard that owns its stream.
+        self.publish = "SPUBLISH" if self.cluster else "PUBLISH"
         self.url = url
         self.patience = patience
+        self.scripts: list[LuaScript] = []
+
+    def script(self, source: str) -> LuaScript:
+        script = LuaScript(self, source)
+        self.scripts.append(script)
+        return script
+
+    def load_scripts(self) -> None:
+        """Load every script (on every primary of a cluster)."""
+        for script in self.scripts:
+            self.redis.script_load(script.source)
+
+    def node_of(self, channel: str) -> str:
+        """The name of the node that serves ``channel`` ("" for one Redis)."""
+        if not self.cluster:
+            return ""
+        node = self.redis.nodes_manager.get_node_from_slot(self.redis.keyslot(channel))
+        return str(node.name)
+
+    def pubsub_for(self, node: str) -> Any:
+        """A Pub/Sub connection to ``node`` (from :meth:`node_of`)."""
+        if not self.cluster:
+            return self.redis.pubsub()
+        found = self.redis.get_node(node_name=node)
+        if found is None:
+            raise redis.ConnectionError(f"{node} is not a node of the cluster any more")
+        return self.redis.get_redis_connection(found).pubsub()
+
+    def refresh(self) -> None:
+        """Read a cluster's slots and nodes again (after a failover or a slot moved)."""
+        if self.cluster:
+            self.redis.nodes_manager.initialize()
 
     def retrying(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call Redis; while it cannot answer (see :func:`is_transient`) retry with backoff for
-        ``patience`` seconds, then raise."""
+        ``patience`` seconds, then raise (a cluster client's own errors as
+        :class:`redis.ConnectionError`)."""
         backoff, deadline = Backoff(0.05, 1.0), time.monotonic() + self.patience
         while True:
             try:
                 return func(*args, **kwargs)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if not is_transient(exc) or time.monotonic() + backoff.peek() > deadline:
+                    if isinstance(exc, RedisClusterException):
+                        raise redis.ConnectionError(f"Redis Cluster: {exc}") from exc
                     raise
                 gevent.sleep(backoff.delay())
 
@@ -84,20 +203,47 @@ class RedisConnection:
         does. Each attempt builds a new pipeline: one forgets its commands when it runs, sent
         or not, and retrying it would run nothing. With ``replies``, a command's error is its
         reply (an exception instance in the list) rather than raised, unless Redis could not
-        run it (see :func:`is_transient`): then the whole pipeline is retried."""
+        run it (see :func:`is_transient`) or did not know a script: then the whole pipeline is
+        retried (the scripts loaded first)."""
 
         def run() -> Any:
             pipe = self.redis.pipeline(transaction=transaction)
             try:
                 build(pipe)
                 results = pipe.execute(raise_on_error=not replies)
+            except redis.exceptions.NoScriptError:
+                self.load_scripts()
+                raise redis.exceptions.TryAgainError("scripts loaded again") from None
             finally:
-                # A pipeline with scripts loads them before the part of execute() that gives
-                # its connection back: when that fails (BUSY), only reset() gives it back.
                 pipe.reset()
             for result in results if replies else ():
+                if isinstance(result, redis.exceptions.NoScriptError):
+                    self.load_scripts()
+                    raise redis.exceptions.TryAgainError("scripts loaded again")
                 if isinstance(result, redis.RedisError) and is_transient(result):
                     raise result
             return results
 
         return self.retrying(run)
+
+
+class LuaScript:
+    """A Lua script, run by its SHA (``EVALSHA``): alone, or queued in a pipeline."""
+
+    def __init__(self, conn: RedisConnection, source: str) -> None:
+        self.conn = conn
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return self.conn.redis.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.conn.load_scripts()
+            return self.conn.redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Queue the call in ``pipe`` (a NOSCRIPT reply: see :meth:`RedisConnection.pipelined`).
+        Not redis-py's own script support: it asks ``SCRIPT EXISTS`` before every pipeline,
+        one more round trip, and a cluster pipeline refuses it."""
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]

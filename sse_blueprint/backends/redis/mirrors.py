@@ -26,7 +26,7 @@ import redis
 from ..._event import DURABLE
 from ..._records import BlockStore
 from ...engine import Event, Stream, lost, lost_data
-from .connection import RedisConnection
+from .connection import REDIS_ERRORS, RedisConnection
 from .pubsub import PubSub
 from .scripts import LOST_IN_REDIS, event_from_entry, stream_keys
 
@@ -187,7 +187,7 @@ class Mirrors:
                             elif ended != "running":
                                 # Ended (now, or while we were not listening): take the end.
                                 self._fill(stream)
-                    except redis.RedisError:
+                    except REDIS_ERRORS:
                         continue
                     except Exception:
                         log.exception(

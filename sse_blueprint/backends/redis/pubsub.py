@@ -1,8 +1,15 @@
-"""The worker's one Redis Pub/Sub connection: the channels it follows, each with its handler.
+"""The worker's Redis Pub/Sub: the channels it follows, each with its handler.
 
-Whatever fails (Redis gone, or busy and refusing a SUBSCRIBE), the reader reconnects with
-backoff and subscribes again to every channel it follows; each channel's ``on_subscribed`` then
-runs again (a mirror reads what it missed from the Redis Stream).
+On one Redis (or the primary a Sentinel names) that is one connection. In a Redis Cluster a
+stream's channels are sharded: each lives on the primary that owns the stream's slot, and the
+worker holds one ``SSUBSCRIBE`` connection per primary that serves a channel it follows (a
+*lane*), so an event travels only from the shard that owns its stream.
+
+Whatever fails (Redis gone, busy and refusing a subscription, a primary replaced, a slot moved
+to another shard, which unsubscribes its channels), the lane reconnects with backoff, the
+cluster's slots are read again, and each channel is subscribed again where it now lives; each
+channel's ``on_subscribed`` then runs again (a mirror reads what it missed from the Redis
+Stream).
 
 Imports the connection and the backoff rule; it knows nothing of streams.
 """
@@ -17,10 +24,9 @@ from typing import Any
 
 import gevent
 import gevent.event
-import redis
 
 from ..._backoff import Backoff
-from .connection import RedisConnection
+from .connection import REDIS_ERRORS, RedisConnection
 
 __all__ = ["PubSub"]
 
@@ -34,69 +40,162 @@ class PubSub:
 
     def __init__(self, conn: RedisConnection) -> None:
         self.conn = conn
-        self._handlers: dict[str, tuple[Handler, Callable[[], None] | None]] = {}
-        self._confirmed: dict[str, gevent.event.Event] = {}
-        self._pending: list[tuple[str, str]] = []  # ("subscribe"|"unsubscribe", channel)
-        self._pubsub: Any = None
-        self._listener: gevent.Greenlet | None = None
+        self.handlers: dict[str, tuple[Handler, Callable[[], None] | None]] = {}
+        self.confirmed: dict[str, gevent.event.Event] = {}
+        self.lanes: dict[str, _Lane] = {}  # node name ("" for one Redis) -> its lane
+        self._lane_of: dict[str, _Lane] = {}  # channel -> the lane that carries it
 
     def follow(
         self, channel: str, on_message: Handler, on_subscribed: Callable[[], None] | None = None
     ) -> gevent.event.Event:
         """Subscribe to ``channel``; the event returned is set once Redis confirms it."""
-        self._handlers[channel] = (on_message, on_subscribed)
-        confirmed = self._confirmed.setdefault(channel, gevent.event.Event())
-        self._pending.append(("subscribe", channel))
-        self.start()
+        self.handlers[channel] = (on_message, on_subscribed)
+        confirmed = self.confirmed.setdefault(channel, gevent.event.Event())
+        self._route(channel)
         return confirmed
 
     def unfollow(self, channel: str) -> None:
-        self._handlers.pop(channel, None)
-        self._confirmed.pop(channel, None)
-        self._pending.append(("unsubscribe", channel))
+        self.handlers.pop(channel, None)
+        self.confirmed.pop(channel, None)
+        lane = self._lane_of.pop(channel, None)
+        if lane is not None:
+            lane.drop(channel)
 
-    def start(self) -> None:
-        if self._listener is None or self._listener.dead:
-            self._listener = gevent.spawn(self._listen)
+    def _route(self, channel: str) -> None:
+        """Subscribe ``channel`` on the lane of the node that serves it now."""
+        try:
+            node = self.conn.node_of(channel)
+        except REDIS_ERRORS as exc:  # the cluster's slots are not known now: the old lane retries
+            log.warning("Redis Cluster: no node for %s now (%s)", channel, exc)
+            node = self._lane_of[channel].node if channel in self._lane_of else ""
+        old = self._lane_of.get(channel)
+        if old is not None and old.node != node:
+            old.drop(channel)
+        lane = self.lanes.get(node)
+        if lane is None or lane.stopped:
+            lane = self.lanes[node] = _Lane(self, node)
+        self._lane_of[channel] = lane
+        lane.add(channel)
 
-    def _listen(self) -> None:
-        backoff = Backoff(0.1, 5.0)
-        while True:
-            try:
-                self._pubsub = self.conn.redis.pubsub()  # type: ignore[no-untyped-call]
-                channels = list(self._handlers)
-                self._pending.clear()
-                if channels:
-                    self._pubsub.subscribe(*channels)
-                while True:
-                    while self._pending:
-                        action, channel = self._pending.pop(0)
-                        getattr(self._pubsub, action)(channel)
-                    message = self._pubsub.get_message(timeout=0.05)
-                    if message is not None:
-                        self._on_message(message)
-                    backoff.reset()
-            except Exception as exc:  # the worker's live events stop if this greenlet does
-                delay = backoff.delay()
-                if isinstance(exc, redis.RedisError | OSError):
-                    log.warning("Redis Pub/Sub failed (%s); reconnecting in %.1fs", exc, delay)
-                else:
-                    log.exception("Redis Pub/Sub reader failed; reconnecting in %.1fs", delay)
-                for event in self._confirmed.values():
-                    event.clear()
-                with contextlib.suppress(Exception):
-                    self._pubsub.close()
-                gevent.sleep(delay)
+    def rerouted(self, lane: _Lane) -> None:
+        """``lane`` failed: read the cluster's slots again and move its channels where they
+        live now (those that stay are subscribed again when it reconnects)."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.conn.refresh()
+        for channel in list(lane.channels):
+            if channel in self.handlers:
+                self._route(channel)
 
-    def _on_message(self, message: dict[str, Any]) -> None:
+    def moved(self, channel: str) -> None:
+        """Redis unsubscribed a channel we follow: its slot moved to another shard."""
+        if channel in self.handlers:
+            confirmed = self.confirmed.get(channel)
+            if confirmed is not None:
+                confirmed.clear()
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.conn.refresh()
+            lane = self._lane_of.get(channel)
+            if lane is not None:
+                lane.channels.discard(channel)
+            self._route(channel)
+
+    def deliver(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
-        handlers = self._handlers.get(channel)
-        if message["type"] == "subscribe":
-            confirmed = self._confirmed.get(channel)
+        handlers = self.handlers.get(channel)
+        kind = message["type"]
+        if kind in ("subscribe", "ssubscribe"):
+            confirmed = self.confirmed.get(channel)
             if confirmed is not None:
                 confirmed.set()
             if handlers is not None and handlers[1] is not None:
                 handlers[1]()  # (re)subscribed: after a reconnect, ours or redis-py's own
-            return
-        if message["type"] == "message" and handlers is not None:
+        elif kind in ("message", "smessage") and handlers is not None:
             handlers[0](json.loads(message["data"]))
+        elif kind == "sunsubscribe" and self._lane_of.get(channel) is not None:
+            lane = self._lane_of[channel]
+            if channel in lane.channels and channel not in lane.leaving:
+                self.moved(channel)
+
+
+class _Lane:
+    """One Pub/Sub connection (to one node of a cluster) and the channels it carries."""
+
+    def __init__(self, pubsub: PubSub, node: str) -> None:
+        self.pubsub = pubsub
+        self.node = node
+        self.sharded = pubsub.conn.cluster
+        self.channels: set[str] = set()
+        self.leaving: set[str] = set()  # unsubscribed by us: their "sunsubscribe" is expected
+        self._pending: list[tuple[bool, str]] = []  # (subscribe?, channel)
+        self.stopped = False
+        self._listener = gevent.spawn(self._listen)
+
+    def add(self, channel: str) -> None:
+        self.leaving.discard(channel)
+        self.channels.add(channel)
+        self._pending.append((True, channel))
+
+    def drop(self, channel: str) -> None:
+        if channel in self.channels:
+            self.channels.discard(channel)
+            self.leaving.add(channel)
+            self._pending.append((False, channel))
+
+    def _send(self, connection: Any, subscribe: bool, channels: list[str]) -> None:
+        if self.sharded:
+            (connection.ssubscribe if subscribe else connection.sunsubscribe)(*channels)
+        else:
+            (connection.subscribe if subscribe else connection.unsubscribe)(*channels)
+
+    def _listen(self) -> None:
+        backoff = Backoff(0.1, 5.0)
+        connection: Any = None
+        while True:
+            try:
+                connection = self.pubsub.conn.pubsub_for(self.node)
+                self._pending.clear()
+                if self.channels:
+                    self._send(connection, True, sorted(self.channels))
+                while True:
+                    while self._pending:
+                        subscribe, channel = self._pending.pop(0)
+                        self._send(connection, subscribe, [channel])
+                    if not self.channels and not self._pending and self.node:
+                        return self._stop()  # a cluster node that serves nothing we follow
+                    message = connection.get_message(timeout=0.05)
+                    if message is not None:
+                        self.pubsub.deliver(message)
+                        if message["type"] in ("unsubscribe", "sunsubscribe"):
+                            self.leaving.discard(message["channel"].decode())
+                    backoff.reset()
+            except Exception as exc:  # the worker's live events stop if this greenlet does
+                delay = backoff.delay()
+                where = f" ({self.node})" if self.node else ""
+                if isinstance(exc, (*REDIS_ERRORS, OSError)):
+                    log.warning(
+                        "Redis Pub/Sub%s failed (%s); reconnecting in %.1fs", where, exc, delay
+                    )
+                else:
+                    log.exception(
+                        "Redis Pub/Sub%s reader failed; reconnecting in %.1fs", where, delay
+                    )
+                for channel in self.channels:
+                    confirmed = self.pubsub.confirmed.get(channel)
+                    if confirmed is not None:
+                        confirmed.clear()
+                with contextlib.suppress(Exception):
+                    connection.close()
+                gevent.sleep(delay)
+                if self.node:
+                    self.pubsub.rerouted(self)
+                    if not self.channels:
+                        return self._stop()
+            finally:
+                if self.stopped and connection is not None:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+
+    def _stop(self) -> None:
+        self.stopped = True
+        if self.pubsub.lanes.get(self.node) is self:
+            del self.pubsub.lanes[self.node]

@@ -26,16 +26,24 @@ LOST_IN_REDIS = "stream state lost in Redis"
 
 # KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel,
 # the message to publish (wire.relay_message), the replay mode of an app event that is not durable
-# or "" (entry field "r")
+# or "" (entry field "r"), the publish command (PUBLISH, or SPUBLISH in a cluster)
+# "1" to write it after a gap (the owner writes again what a failover lost: what it no longer
+# buffers was persisted).
 # Returns 1, or 2 for an append that is already there: a retry whose first attempt ran but whose
 # reply was lost (Redis stopped, the connection broke). Only the generation's holder appends while
-# the stream runs, so an id it already has can only be that.
+# the stream runs, so an id it already has can only be that. An id past the next one is refused
+# ("GAP <last id>"): Redis lost events it had acknowledged (a failover promoted a replica that had
+# not got them yet), and the owner writes them again.
 APPEND = """
 local gen = redis.call('HGET', KEYS[1], 'gen')
 if not gen then return redis.error_reply('LOST') end
 if gen ~= ARGV[1] then return redis.error_reply('FENCED') end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
-if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[1], 'last_id') or '0') then return 2 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_id') or '0')
+if tonumber(ARGV[2]) <= last then return 2 end
+if ARGV[12] ~= '1' and tonumber(ARGV[2]) > last + 1 then
+  return redis.error_reply('GAP ' .. last)
+end
 if ARGV[10] == '' then
   redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
 else
@@ -48,14 +56,14 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('PUBLISH', ARGV[8], ARGV[9])
+redis.call(ARGV[11], ARGV[8], ARGV[9])
 return 1
 """
 
 # End a running stream from any worker. KEYS: meta, events, lease.
 # ARGV: state ("cancelled" or "error"), data json, ttl, now, channel, only_if_lease_gone ("1"/"0"),
 # the message to publish less its id (wire.relay_message_head: the script adds the id and "}"),
-# the ends channel (where the owner hears of it)
+# the ends channel (where the owner hears of it), the publish command
 END = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return nil end
@@ -67,8 +75,8 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'last_id', id, 'finished_at', ARGV
 redis.call('DEL', KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[5], ARGV[7] .. id .. '}')
-redis.call('PUBLISH', ARGV[8], ARGV[7] .. id .. '}')
+redis.call(ARGV[9], ARGV[5], ARGV[7] .. id .. '}')
+redis.call(ARGV[9], ARGV[8], ARGV[7] .. id .. '}')
 return 'ok'
 """
 
