@@ -170,7 +170,16 @@ class RedisConnection:
         found = self.redis.get_node(node_name=node)
         if found is None:
             raise redis.ConnectionError(f"{node} is not a node of the cluster any more")
-        return self.redis.get_redis_connection(found).pubsub()
+        pubsub = self.redis.get_redis_connection(found).pubsub()
+
+        def resubscribe() -> None:
+            # redis-py reconnects by itself and subscribes again to every channel in one
+            # SSUBSCRIBE, which a cluster refuses (CROSSSLOT) unless they share a slot.
+            for channel in list(pubsub.shard_channels):
+                pubsub.ssubscribe(channel)
+
+        pubsub._resubscribe_shard_channels = resubscribe
+        return pubsub
 
     def refresh(self) -> None:
         """Read a cluster's slots and nodes again (after a failover or a slot moved)."""

@@ -3,7 +3,8 @@
 A stream with readers on a worker other than its owner gets one *mirror* there: a
 :class:`~sse_blueprint.engine.Stream` without a producer, filled from ``XRANGE`` once its channel
 subscription is confirmed, then fed by the published events (a gap in ids is filled with
-``XRANGE``). All of that worker's readers follow the mirror with the engine's usual cursors: the
+``XRANGE``; a mirror that missed what Redis has since trimmed is replaced, its readers resuming
+from the store). All of that worker's readers follow the mirror with the engine's usual cursors: the
 commands per event do not grow with the clients. A watchdog ends a mirrored stream whose owner's
 lease lapsed ("producer lost", once, atomically), takes the end of one that Redis lost from the
 store, and drops mirrors nobody reads.
@@ -60,6 +61,7 @@ class Mirrors:
         self.streams: dict[str, Stream] = {}
         self._making: dict[str, gevent.event.AsyncResult] = {}  # mirrors being made
         self._early: dict[str, list[Event]] = {}  # events that came before the first fill
+        self._filling: dict[str, bool] = {}  # refills running: whether another is due after
         self._watchdog: gevent.Greenlet | None = None
 
     def get(self, stream_id: str) -> Stream | None:
@@ -118,16 +120,16 @@ class Mirrors:
             self.pubsub.unfollow(channel)
             self._early.pop(stream_id, None)
             raise
-        for event in self._early.pop(stream_id, []):
-            self._deliver(stream, event)
         self.streams[stream_id] = stream
+        for event in self._early.pop(stream_id, []):  # (no switch until handed out)
+            self._deliver(stream, event)
         return stream
 
     def _on_subscribed(self, stream: Stream) -> None:
         if stream.id not in self._early:
             # (Re)subscribed after a reconnect: what was published meanwhile is in the Redis
             # Stream.
-            gevent.spawn(self._fill, stream)
+            self._refill(stream)
 
     def _on_message(self, stream: Stream, payload: dict[str, Any]) -> None:
         if "persisted" in payload:
@@ -155,14 +157,60 @@ class Mirrors:
             if first_id > 1:
                 start_data = {"stream_id": stream.id, "producer": stream.producer_name}
                 stream.start_event = Event(1, "start", start_data)
+        if not first and entries and event_from_entry(*entries[0]).id > stream.last_event_id + 1:
+            self._restart(stream)
+            return
         for entry in entries:
             stream._ingest(event_from_entry(*entry))
 
+    def _restart(self, stream: Stream) -> None:
+        """The mirror missed events that Redis has since trimmed (they are persisted): it
+        cannot be filled from Redis. It is dropped and its readers released: they reconnect
+        from their last ids to a new mirror, which catches them up from the store first."""
+        if self.streams.get(stream.id) is not stream:
+            return
+        log.warning(
+            "stream %s: this worker's mirror missed events Redis no longer has; its readers "
+            "resume from the store", stream.id, extra={"stream_id": stream.id},
+        )  # fmt: skip
+        del self.streams[stream.id]
+        self.pubsub.unfollow(stream_keys(stream.id)[3])
+        stream.release_readers()
+
     def _deliver(self, stream: Stream, event: Event) -> None:
         if event.id > stream.last_event_id + 1:
-            gevent.spawn(self._fill, stream)  # a gap: read it from the Redis Stream
+            self._refill(stream)  # a gap: read it from the Redis Stream
         else:
             stream._ingest(event)
+
+    def _refill(self, stream: Stream) -> None:
+        """Fill a mirror from the Redis Stream on a greenlet of its own, one at a time per
+        stream: gaps seen while a fill runs make one more fill after it, not one each."""
+        if stream.id in self._filling:
+            self._filling[stream.id] = True
+            return
+        self._filling[stream.id] = False
+        gevent.spawn(self._refilling, stream)
+
+    def _refilling(self, stream: Stream) -> None:
+        try:
+            again = True
+            while again and not stream.finished and self.streams.get(stream.id) is stream:
+                self._filling[stream.id] = False
+                try:
+                    self._fill(stream)
+                except REDIS_ERRORS as exc:
+                    # Redis is away longer than the patience (a failover): the next
+                    # confirmed subscription or published gap fills it; the watchdog
+                    # ends it if its owner is gone.
+                    log.warning(
+                        "stream %s: could not fill this worker's mirror from Redis: %s",
+                        stream.id, exc, extra={"stream_id": stream.id},
+                    )  # fmt: skip
+                    return
+                again = self._filling[stream.id]
+        finally:
+            self._filling.pop(stream.id, None)
 
     def _start_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.dead:

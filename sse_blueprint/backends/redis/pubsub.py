@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import gevent
 import gevent.event
+import redis
 
 from ..._backoff import Backoff
 from .connection import REDIS_ERRORS, RedisConnection
@@ -125,25 +127,26 @@ class _Lane:
         self.node = node
         self.sharded = pubsub.conn.cluster
         self.channels: set[str] = set()
-        self.leaving: set[str] = set()  # unsubscribed by us: their "sunsubscribe" is expected
+        # Unsubscribed by us, how many times: their "sunsubscribe" replies are expected.
+        self.leaving: Counter[str] = Counter()
         self._pending: list[tuple[bool, str]] = []  # (subscribe?, channel)
         self.stopped = False
         self._listener = gevent.spawn(self._listen)
 
     def add(self, channel: str) -> None:
-        self.leaving.discard(channel)
         self.channels.add(channel)
         self._pending.append((True, channel))
 
     def drop(self, channel: str) -> None:
         if channel in self.channels:
             self.channels.discard(channel)
-            self.leaving.add(channel)
+            self.leaving[channel] += 1
             self._pending.append((False, channel))
 
     def _send(self, connection: Any, subscribe: bool, channels: list[str]) -> None:
-        if self.sharded:
-            (connection.ssubscribe if subscribe else connection.sunsubscribe)(*channels)
+        if self.sharded:  # one command per channel: a command's channels must share a slot
+            for channel in channels:
+                (connection.ssubscribe if subscribe else connection.sunsubscribe)(channel)
         else:
             (connection.subscribe if subscribe else connection.unsubscribe)(*channels)
 
@@ -154,6 +157,7 @@ class _Lane:
             try:
                 connection = self.pubsub.conn.pubsub_for(self.node)
                 self._pending.clear()
+                self.leaving.clear()
                 if self.channels:
                     self._send(connection, True, sorted(self.channels))
                 while True:
@@ -166,12 +170,15 @@ class _Lane:
                     if message is not None:
                         self.pubsub.deliver(message)
                         if message["type"] in ("unsubscribe", "sunsubscribe"):
-                            self.leaving.discard(message["channel"].decode())
+                            self.leaving -= Counter([message["channel"].decode()])
                     backoff.reset()
             except Exception as exc:  # the worker's live events stop if this greenlet does
                 delay = backoff.delay()
                 where = f" ({self.node})" if self.node else ""
-                if isinstance(exc, (*REDIS_ERRORS, OSError)):
+                if isinstance(exc, redis.exceptions.MovedError):  # resharded: go where it is
+                    delay = min(delay, 0.2)
+                    log.info("Redis Pub/Sub%s: a slot moved to %s; rerouting", where, exc.host)
+                elif isinstance(exc, (*REDIS_ERRORS, OSError)):
                     log.warning(
                         "Redis Pub/Sub%s failed (%s); reconnecting in %.1fs", where, exc, delay
                     )

@@ -1,0 +1,265 @@
+"""Redis Cluster: a real 3-primary cluster (one replica each) on loopback, two gunicorn instances
+of two gevent workers each, one PostgreSQL database.
+
+Streams land on every shard and are read everywhere with the contract's exactness; events are
+published only on the shard that owns their stream (``SPUBLISH``), each worker holding at most
+one sharded subscriber connection per primary; a slot migrated mid-stream (``ASK``, ``TRYAGAIN``,
+then ``MOVED``) and a primary killed mid-stream (its replica promoted) lose nothing and repeat
+nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import types
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from redis.crc import key_slot
+
+from tests.conftest import LiveServer, PostgresServer, read_stream, start_stream
+from tests.redis_cluster import LocalCluster
+from tests.sse_parser import Transcript
+
+pytestmark = pytest.mark.timeout(200)
+
+LEASE = 6.0  # longer than a failover (node timeout 1 s, promotion within a few seconds)
+TEXT = "".join(f"Part {i}: " + "shards and slots " * 4 + "\n\n" for i in range(8)) + "End."
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    local = LocalCluster(primaries=3, replicas=1).start()
+    try:
+        yield local
+    finally:
+        local.remove()
+
+
+@pytest.fixture(scope="module")
+def env(server_factory: Any, cluster: LocalCluster, postgres: PostgresServer) -> Iterator[Any]:
+    name = "c_" + uuid.uuid4().hex[:12]
+    postgres.psql(f"CREATE DATABASE {name}")
+    config = {
+        "SSE_REDIS_URL": cluster.url,
+        "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
+        "SSE_REDIS_LEASE": LEASE,
+        "SSE_HEARTBEAT_INTERVAL": 1,
+        "SSE_RETRY_MS": 200,
+    }
+    started: list[LiveServer] = []
+
+    def instance(extra: dict[str, Any] | None = None) -> LiveServer:
+        server: LiveServer = server_factory(
+            {**config, **(extra or {})}, app="tests.live_app:app", workers=2
+        )
+        started.append(server)
+        return server
+
+    yield types.SimpleNamespace(a=instance(), b=instance(), instance=instance)
+    for server in started:
+        server.stop()
+
+
+def demo(base: str, text: str = TEXT, chunk: int = 3, interval: int = 10) -> str:
+    return start_stream(base, "demo", text=text, chunk_size=chunk, interval_ms=interval)
+
+
+def follow(bases: list[str], stream_id: str, seed: int) -> Transcript:
+    """A reader that hangs up after a few events and resumes from its last id on the next
+    instance, as an EventSource does; through a failover it retries what the server could not
+    answer yet (503) or a connection the server cut."""
+    rng = random.Random(seed)
+    client = Transcript()
+    hops = 0
+    deadline = time.monotonic() + 120
+    while client.terminal is None and time.monotonic() < deadline:
+        base = bases[hops % len(bases)]
+        hops += 1
+        try:
+            result = read_stream(
+                base, stream_id, client.last_id or None, stop_after=rng.randint(3, 40),
+                tolerate_cuts=True, timeout=20,
+            )  # fmt: skip
+        except httpx.TransportError:
+            time.sleep(0.2)
+            continue
+        if result.status == 503:
+            time.sleep(0.2)
+            continue
+        assert result.status == 200, result.raw[:300]
+        for event in result.events:
+            client.apply(event.id, event.type, event.json())
+    return client
+
+
+def readers(pool: ThreadPoolExecutor, env: Any, stream_ids: list[str]) -> list[Future[Transcript]]:
+    """A resuming reader per id, alternating the instance each starts on."""
+    bases = [env.a.url, env.b.url]
+    return [
+        pool.submit(follow, bases[n % 2 :] + bases[: n % 2], sid, n)
+        for n, sid in enumerate(stream_ids)
+    ]
+
+
+def assert_exact(client: Transcript, text: str = TEXT) -> None:
+    assert client.terminal == "done"
+    assert client.text() == text
+    assert len(client.delta_ids) == len(set(client.delta_ids))  # nothing twice
+
+
+def shard_stats(cluster: LocalCluster) -> dict[int, Counter[str]]:
+    """Per live primary: calls of each command so far (``INFO commandstats``)."""
+    out: dict[int, Counter[str]] = {}
+    for port in cluster.procs:
+        node = cluster.node(port)
+        if node.info("replication")["role"] != "master":
+            continue
+        stats = node.info("commandstats")
+        out[port] = Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()})
+    return out
+
+
+def sharded_subscribers(cluster: LocalCluster) -> dict[int, Counter[str]]:
+    """Per live primary: our workers' connections that hold sharded subscriptions, by name."""
+    out: dict[int, Counter[str]] = {}
+    for port in cluster.procs:
+        clients = cluster.node(port).client_list()
+        out[port] = Counter(
+            c["name"] for c in clients
+            if c["name"].startswith("sse-blueprint:") and int(c.get("ssub", 0)) > 0
+        )  # fmt: skip
+    return out
+
+
+def test_streams_on_every_shard_are_read_everywhere(env: Any, cluster: LocalCluster) -> None:
+    before = shard_stats(cluster)
+    streams = [demo(base) for base in (env.a.url, env.b.url) for _ in range(4)]
+    owners = {cluster.port_of("{" + sid + "}") for sid in streams}
+    with ThreadPoolExecutor(16) as pool:
+        following = readers(pool, env, streams * 2)
+        time.sleep(1.0)
+        subscribers = sharded_subscribers(cluster)  # while they read
+        for reader in following:
+            assert_exact(reader.result(timeout=150))
+    after = shard_stats(cluster)
+    # Events went out only on the shards that own their streams, never broadcast by PUBLISH.
+    assert all(after[p]["publish"] == before.get(p, Counter())["publish"] for p in after)
+    assert {p for p in after if after[p]["spublish"] > before.get(p, Counter())["spublish"]} == (
+        owners
+    )
+    # At most one sharded subscriber connection per worker per primary.
+    assert all(count == 1 for node in subscribers.values() for count in node.values())
+    assert any(subscribers.values())
+
+
+def test_active_and_clients_per_address_across_shards(env: Any, cluster: LocalCluster) -> None:
+    running = demo(env.a.url, chunk=1, interval=40)
+    finished = demo(env.b.url, text="short", interval=0)
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{env.a.url}/api/streams/{finished}/status").json()["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ids = [running, finished, "AAAAAAAAAAAAAAAAAAAAAA"]
+    for base in (env.a.url, env.b.url):
+        answer = httpx.get(f"{base}/test/active", params=[("id", i) for i in ids]).json()
+        assert answer == {running: True, finished: False, ids[2]: False}
+
+    # Two loopback addresses whose sets live on different shards; 2 places each, everywhere.
+    by_port: dict[int, str] = {}
+    for n in range(1, 200):
+        address = f"127.0.0.{n}"
+        by_port.setdefault(cluster.port_of("{" + address + "}"), address)
+        if len(by_port) >= 2:
+            break
+    addresses = list(by_port.values())[:2]
+    assert key_slot(f"{{{addresses[0]}}}".encode()) != key_slot(f"{{{addresses[1]}}}".encode())
+    limited = [env.instance({"SSE_MAX_CLIENTS_PER_ADDRESS": 2}) for _ in range(2)]
+    held: list[httpx.Response] = []
+    clients = {a: httpx.Client(transport=httpx.HTTPTransport(local_address=a)) for a in addresses}
+    try:
+        for address, client in clients.items():
+            for server in limited:
+                request = client.build_request("GET", f"{server.url}/api/streams/{running}")
+                response = client.send(request, stream=True)
+                assert response.status_code == 200, (address, response.status_code)
+                held.append(response)
+            for server in limited:
+                refused = client.get(f"{server.url}/api/streams/{running}")
+                assert refused.status_code == 429, address
+    finally:
+        for response in held:
+            response.close()
+        for client in clients.values():
+            client.close()
+        httpx.post(f"{env.a.url}/api/streams/{running}/cancel", json={})
+
+
+def test_a_slot_migrated_mid_stream_loses_nothing(env: Any, cluster: LocalCluster) -> None:
+    stream_id = demo(env.a.url, chunk=2, interval=15)  # about 6 s
+    slot = key_slot(("{" + stream_id + "}").encode())
+    source = cluster.port_of("{" + stream_id + "}")
+    primaries = {cluster.port_of("{" + s + "}") for s in ("a", "b", "c", "d", "e", "f", "g")}
+    target = next(p for p in sorted(primaries) if p != source)
+    with ThreadPoolExecutor(4) as pool:
+        following = readers(pool, env, [stream_id] * 4)
+        time.sleep(1.0)
+        moved = cluster.migrate_slot(slot, source, target)
+        assert moved >= 3  # its meta, events and lease
+        assert cluster.port_of("{" + stream_id + "}") == target
+        for reader in following:
+            assert_exact(reader.result(timeout=150))
+    fresh = read_stream(env.b.url, stream_id)
+    assert fresh.transcript.text() == TEXT
+
+
+def test_a_primary_killed_mid_stream_loses_nothing(env: Any, cluster: LocalCluster) -> None:
+    streams = [
+        demo(base, chunk=2, interval=15) for base in (env.a.url, env.b.url) for _ in range(3)
+    ]
+    victim = cluster.port_of("{" + streams[0] + "}")
+    with ThreadPoolExecutor(12) as pool:
+        following = readers(pool, env, streams * 2)
+        time.sleep(1.0)
+        cluster.kill(victim)  # SIGKILL: its replica takes over its slots
+        for reader in following:
+            assert_exact(reader.result(timeout=150))
+    cluster.wait_healthy()
+    assert cluster.port_of("{" + streams[0] + "}") != victim
+    for sid in streams:
+        assert httpx.get(f"{env.b.url}/api/streams/{sid}/status").json()["state"] == "done"
+    cluster.start_node(victim)  # it comes back as a replica of the promoted one
+    cluster.wait_healthy()
+
+
+def test_writes_a_failover_lost_are_written_again(env: Any, cluster: LocalCluster) -> None:
+    """Replication is asynchronous: a primary acknowledges writes its replica has not got yet,
+    and dies. The promoted replica answers the owner's next append with the gap; the owner
+    writes what Redis lost again from its buffer, and readers see every event once."""
+    stream_id = demo(env.a.url, chunk=2, interval=15)
+    victim = cluster.port_of("{" + stream_id + "}")
+    replica = cluster.replica_of(victim)
+    log_size = env.a.log_path.stat().st_size
+    with ThreadPoolExecutor(4) as pool:
+        following = readers(pool, env, [stream_id] * 4)
+        time.sleep(1.0)
+        cluster.cut_replication(replica)  # the primary goes on acknowledging appends
+        time.sleep(0.6)
+        cluster.kill(victim)
+        cluster.mend_replication(replica)  # it takes over without the last 0.6 s of appends
+        for reader in following:
+            assert_exact(reader.result(timeout=150))
+    cluster.wait_healthy()
+    assert cluster.port_of("{" + stream_id + "}") == replica
+    with open(env.a.log_path, encoding="utf-8") as log:
+        log.seek(log_size)
+        assert "Redis lost events" in log.read()  # the gap was there, and was filled
+    assert read_stream(env.b.url, stream_id).transcript.text() == TEXT
+    cluster.start_node(victim)
+    cluster.wait_healthy()
