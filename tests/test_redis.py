@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 import uuid
@@ -249,6 +250,47 @@ def test_restarting_redis_mid_stream_loses_no_acknowledged_event(shared: Any) ->
     assert seen == sorted(set(seen))
     entries = shared.redis_client.xrange(f"sse:{{{stream_id}}}:events")
     assert int(entries[-1][0].split(b"-")[0]) == seen[-1]  # the terminal event survived too
+
+
+def test_a_mirror_that_missed_what_redis_trimmed_is_replaced(shared: Any) -> None:
+    """A worker's Pub/Sub connection is away while the owner persists and trims: when it is
+    back, its mirror cannot be filled from Redis. It is replaced, its readers resuming from
+    their last ids through the store: nothing missing, nothing twice."""
+    text = PARAGRAPHS * 3
+    port = shared.redis.port
+    shared.redis_client.execute_command(
+        "ACL", "SETUSER", "mirror", "on", ">pw", "~*", "&*", "+@all"
+    )
+    reading = shared.instance_with({"SSE_REDIS_URL": f"redis://mirror:pw@127.0.0.1:{port}/0"}, 1)
+    log_size = reading.log_path.stat().st_size
+    stream_id = demo(shared.a.url, text, chunk=3, interval=10)
+
+    def away() -> None:  # new connections of the reading worker are refused for 2.5 s
+        shared.redis_client.execute_command("ACL", "SETUSER", "mirror", "off")
+        shared.redis_client.execute_command("CLIENT", "KILL", "USER", "mirror", "TYPE", "pubsub")
+        time.sleep(2.5)
+        shared.redis_client.execute_command("ACL", "SETUSER", "mirror", "on")
+
+    client = StreamClient(
+        reading.url, breaker=CircuitBreaker(threshold=1000), sleep=lambda s: time.sleep(min(s, 0.2))
+    )
+    seen: list[int] = []
+    window = threading.Thread(target=away)
+    try:
+        reader = client.open(stream_id)
+        for event in reader:
+            seen.append(event.id)
+            if len(seen) == 20:
+                window.start()
+    finally:
+        client.close()
+        window.join()
+    assert reader.state == "done"
+    assert reader.text() == text
+    assert seen == sorted(set(seen))
+    with open(reading.log_path, encoding="utf-8") as log:
+        log.seek(log_size)
+        assert "mirror missed events Redis no longer has" in log.read()
 
 
 def test_a_busy_redis_delays_streams_and_loses_nothing(shared: Any) -> None:
