@@ -10,108 +10,43 @@ nothing.
 
 from __future__ import annotations
 
-import random
 import time
-import types
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 from redis.crc import key_slot
 
-from tests.conftest import LiveServer, PostgresServer, read_stream, start_stream
-from tests.redis_cluster import LocalCluster
-from tests.sse_parser import Transcript
+from tests.conftest import PostgresServer, read_stream
+from tests.redis_topologies import (
+    TEXT,
+    LocalCluster,
+    assert_exact,
+    cut_replication,
+    demo,
+    instances,
+    mend_replication,
+    readers,
+)
 
 pytestmark = pytest.mark.timeout(200)
 
 LEASE = 6.0  # longer than a failover (node timeout 1 s, promotion within a few seconds)
-TEXT = "".join(f"Part {i}: " + "shards and slots " * 4 + "\n\n" for i in range(8)) + "End."
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    local = LocalCluster(primaries=3, replicas=1).start()
-    try:
+    with LocalCluster(primaries=3, replicas=1) as local:
         yield local
-    finally:
-        local.remove()
 
 
 @pytest.fixture(scope="module")
 def env(server_factory: Any, cluster: LocalCluster, postgres: PostgresServer) -> Iterator[Any]:
-    name = "c_" + uuid.uuid4().hex[:12]
-    postgres.psql(f"CREATE DATABASE {name}")
-    config = {
-        "SSE_REDIS_URL": cluster.url,
-        "SSE_DATABASE_URL": postgres.url.rsplit("/", 1)[0] + f"/{name}",
-        "SSE_REDIS_LEASE": LEASE,
-        "SSE_HEARTBEAT_INTERVAL": 1,
-        "SSE_RETRY_MS": 200,
-    }
-    started: list[LiveServer] = []
-
-    def instance(extra: dict[str, Any] | None = None) -> LiveServer:
-        server: LiveServer = server_factory(
-            {**config, **(extra or {})}, app="tests.live_app:app", workers=2
-        )
-        started.append(server)
-        return server
-
-    yield types.SimpleNamespace(a=instance(), b=instance(), instance=instance)
-    for server in started:
-        server.stop()
-
-
-def demo(base: str, text: str = TEXT, chunk: int = 3, interval: int = 10) -> str:
-    return start_stream(base, "demo", text=text, chunk_size=chunk, interval_ms=interval)
-
-
-def follow(bases: list[str], stream_id: str, seed: int) -> Transcript:
-    """A reader that hangs up after a few events and resumes from its last id on the next
-    instance, as an EventSource does; through a failover it retries what the server could not
-    answer yet (503) or a connection the server cut."""
-    rng = random.Random(seed)
-    client = Transcript()
-    hops = 0
-    deadline = time.monotonic() + 120
-    while client.terminal is None and time.monotonic() < deadline:
-        base = bases[hops % len(bases)]
-        hops += 1
-        try:
-            result = read_stream(
-                base, stream_id, client.last_id or None, stop_after=rng.randint(3, 40),
-                tolerate_cuts=True, timeout=20,
-            )  # fmt: skip
-        except httpx.TransportError:
-            time.sleep(0.2)
-            continue
-        if result.status == 503:
-            time.sleep(0.2)
-            continue
-        assert result.status == 200, result.raw[:300]
-        for event in result.events:
-            client.apply(event.id, event.type, event.json())
-    return client
-
-
-def readers(pool: ThreadPoolExecutor, env: Any, stream_ids: list[str]) -> list[Future[Transcript]]:
-    """A resuming reader per id, alternating the instance each starts on."""
-    bases = [env.a.url, env.b.url]
-    return [
-        pool.submit(follow, bases[n % 2 :] + bases[: n % 2], sid, n)
-        for n, sid in enumerate(stream_ids)
-    ]
-
-
-def assert_exact(client: Transcript, text: str = TEXT) -> None:
-    assert client.terminal == "done"
-    assert client.text() == text
-    assert len(client.delta_ids) == len(set(client.delta_ids))  # nothing twice
+    with instances(server_factory, postgres, cluster.url, lease=LEASE) as both:
+        yield both
 
 
 def shard_stats(cluster: LocalCluster) -> dict[int, Counter[str]]:
@@ -249,10 +184,10 @@ def test_writes_a_failover_lost_are_written_again(env: Any, cluster: LocalCluste
     with ThreadPoolExecutor(4) as pool:
         following = readers(pool, env, [stream_id] * 4)
         time.sleep(1.0)
-        cluster.cut_replication(replica)  # the primary goes on acknowledging appends
+        cut_replication(cluster.node(replica))  # the primary goes on acknowledging appends
         time.sleep(0.6)
         cluster.kill(victim)
-        cluster.mend_replication(replica)  # it takes over without the last 0.6 s of appends
+        mend_replication(cluster.node(replica))  # it takes over without the last 0.6 s of appends
         for reader in following:
             assert_exact(reader.result(timeout=150))
     cluster.wait_healthy()
