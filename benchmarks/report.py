@@ -237,7 +237,7 @@ def plot_chat(results: dict[str, Any], path: Path) -> None:
     for name, points in lines.items():
         points.sort()
         xs = [p[0] for p in points]
-        style = "-o" if name in ("SQLite", "PostgreSQL", "Redis") else "--s"
+        style = "-o" if name in ("SQLite", "PostgreSQL", "Redis", "Redis Cluster") else "--s"
         label = f"sse-blueprint, {name}" if style == "-o" else name
         left.plot(xs, [p[1] for p in points], style, label=label, markersize=4)
         right.plot(xs, [p[2] for p in points], style, label=label, markersize=4)

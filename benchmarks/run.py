@@ -164,9 +164,13 @@ def fanout(
         target.cleanup()
 
 
-def chat_rows(args: argparse.Namespace, postgres_url: str, redis_url: str) -> dict[str, Any]:
-    """The chat shape on a ramp of stream counts: ours on SQLite, on PostgreSQL and with Redis
-    (and PostgreSQL), the peers beside them; one worker (one process) each."""
+def chat_rows(
+    args: argparse.Namespace, postgres: Any, redis_url: str, cluster: Any
+) -> dict[str, Any]:
+    """The chat shape on a ramp of stream counts: ours on SQLite, on PostgreSQL, with Redis and
+    with a 3-shard Redis Cluster (and PostgreSQL), the peers beside them; one worker (one
+    process) each."""
+    postgres_url = postgres.url
     ramp = (100, 300) if args.quick else (100, 500, 1000, 2000, 3000, 5000)
     if args.streams:
         ramp = tuple(int(n) for n in args.streams.split(","))
@@ -176,6 +180,11 @@ def chat_rows(args: argparse.Namespace, postgres_url: str, redis_url: str) -> di
         (
             "Redis",
             lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=redis_url),
+            "ours",
+        ),
+        (
+            "Redis Cluster",
+            lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=cluster.url),
             "ours",
         ),
         ("bare-gevent", bare, "bare"),
@@ -192,29 +201,40 @@ def chat_rows(args: argparse.Namespace, postgres_url: str, redis_url: str) -> di
         runs = [(n, 1) for n in ramp]
         runs += [(n, r) for r in readers_extra for n in (1000,) if n in ramp]
         for streams, readers in runs:
+            nodes = {
+                "Redis": [redis_url],
+                "Redis Cluster": [f"redis://127.0.0.1:{p}" for p in cluster.ports],
+            }.get(name, [])
             with serving(make) as server:
-                redis0 = redis_figures(redis_url) if name == "Redis" else None
-                row = chat_shape(server, streams, readers, kind)
-                if redis0 is not None:
-                    row.update(redis_cost(redis0, redis_figures(redis_url), streams * 300))
+                redis0 = redis_figures(nodes)
+                on_pg = name in ("PostgreSQL", "Redis", "Redis Cluster")
+                row = chat_shape(
+                    server, streams, readers, kind, postgres=postgres.data if on_pg else None
+                )
+                if nodes:
+                    row.update(redis_cost(redis0, redis_figures(nodes), streams * 300))
             key = f"{name}, {streams} streams" + (f" x {readers} readers" if readers > 1 else "")
             rows[key] = row
             print("chat", key, row, flush=True)
     return rows
 
 
-def redis_figures(url: str) -> tuple[int, float]:
-    """Commands Redis has run, and the CPU seconds it has used, so far."""
+def redis_figures(urls: list[str]) -> tuple[int, float]:
+    """Commands the Redis servers (every node of a cluster) have run, and the CPU seconds they
+    have used, so far."""
     import redis
 
-    client = redis.Redis.from_url(url)
-    try:
-        stats = client.info("commandstats")
-        cpu = client.info("cpu")
-    finally:
-        client.close()
-    calls = sum(int(v["calls"]) for v in stats.values())
-    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    calls, cpu_s = 0, 0.0
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        try:
+            stats = client.info("commandstats")
+            cpu = client.info("cpu")
+        finally:
+            client.close()
+        calls += sum(int(v["calls"]) for v in stats.values())
+        cpu_s += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return calls, cpu_s
 
 
 def redis_cost(before: tuple[int, float], after: tuple[int, float], sent: int) -> dict[str, float]:
@@ -224,12 +244,26 @@ def redis_cost(before: tuple[int, float], after: tuple[int, float], sent: int) -
     }
 
 
+def postgres_cpu_seconds(data: Path) -> float:
+    """CPU time a PostgreSQL server has used so far: its postmaster's own and its exited
+    children's (reaped, so counted in the postmaster's ``cutime``/``cstime``), and its live
+    backends'."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rpartition(")")[2].split()
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True
+    ).stdout.split()
+    return ticks / os.sysconf("SC_CLK_TCK") + cpu_seconds([int(c) for c in children])
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes have used so far."""
+    """User + system CPU time the processes have used so far (0 for one that is gone)."""
     total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -240,8 +274,10 @@ def chat_shape(
     kind: str = "ours",
     tokens: int = 300,
     rate: float = 30,
+    postgres: Path | None = None,
 ) -> dict[str, Any]:
-    """``streams`` concurrent chat streams, ``readers`` each, ``tokens`` at ``rate`` per second.
+    """``streams`` concurrent chat streams, ``readers`` each, ``tokens`` at ``rate`` per second
+    (with ``postgres``, the data directory of the server ours writes to: its CPU is measured).
 
     Ours (``kind="ours"``): blocks of 80 tokens with a tool call after every third block, every
     block persisted. The peers stream the same text deltas from one producer per stream to
@@ -273,6 +309,7 @@ def chat_shape(
     rss_after = server.rss_kb()
     db0 = httpx.get(f"{server.url}/bench/db").json() if ours else {}
     cpu0 = cpu_seconds(server.worker_pids())
+    db_cpu0 = postgres_cpu_seconds(postgres) if postgres else 0.0
     if ours:
         Path(go).touch()
     else:
@@ -301,6 +338,8 @@ def chat_shape(
     if ours:
         os.remove(go)
         figures.update(persistence(server, db0, sent))
+        if postgres:  # (after the lag: every block is written by then)
+            figures["db_cpu_us_per_token"] = (postgres_cpu_seconds(postgres) - db_cpu0) / sent * 1e6
         figures["gc"] = httpx.get(f"{server.url}/bench/gc").json()
     return figures
 
@@ -460,8 +499,10 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from tests.conftest import PostgresServer, RedisServer
+    from tests.redis_topologies import LocalCluster
 
     redis_server = RedisServer().start()
+    cluster = LocalCluster(primaries=3).start()
     postgres = PostgresServer().init()
     try:
         if not only or "fanout" in only:
@@ -528,7 +569,7 @@ def main() -> None:
                     results["catchup"][db] = catch_up(server, samples=50 if args.quick else 200)
                 print("catch-up", db, results["catchup"][db], flush=True)
         if not only or "chat" in only:
-            rows = chat_rows(args, postgres.url, redis_server.url)
+            rows = chat_rows(args, postgres, redis_server.url, cluster)
             # (A run of some servers or stream counts updates the rows of the last full run.)
             partial = args.servers or args.streams
             results["chat"] = {**results.get("chat", {}), **rows} if partial else rows
@@ -546,6 +587,7 @@ def main() -> None:
             print("encoding", results["encoding_ns"], flush=True)
     finally:
         redis_server.remove()
+        cluster.remove()
         postgres.remove()
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     from benchmarks.report import write_report

@@ -2,8 +2,9 @@
 
     backend     RedisBackend: the owner's writes and fencing, ends and status from any worker
     scripts     keys, channels and the Lua scripts
-    connection  the pool, and the one rule for retrying what Redis did not run
-    pubsub      the worker's one Pub/Sub connection
+    connection  the topology by URL (one Redis, Cluster, Sentinel), the pools, and the one
+                rule for retrying what Redis did not run
+    pubsub      the worker's Pub/Sub: one lane (connection) per Redis, or per cluster primary
     mirrors     followers of streams that other workers run, and their watchdog
     clients     open responses per client address, across the deployment
 

@@ -254,5 +254,13 @@ class LuaScript:
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Queue the call in ``pipe`` (a NOSCRIPT reply: see :meth:`RedisConnection.pipelined`).
         Not redis-py's own script support: it asks ``SCRIPT EXISTS`` before every pipeline,
-        one more round trip, and a cluster pipeline refuses it."""
-        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        one more round trip, and a cluster pipeline refuses it. In a cluster the call names its
+        node (from the slot map it holds): redis-py 8's cluster pipeline would otherwise ask a
+        node for the keys of every ``EVALSHA`` (``COMMAND GETKEYS``), a round trip per call; a
+        ``MOVED`` reply is still followed, the call sent again without the node."""
+        options = (
+            {"target_nodes": self.conn.redis.get_node_from_key(keys[0])}
+            if self.conn.cluster
+            else {}
+        )
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **options)  # type: ignore[no-untyped-call]
