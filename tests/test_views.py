@@ -6,9 +6,11 @@ a view answers before any streaming is tested here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import gevent
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -114,3 +116,29 @@ def test_the_client_module_is_served(client: FlaskClient) -> None:
     assert response.mimetype == "text/javascript"
     assert b"export function applyEvent" in response.data
     assert "immutable" in response.headers["Cache-Control"]
+
+
+def test_places_per_address_come_back_when_streams_end_or_never_start() -> None:
+    sse = SSE()
+
+    @sse.producer("echo", validate=refuse_shouting)
+    def echo(ctx: ProducerContext) -> dict[str, Any]:
+        ctx.text(0, "hi")
+        return {}
+
+    app = Flask(__name__)
+    app.config.update(SSE_DATABASE_URL="sqlite://", SSE_MAX_STREAMS_PER_ADDRESS=2)
+    sse.init_app(app)
+    with app.test_client() as client:
+        for _ in range(3):
+            shouted = {"producer": "echo", "input": {"text": "HEY"}}
+            assert client.post("/api/streams", json=shouted).status_code == 400  # takes none
+        ids = [started(client), started(client)]
+        refused = client.post("/api/streams", json={"producer": "echo", "input": {}})
+        assert refused.status_code == 429
+        for stream_id in ids:  # they end on their greenlets
+            deadline = time.monotonic() + 10
+            while client.get(f"/api/streams/{stream_id}/status").get_json()["state"] == "running":
+                assert time.monotonic() < deadline
+                gevent.sleep(0.01)
+        assert [started(client), started(client)]  # both places are back

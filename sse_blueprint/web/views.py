@@ -101,26 +101,36 @@ def make_blueprint() -> Blueprint:
         ext = state.ext
         metadata = dict(ext._stream_metadata(name, input)) if ext._stream_metadata else {}
         ext._check("create", metadata)
+        # Counted before it starts, counted down once when it ends (which may be before
+        # ext.start returns: a producer that fails at once, a backend that refuses the claim)
+        # or when it never starts.
         counts = state.streams_by_address
+        counts[address] = counts.get(address, 0) + 1
+        ended = False
 
-        def finished(_: Stream) -> None:
-            counts[address] -= 1
-            if not counts[address]:
-                del counts[address]
+        def finished(_: Stream | None = None) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                if counts.get(address, 0) > 1:
+                    counts[address] -= 1
+                else:
+                    counts.pop(address, None)
 
         try:
             stream = ext.start(name, input, metadata=metadata, on_complete=finished)
-        except ValueError as exc:  # InputError
-            error(400, str(exc))
-        except ShuttingDown:
-            error(503, "the server is shutting down; retry", {"Retry-After": "1"})
-        except StreamLimitReached as exc:
-            error(503, f"too many streams: {exc}", {"Retry-After": "5"})
-        except Exception as exc:
+        except BaseException as exc:
+            finished()
+            if isinstance(exc, ValueError):  # InputError
+                error(400, str(exc))
+            if isinstance(exc, ShuttingDown):
+                error(503, "the server is shutting down; retry", {"Retry-After": "1"})
+            if isinstance(exc, StreamLimitReached):
+                error(503, f"too many streams: {exc}", {"Retry-After": "5"})
+            if not isinstance(exc, Exception):
+                raise
             log_unavailable("could not start a stream", exc)
             error(503, "the stream backend is unavailable; retry shortly", {"Retry-After": "2"})
-        if not stream.finished:
-            counts[address] = counts.get(address, 0) + 1
         url = url_for(".read_stream", stream_id=stream.id)
         return {"stream_id": stream.id, "stream_url": url}, 201, {"Location": url}
 

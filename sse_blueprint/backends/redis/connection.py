@@ -107,8 +107,13 @@ def connect(url: str, **options: Any) -> tuple[Any, str]:
     if base == "rediss":
         options["ssl"] = True
     if topology == "cluster":
+        (host, port), others = hosts[0], hosts[1:]
         cluster = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in hosts],  # type: ignore[no-untyped-call]
+            # (A URL, not only startup nodes: redis-py gives each node a pool of
+            # connection_pool_class only when it was given one; else a pool that raises "Too
+            # many connections" instead of waiting for one.)
+            url=f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}",
+            startup_nodes=[ClusterNode(h, p) for h, p in others],  # type: ignore[no-untyped-call]
             connection_pool_class=redis.BlockingConnectionPool,
             max_connections=16,
             **credentials,
