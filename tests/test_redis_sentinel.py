@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sse_blueprint.backends.redis.connection import RedisConnection
 from tests.conftest import PostgresServer, read_stream
 from tests.redis_topologies import (
     TEXT,
@@ -50,6 +51,18 @@ def test_streams_are_read_everywhere_through_the_sentinel(env: Any) -> None:
     with ThreadPoolExecutor(8) as pool:
         for reader in readers(pool, env, streams * 2):
             assert_exact(reader.result(timeout=150))
+
+
+def test_more_callers_than_connections_wait_for_one(sentinel: LocalSentinel) -> None:
+    """A worker's pool is bounded (16): the 17th caller at once waits for a connection rather
+    than failing with "Too many connections"."""
+    conn = RedisConnection(sentinel.url, patience=5)
+    try:
+        with ThreadPoolExecutor(80) as pool:
+            calls = [pool.submit(conn.redis.blpop, [f"sse-test:{n}"], 1) for n in range(80)]
+            assert [call.result(timeout=30) for call in calls] == [None] * 80
+    finally:
+        conn.redis.close()
 
 
 def test_a_failover_mid_stream_loses_nothing(env: Any, sentinel: LocalSentinel) -> None:

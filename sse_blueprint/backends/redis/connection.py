@@ -35,7 +35,7 @@ import redis
 from redis.client import Pipeline
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..._backoff import Backoff
 
@@ -88,6 +88,11 @@ def _hosts(netloc: str) -> tuple[dict[str, Any], list[tuple[str, int]]]:
     return credentials, hosts
 
 
+class _SentinelBlockingPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """The primary's pool behind a Sentinel, which waits for a free connection (redis-py's own
+    raises "Too many connections" once ``max_connections`` callers hold one)."""
+
+
 def connect(url: str, **options: Any) -> tuple[Any, str]:
     """The client that ``url`` names (see the module docstring), and its topology: ``"single"``,
     ``"cluster"`` or ``"sentinel"``. ``options`` go to every connection."""
@@ -125,7 +130,13 @@ def connect(url: str, **options: Any) -> tuple[Any, str]:
         raise ValueError(f"SSE_REDIS_URL {url!r}: name the service: …/service")
     sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
     primary = sentinel.master_for(  # type: ignore[no-untyped-call]
-        service, db=int(db or 0), max_connections=64, **credentials, **options
+        service,
+        connection_pool_class=_SentinelBlockingPool,
+        db=int(db or 0),
+        max_connections=16,
+        timeout=10,
+        **credentials,
+        **options,
     )
     return primary, "sentinel"
 
