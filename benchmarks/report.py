@@ -129,32 +129,58 @@ def markdown(results: dict[str, Any]) -> str:
         out += [
             "## The chat shape: many streams, 300 tokens at 30 tokens/s each",
             "",
-            "One worker (one process) for every server. Ours: blocks of 80 tokens and a tool call",
-            "after every third block, every block persisted (SQLite, PostgreSQL, or Redis with",
-            "PostgreSQL). The peers send the same text deltas, with neither blocks nor",
-            "persistence. On schedule: the 10 s schedule's length over the time it took (1.0 = on",
-            "time). Latency: producer to client, per token. Persist lag: once the readers had",
-            "everything, how long until every ended block was a row (0: kept up as blocks ended).",
+            "One worker (one process) for every server unless a row says two. Ours: blocks of 80",
+            "tokens and a tool call after every third block, every block persisted (SQLite,",
+            "PostgreSQL, or Redis or a Redis Cluster with PostgreSQL). The peers send the same",
+            "text deltas, with neither blocks nor persistence. On schedule: the 10 s schedule's",
+            "length over the time it took (1.0 = on time). Latency: producer to client, per token.",
+            "Persist lag: once the readers had everything, how long until every ended block was a",
+            "row (0: kept up as blocks ended). Two workers: each counts only its own statements,",
+            "so those rows leave out statements, bytes and lag; their server CPU is both workers'.",
+            "",
+            "Redis Cluster: three primaries on the same two cores, its Redis figures summed over",
+            "them. DB CPU: the PostgreSQL server's. Rows come from more than one run where a",
+            "run measured only some servers; the runs are listed under the table.",
             "",
             "| server, streams | offered tok/s | delivered tok/s | on schedule | complete "
             "| p50 ms | p99 ms | server CPU µs/token | DB statements/token | DB bytes/token "
-            "| persist lag s | Redis calls/token | Redis CPU µs/token | RSS KB/stream |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| DB CPU µs/token | persist lag s | Redis calls/token | Redis CPU µs/token "
+            "| RSS KB/stream |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
 
         def cell(r: dict[str, Any], key: str, fmt: str) -> str:
             return format(r[key], fmt) if key in r else "–"
 
-        for key, r in results["chat"].items():
+        order = ["SQLite", "PostgreSQL", "Redis", "Redis Cluster", "Redis (2 workers)",
+                 "Redis Cluster (2 workers)", "bare-gevent", "sse-starlette",
+                 "resumable-stream"]  # fmt: skip
+
+        def rank(item: tuple[str, dict[str, Any]]) -> tuple[int, int, int]:
+            name = item[0].rsplit(",", 1)[0]
+            known = order.index(name) if name in order else len(order)
+            return known, item[1]["readers"], item[1]["streams"]
+
+        runs: dict[str, list[str]] = {}
+        for key, r in sorted(results["chat"].items(), key=rank):
+            runs.setdefault(r.get("run", "the last full run"), []).append(key)
             out.append(
                 f"| {key} | {r['offered_tokens_per_s']:,.0f} | {r['delivered_tokens_per_s']:,.0f} "
                 f"| {r['on_schedule']:.2f} | {r['completeness'] * 100:.1f} % | {r['p50_ms']:.1f} "
                 f"| {r['p99_ms']:.1f} | {r['server_cpu_us_per_token']:.0f} "
                 f"| {cell(r, 'db_statements_per_token', '.3f')} "
-                f"| {cell(r, 'db_bytes_per_token', '.0f')} | {cell(r, 'persist_lag_s', '.2f')} "
+                f"| {cell(r, 'db_bytes_per_token', '.0f')} "
+                f"| {cell(r, 'db_cpu_us_per_token', '.1f')} | {cell(r, 'persist_lag_s', '.2f')} "
                 f"| {cell(r, 'redis_commands_per_token', '.1f')} "
                 f"| {cell(r, 'redis_cpu_us_per_token', '.1f')} | {r['rss_kb_per_stream']:.0f} |"
             )
+        out.append("")
+        for run, keys in runs.items():
+            names = sorted(
+                {k.rsplit(",", 1)[0] for k in keys},
+                key=lambda n: rank((n, {"readers": 0, "streams": 0})),
+            )
+            out.append(f"- {run}: {', '.join(names)} ({len(keys)} rows)")
         out.append("")
     if "encoding_ns" in results:
         enc = results["encoding_ns"]
@@ -237,7 +263,7 @@ def plot_chat(results: dict[str, Any], path: Path) -> None:
     for name, points in lines.items():
         points.sort()
         xs = [p[0] for p in points]
-        style = "-o" if name in ("SQLite", "PostgreSQL", "Redis", "Redis Cluster") else "--s"
+        style = "-o" if name.startswith(("SQLite", "PostgreSQL", "Redis")) else "--s"
         label = f"sse-blueprint, {name}" if style == "-o" else name
         left.plot(xs, [p[1] for p in points], style, label=label, markersize=4)
         right.plot(xs, [p[2] for p in points], style, label=label, markersize=4)

@@ -27,6 +27,8 @@ import httpx
 from benchmarks.common import OUT, PY, ROOT, Server, free_port, raise_fd_limit
 
 GUNICORN = [PY, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "20000"]
+#: When this run began (UTC): each chat row says which run measured it.
+RUN_STARTED = time.strftime("run of %Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 # -- servers -------------------------------------------------------------------------------------
@@ -187,6 +189,18 @@ def chat_rows(
             lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=cluster.url),
             "ours",
         ),
+        # Two workers: the kernel hands each reader to either, so about half the tokens reach
+        # their reader through the other worker's mirror (Pub/Sub): what a deployment pays.
+        (
+            "Redis (2 workers)",
+            lambda: ours(2, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=redis_url),
+            "ours",
+        ),
+        (
+            "Redis Cluster (2 workers)",
+            lambda: ours(2, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=cluster.url),
+            "ours",
+        ),
         ("bare-gevent", bare, "bare"),
         ("sse-starlette", starlette, "sse-starlette"),
         ("resumable-stream", lambda: resumable(redis_url), "resumable-stream"),
@@ -201,18 +215,18 @@ def chat_rows(
         runs = [(n, 1) for n in ramp]
         runs += [(n, r) for r in readers_extra for n in (1000,) if n in ramp]
         for streams, readers in runs:
-            nodes = {
-                "Redis": [redis_url],
-                "Redis Cluster": [f"redis://127.0.0.1:{p}" for p in cluster.ports],
-            }.get(name, [])
+            shards = [f"redis://127.0.0.1:{p}" for p in cluster.ports]
+            nodes = shards if name.startswith("Redis Cluster") else []
+            nodes = [redis_url] if name.startswith("Redis") and not nodes else nodes
             with serving(make) as server:
                 redis0 = redis_figures(nodes)
-                on_pg = name in ("PostgreSQL", "Redis", "Redis Cluster")
+                on_pg = name.startswith(("PostgreSQL", "Redis"))
                 row = chat_shape(
                     server, streams, readers, kind, postgres=postgres.data if on_pg else None
                 )
                 if nodes:
                     row.update(redis_cost(redis0, redis_figures(nodes), streams * 300))
+            row["run"] = RUN_STARTED
             key = f"{name}, {streams} streams" + (f" x {readers} readers" if readers > 1 else "")
             rows[key] = row
             print("chat", key, row, flush=True)
@@ -338,6 +352,9 @@ def chat_shape(
     if ours:
         os.remove(go)
         figures.update(persistence(server, db0, sent))
+        if len(server.worker_pids()) > 1:  # (each worker counts its own statements and blocks)
+            for key in ("db_statements_per_token", "db_bytes_per_token", "persist_lag_s"):
+                figures.pop(key)
         if postgres:  # (after the lag: every block is written by then)
             figures["db_cpu_us_per_token"] = (postgres_cpu_seconds(postgres) - db_cpu0) / sent * 1e6
         figures["gc"] = httpx.get(f"{server.url}/bench/gc").json()
