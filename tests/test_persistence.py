@@ -287,8 +287,8 @@ def test_resume_after_trim_when_persist_races_send() -> None:
     stream = Stream(producer, store=store, buffer_size=1000)
     stream.start()
     gevent.sleep(0.2)  # the write of block 0 is done and the buffer trimmed up to it
-    assert stream._trimmed_id == 7  # start (1), block 0 (2..6, its end 7); nothing of block 1
-    assert [e.id for e in stream._log] == [8, 9, 10, 11, 12]  # sent during the write: kept
+    assert stream.trimmed_id == 7  # start (1), block 0 (2..6, its end 7); nothing of block 1
+    assert [e.id for e in stream.buffered_after(0)] == [8, 9, 10, 11, 12]  # sent meanwhile: kept
     late = Transcript()
     sub = stream.subscribe(3)  # had seen "a0 a1" only: older than the buffer
     apply_all(late, sub.poll(1))

@@ -4,6 +4,7 @@
     context       what a producer gets (ProducerContext, Block)
     subscription  a reader's cursor into the live buffer
     stream        one producer run: its buffer, readers, fan-out, persistence, catch-up
+    mirror        another worker's stream, followed here for this worker's readers
     registry      a worker's streams, and streams that live only in the store
     ports         what the engine needs from a backend shared between workers
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from .._event import TERMINAL_EVENTS, Event
 from .context import Block, Producer, ProducerContext
 from .lifecycle import ProducerError, ShuttingDown, StreamClosed, StreamLimitReached, StreamState
+from .mirror import Mirror
 from .ports import SharedBackend, StreamBackend
 from .registry import LOST_ID_GAP, StreamRegistry, lost, lost_data, replay
 from .stream import Stream, new_stream_id
@@ -24,6 +26,7 @@ __all__ = [
     "Block",
     "Event",
     "LOST_ID_GAP",
+    "Mirror",
     "Producer",
     "ProducerContext",
     "ProducerError",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._event import Event
 
 if TYPE_CHECKING:
+    from .mirror import Mirror
     from .stream import Stream
 
 __all__ = ["SharedBackend", "StreamBackend"]
@@ -36,7 +37,7 @@ class SharedBackend(StreamBackend, Protocol):
     """A backend shared between workers and instances (``RedisBackend``): everything the
     registry and the web layer ask of it, whichever worker runs the stream."""
 
-    def mirror(self, stream_id: str) -> Stream | None:
+    def mirror(self, stream_id: str) -> Mirror | None:
         """This worker's follower of a stream run elsewhere, or None if unknown."""
 
     def release_mirrors(self) -> int:

@@ -73,6 +73,8 @@ class Stream:
     without one the buffer keeps every event until the stream is forgotten.
     """
 
+    _aggregates = True  # build the turn's blocks from the events (a Mirror does not)
+
     def __init__(
         self,
         producer: Producer,
@@ -87,7 +89,7 @@ class Stream:
         metadata: Mapping[str, Any] | None = None,
         on_complete: Callable[[Stream], None] | None = None,
         backend: StreamBackend | None = None,
-        mirror: bool = False,
+        writes: bool = True,
         max_event_bytes: int = 1 << 20,
         durable: bool = False,
         max_meta_bytes: int = 65536,
@@ -130,12 +132,10 @@ class Stream:
         self._trimmed_id = 0  # id of the newest event dropped from the buffer (0: none)
         self._trim_to = 0  # trim up to here once no reader holds the events back
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
-        # A shared backend (Redis) sees every event first; a mirror only follows another
-        # worker's stream (no producer, no writes) for this worker's readers.
+        # A shared backend (Redis) sees every event first. ``writes=False``: a Mirror's.
         self._backend = backend
         self._append_lock = gevent.lock.Semaphore()
-        self.mirror = mirror
-        self._writes = store is not None and not mirror
+        self._writes = store is not None and writes
         self._durable = durable and self._writes
         self._persister = Persister(self, store) if store is not None and self._writes else None
         if not self._writes:
@@ -145,8 +145,8 @@ class Stream:
 
     def start(self) -> None:
         """Run the producer on its own greenlet (once)."""
-        if self._greenlet is not None or self.mirror:
-            raise RuntimeError("stream already started" if not self.mirror else "a mirror")
+        if self._greenlet is not None:
+            raise RuntimeError("stream already started")
         if self._backend is not None:
             self._backend.claim(self)
         self.start_event = self._append(
@@ -200,7 +200,7 @@ class Stream:
             extra={"stream_id": self.id},
         )
         data = {"stream_id": self.id, "message": message}
-        self._adopt_terminal(Event(self._last_id + 1, StreamState.ERROR.value, data))
+        self.adopt_end(Event(self._last_id + 1, StreamState.ERROR.value, data))
 
     def _expire(self) -> None:
         self._timer = None
@@ -264,7 +264,7 @@ class Stream:
         durable = self._durable
         if ev.id == 1 and self.start_event is None:
             self.start_event = ev  # a mirror's: the owner's is set when it starts
-        if not self.mirror:
+        if self._aggregates:
             ended_block = self._turn.apply(ev)
             if ended_block or self._end - self._persisted_pos > self.buffer_size:
                 self._request_flush()
@@ -288,25 +288,26 @@ class Stream:
         self.metadata = merged
         self._request_flush()
 
-    def _ingest(self, ev: Event) -> None:
-        """A mirror's feed: an event written by the owner (on another worker)."""
-        if ev.id <= self._last_id or self.terminal_event is not None:
-            return
-        self._log_append(ev)
-        if ev.terminal:
-            self._ended(ev)
+    # -- a backend's feed: the only methods a backend calls to change a stream (and Mirror's) --
 
-    def _adopt_terminal(self, ev: Event) -> None:
-        """The owner learns that its stream ended elsewhere (a cancel, a lease lost)."""
+    def adopt_end(self, ev: Event) -> None:
+        """The owner learns that its stream ended elsewhere (a cancel, a lease lost): take that
+        terminal event after its own appends and stop the producer."""
         if self.terminal_event is not None or ev.id <= self._last_id:
             return
         if ev.id > self._last_id + 1:
             # Our own appends before it are still on their way back: take it after them.
-            gevent.spawn_later(0.005, self._adopt_terminal, ev)
+            gevent.spawn_later(0.005, self.adopt_end, ev)
             return
         self._log_append(ev)
         self._ended(ev)
         self._stop_producer()
+
+    def trim_persisted(self, up_to_id: int) -> None:
+        """Everything up to ``up_to_id`` is in the store (a mirror: the owner says so): drop it
+        from the buffer as soon as no reader still needs it."""
+        self._trim_to = max(self._trim_to, up_to_id)
+        self._trim(self._trim_to)
 
     def _terminate(
         self, state: StreamState, data: Mapping[str, Any], *, stop_producer: bool = False
@@ -314,7 +315,7 @@ class Stream:
         """The one way this process ends its stream (the producer's return or failure, a cancel,
         a timeout, shutdown): append the terminal event, which every worker sees, and stop the
         producer if asked. False if the stream had ended, here or elsewhere (then the backend
-        adopted that end: :meth:`_adopt_terminal`)."""
+        adopted that end: :meth:`adopt_end`)."""
         if self.terminal_event is not None:
             return False
         try:
@@ -392,8 +393,7 @@ class Stream:
         if done.blocks or done.events or len(self._log) > self.buffer_size:
             # (A write of the record alone trims nothing: that would only send new readers to
             # the store for the ``start`` event.)
-            self._trim_to = self._persisted_id
-            self._trim(self._trim_to)
+            self.trim_persisted(self._persisted_id)
             if self._backend is not None:
                 self._backend.persisted(self, self._persisted_id)
         if self.finished and self._persisted_id >= self._last_id:
@@ -521,6 +521,16 @@ class Stream:
         many readers were released.
         """
         released = self.readers.release(only_writing=only_writing)
-        if released and self._trim_to > self._trimmed_id:
-            self._trim(self._trim_to)
+        if released:
+            self.retrim()
         return released
+
+    def retrim(self) -> None:
+        """Trim what a reader that just left may have been holding back."""
+        if self._trim_to > self._trimmed_id:
+            self._trim(self._trim_to)
+
+    @property
+    def trimmed_id(self) -> int:
+        """The newest event id dropped from the buffer (0: none): older ones are in the store."""
+        return self._trimmed_id

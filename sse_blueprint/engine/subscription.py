@@ -110,5 +110,4 @@ class Subscription:
             self.closed = True
             stream = self._stream
             stream.readers.discard(self)
-            if stream._trim_to > stream._trimmed_id:
-                stream._trim(stream._trim_to)  # this reader may have been holding it back
+            stream.retrim()  # this reader may have been holding it back

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gevent
 from flask import Flask, current_app
@@ -18,7 +18,7 @@ from .. import _wire
 from .._config import SSEConfig
 from .._records import BlockStore
 from .._transport import WriteWatch
-from ..engine import SharedBackend, Stream, StreamRegistry
+from ..engine import Mirror, SharedBackend, StreamRegistry
 
 if TYPE_CHECKING:
     from .extension import SSE
@@ -85,12 +85,10 @@ class AppState:
         )
         return finished, stopped
 
-    def _mirror(self, stream_id: str) -> Stream:
-        return Stream(
-            no_producer,
-            stream_id=stream_id,
+    def _mirror(self, stream_id: str) -> Mirror:
+        return Mirror(
+            stream_id,
             store=self.store,
-            mirror=True,
             client_queue=self.config.client_queue,
             buffer_size=self.config.buffer_size,
         )
@@ -107,10 +105,6 @@ def shutdown(grace: float | None = None) -> None:
     """
     greenlets = [gevent.spawn(state.shutdown, grace) for state in list(STATES)]
     gevent.joinall(greenlets)
-
-
-def no_producer(ctx: Any) -> None:
-    raise RuntimeError("a mirror has no producer")
 
 
 def app_state(app: Flask | None = None) -> AppState:

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import _observe
 from .._guard import REFUSAL_SUFFIX, RequestRefused, check_post, read_json_body, routing_refusal
-from ..engine import ShuttingDown, Stream, StreamLimitReached
+from ..engine import Mirror, ShuttingDown, Stream, StreamLimitReached
 from .answers import (
     AI_SDK,
     add_cors_headers,
@@ -148,7 +148,7 @@ def make_blueprint() -> Blueprint:
         state = app_state()
         found = find(state, stream_id)
         state.ext._check("status", found.metadata)
-        if isinstance(found, Stream) and found.mirror and state.backend is not None:
+        if isinstance(found, Mirror) and state.backend is not None:
             shared = store_call(state.backend.status, stream_id)
             if shared is not None:
                 return {**shared, "subscribers": found.subscriber_count}
@@ -160,7 +160,7 @@ def make_blueprint() -> Blueprint:
         check_post(request, state.config.cors_origins)
         found = find(state, stream_id)
         state.ext._check("cancel", found.metadata)
-        if isinstance(found, Stream) and found.mirror and state.backend is not None:
+        if isinstance(found, Mirror) and state.backend is not None:
             # Run elsewhere: end it in Redis; its owner hears of it and stops its producer.
             data = {"stream_id": stream_id}
             ended = store_call(state.backend.end, stream_id, "cancelled", data) == "ok"

@@ -60,7 +60,7 @@ from ... import _wire
 from ..._batch import Batcher
 from ..._event import DURABLE
 from ..._records import BlockStore
-from ...engine import Event, Stream, StreamClosed, StreamState, lost_data
+from ...engine import Event, Mirror, Stream, StreamClosed, StreamState, lost_data
 from .clients import ClientCounter
 from .connection import REDIS_ERRORS, RedisConnection, is_transient
 from .mirrors import Mirrors
@@ -90,7 +90,7 @@ class RedisBackend:
         *,
         lease: float = 10.0,
         retention: float = 300.0,
-        make_mirror: Callable[[str], Stream] | None = None,
+        make_mirror: Callable[[str], Mirror] | None = None,
         store: BlockStore | None = None,
     ) -> None:
         self.conn = RedisConnection(url, patience=max(lease, 5.0))
@@ -145,7 +145,7 @@ class RedisBackend:
     def _ended_elsewhere(self, stream: Stream, payload: dict[str, Any]) -> None:
         event = Event(payload["id"], payload["e"], payload["d"])
         if event.terminal:
-            stream._adopt_terminal(event)
+            stream.adopt_end(event)
 
     def append(self, stream: Stream, event: Event) -> None:
         try:
@@ -215,7 +215,7 @@ class RedisBackend:
             why = LOST_IN_REDIS if "LOST" in text else "producer fenced out"
             log.error("stream %s: %s; stopping", stream.id, why, extra={"stream_id": stream.id})
             end = Event(stream.last_event_id + 1, "error", lost_data(stream.id, why))
-            stream._adopt_terminal(end)
+            stream.adopt_end(end)
         else:
             self._adopt_remote_end(stream)  # cancelled, or lost while we could not renew
 
@@ -249,7 +249,7 @@ class RedisBackend:
         if entries:
             event = event_from_entry(*entries[0])
             if event.terminal:
-                stream._adopt_terminal(event)
+                stream.adopt_end(event)
 
     def _renew_loop(self, stream: Stream, gen: str) -> None:
         meta, _, lease, _ = stream_keys(stream.id)
@@ -337,12 +337,12 @@ class RedisBackend:
         states = self.conn.pipelined(states_of)
         return {sid: st == b"running" for sid, st in zip(stream_ids, states, strict=True)}
 
-    def mirror(self, stream_id: str) -> Stream | None:
+    def mirror(self, stream_id: str) -> Mirror | None:
         """This worker's mirror of a stream that another worker runs, or None if unknown."""
         return self._mirrors.get(stream_id)
 
     @property
-    def mirrors(self) -> dict[str, Stream]:
+    def mirrors(self) -> dict[str, Mirror]:
         return self._mirrors.streams
 
     def release_mirrors(self) -> int:

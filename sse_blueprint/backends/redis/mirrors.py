@@ -1,8 +1,8 @@
 """Mirrors: this worker's followers of streams that other workers run.
 
-A stream with readers on a worker other than its owner gets one *mirror* there: a
-:class:`~sse_blueprint.engine.Stream` without a producer, filled from ``XRANGE`` once its channel
-subscription is confirmed, then fed by the published events (a gap in ids is filled with
+A stream with readers on a worker other than its owner gets one *mirror* there (a
+:class:`~sse_blueprint.engine.Mirror`: a stream without a producer), filled from ``XRANGE`` once
+its channel subscription is confirmed, then fed by the published events (a gap in ids is filled with
 ``XRANGE``; a mirror that missed what Redis has since trimmed is replaced, its readers resuming
 from the store). All of that worker's readers follow the mirror with the engine's usual cursors: the
 commands per event do not grow with the clients. A watchdog ends a mirrored stream whose owner's
@@ -26,7 +26,7 @@ import redis
 
 from ..._event import DURABLE
 from ..._records import BlockStore
-from ...engine import Event, Stream, lost, lost_data
+from ...engine import Event, Mirror, lost, lost_data
 from .connection import REDIS_ERRORS, RedisConnection
 from .pubsub import PubSub
 from .scripts import LOST_IN_REDIS, event_from_entry, stream_keys
@@ -48,7 +48,7 @@ class Mirrors:
         pubsub: PubSub,
         *,
         lease: float,
-        make_mirror: Callable[[str], Stream] | None,
+        make_mirror: Callable[[str], Mirror] | None,
         store: BlockStore | None,
         end: Ender,
     ) -> None:
@@ -58,13 +58,13 @@ class Mirrors:
         self.make_mirror = make_mirror
         self.store = store  # where a mirror learns how a stream that Redis lost ended
         self._end = end
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, Mirror] = {}
         self._making: dict[str, gevent.event.AsyncResult] = {}  # mirrors being made
         self._early: dict[str, list[Event]] = {}  # events that came before the first fill
         self._filling: dict[str, bool] = {}  # refills running: whether another is due after
         self._watchdog: gevent.Greenlet | None = None
 
-    def get(self, stream_id: str) -> Stream | None:
+    def get(self, stream_id: str) -> Mirror | None:
         """This worker's mirror of a stream that another worker runs, or None if unknown.
 
         The mirror is handed out only once it is filled and following: the subscription is
@@ -75,7 +75,7 @@ class Mirrors:
         """
         pending = self._making.get(stream_id)
         if pending is not None:
-            found: Stream | None = pending.get(timeout=15)
+            found: Mirror | None = pending.get(timeout=15)
             return found
         mirror = self.streams.get(stream_id)
         if mirror is not None:
@@ -96,7 +96,7 @@ class Mirrors:
         """Shutdown: end the responses of every reader of a mirror (they resume elsewhere)."""
         return sum(mirror.release_readers() for mirror in list(self.streams.values()))
 
-    def _make(self, stream_id: str) -> Stream | None:
+    def _make(self, stream_id: str) -> Mirror | None:
         meta, _, _, channel = stream_keys(stream_id)
         producer, metadata = self.conn.retrying(
             self.conn.redis.hmget, meta, ["producer", "metadata"]
@@ -125,16 +125,15 @@ class Mirrors:
             self._deliver(stream, event)
         return stream
 
-    def _on_subscribed(self, stream: Stream) -> None:
+    def _on_subscribed(self, stream: Mirror) -> None:
         if stream.id not in self._early:
             # (Re)subscribed after a reconnect: what was published meanwhile is in the Redis
             # Stream.
             self._refill(stream)
 
-    def _on_message(self, stream: Stream, payload: dict[str, Any]) -> None:
+    def _on_message(self, stream: Mirror, payload: dict[str, Any]) -> None:
         if "persisted" in payload:
-            stream._trim_to = max(stream._trim_to, payload["persisted"])
-            stream._trim(stream._trim_to)
+            stream.trim_persisted(payload["persisted"])
             return
         event = Event(payload["id"], payload["e"], payload["d"], payload.get("r", DURABLE))
         early = self._early.get(stream.id)
@@ -143,7 +142,7 @@ class Mirrors:
             return
         self._deliver(stream, event)
 
-    def _fill(self, stream: Stream, *, first: bool = False) -> None:
+    def _fill(self, stream: Mirror, *, first: bool = False) -> None:
         """Bring a mirror up to date from the Redis Stream (first, after a gap, a reconnect)."""
         _, events, _, _ = stream_keys(stream.id)
         start = f"{stream.last_event_id + 1}-0"
@@ -151,19 +150,14 @@ class Mirrors:
         if first and entries:
             # Everything before the first entry was trimmed after being persisted: a reader
             # older than that is caught up from the store (the engine's usual two tiers).
-            first_id = event_from_entry(*entries[0]).id
-            stream._trimmed_id = stream._trim_to = first_id - 1
-            stream._last_id = first_id - 1
-            if first_id > 1:
-                start_data = {"stream_id": stream.id, "producer": stream.producer_name}
-                stream.start_event = Event(1, "start", start_data)
+            stream.follow_from(event_from_entry(*entries[0]).id)
         if not first and entries and event_from_entry(*entries[0]).id > stream.last_event_id + 1:
             self._restart(stream)
             return
         for entry in entries:
-            stream._ingest(event_from_entry(*entry))
+            stream.ingest(event_from_entry(*entry))
 
-    def _restart(self, stream: Stream) -> None:
+    def _restart(self, stream: Mirror) -> None:
         """The mirror missed events that Redis has since trimmed (they are persisted): it
         cannot be filled from Redis. It is dropped and its readers released: they reconnect
         from their last ids to a new mirror, which catches them up from the store first."""
@@ -177,13 +171,13 @@ class Mirrors:
         self.pubsub.unfollow(stream_keys(stream.id)[3])
         stream.release_readers()
 
-    def _deliver(self, stream: Stream, event: Event) -> None:
+    def _deliver(self, stream: Mirror, event: Event) -> None:
         if event.id > stream.last_event_id + 1:
             self._refill(stream)  # a gap: read it from the Redis Stream
         else:
-            stream._ingest(event)
+            stream.ingest(event)
 
-    def _refill(self, stream: Stream) -> None:
+    def _refill(self, stream: Mirror) -> None:
         """Fill a mirror from the Redis Stream on a greenlet of its own, one at a time per
         stream: gaps seen while a fill runs make one more fill after it, not one each."""
         if stream.id in self._filling:
@@ -192,7 +186,7 @@ class Mirrors:
         self._filling[stream.id] = False
         gevent.spawn(self._refilling, stream)
 
-    def _refilling(self, stream: Stream) -> None:
+    def _refilling(self, stream: Mirror) -> None:
         try:
             again = True
             while again and not stream.finished and self.streams.get(stream.id) is stream:
@@ -253,7 +247,7 @@ class Mirrors:
                     self.streams.pop(stream_id, None)
                     self.pubsub.unfollow(stream_keys(stream_id)[3])
 
-    def _end_from_store(self, mirror: Stream, missing_since: float) -> None:
+    def _end_from_store(self, mirror: Mirror, missing_since: float) -> None:
         """End a mirror of a stream that Redis no longer knows (restarted empty, flushed,
         evicted, a failover that lost writes), as the store says it ended.
 
@@ -277,4 +271,4 @@ class Mirrors:
             "stream %s: Redis lost this stream; it ended with %s", mirror.id, end.event,
             extra={"stream_id": mirror.id},
         )  # fmt: skip
-        mirror._ingest(end)
+        mirror.ingest(end)

@@ -35,11 +35,11 @@ LOST_IN_REDIS = "stream state lost in Redis"
 # ("GAP <last id>"): Redis lost events it had acknowledged (a failover promoted a replica that had
 # not got them yet), and the owner writes them again.
 APPEND = """
-local gen = redis.call('HGET', KEYS[1], 'gen')
-if not gen then return redis.error_reply('LOST') end
-if gen ~= ARGV[1] then return redis.error_reply('FENCED') end
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_id') or '0')
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'last_id')
+if not meta[1] then return redis.error_reply('LOST') end
+if meta[1] ~= ARGV[1] then return redis.error_reply('FENCED') end
+if meta[2] ~= 'running' then return redis.error_reply('CLOSED') end
+local last = tonumber(meta[3] or '0')
 if tonumber(ARGV[2]) <= last then return 2 end
 if ARGV[12] ~= '1' and tonumber(ARGV[2]) > last + 1 then
   return redis.error_reply('GAP ' .. last)
@@ -82,20 +82,20 @@ return 'ok'
 
 # KEYS: meta. ARGV: gen, metadata json. The owner's writes only, while it runs.
 SET_METADATA = """
-local gen = redis.call('HGET', KEYS[1], 'gen')
-if not gen then return redis.error_reply('LOST') end
-if gen ~= ARGV[1] then return redis.error_reply('FENCED') end
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return redis.error_reply('CLOSED') end
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
+if not meta[1] then return redis.error_reply('LOST') end
+if meta[1] ~= ARGV[1] then return redis.error_reply('FENCED') end
+if meta[2] ~= 'running' then return redis.error_reply('CLOSED') end
 redis.call('HSET', KEYS[1], 'metadata', ARGV[2])
 return 1
 """
 
 # KEYS: meta, lease. ARGV: gen, lease ms. Returns the state (the owner stops if not running).
 RENEW = """
-local gen = redis.call('HGET', KEYS[1], 'gen')
-if not gen then return 'lost' end
-if gen ~= ARGV[1] then return 'fenced' end
-local state = redis.call('HGET', KEYS[1], 'state')
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state')
+if not meta[1] then return 'lost' end
+if meta[1] ~= ARGV[1] then return 'fenced' end
+local state = meta[2]
 if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
 return state
 """

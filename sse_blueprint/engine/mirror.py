@@ -1,0 +1,65 @@
+"""A mirror: this worker's copy of a stream that another worker (or instance) produces.
+
+A :class:`Mirror` is a :class:`~sse_blueprint.engine.Stream` without a producer and without
+writes: a shared backend feeds it the owner's events (:meth:`Mirror.ingest`) and says what the
+owner has persisted (:meth:`Mirror.trim_persisted`), and this worker's readers follow it like
+any stream, catching up from the store for what the buffer no longer holds.
+
+Imports the stream only; it must not import a backend, a store or the web layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+from .._event import Event
+from .._records import BlockStore
+from .stream import Stream
+
+__all__ = ["Mirror"]
+
+
+def _no_producer(ctx: Any) -> None:  # pragma: no cover (a mirror never runs one)
+    raise RuntimeError("a mirror has no producer")
+
+
+class Mirror(Stream):
+    """Another worker's stream ``stream_id``, followed here for this worker's readers."""
+
+    _aggregates = False  # the owner builds and writes the turn's blocks, not a mirror
+
+    def __init__(
+        self,
+        stream_id: str,
+        *,
+        store: BlockStore | None = None,
+        client_queue: int = 2048,
+        buffer_size: int = 1024,
+    ) -> None:
+        super().__init__(
+            _no_producer,
+            stream_id=stream_id,
+            store=store,
+            client_queue=client_queue,
+            buffer_size=buffer_size,
+            writes=False,
+        )
+
+    def start(self) -> NoReturn:
+        raise RuntimeError("a mirror has no producer to start")
+
+    def ingest(self, ev: Event) -> None:
+        """An event the owner wrote. One already here, or one after the end, is ignored."""
+        if ev.id <= self.last_event_id or self.terminal_event is not None:
+            return
+        self._log_append(ev)
+        if ev.terminal:
+            self._ended(ev)
+
+    def follow_from(self, first_id: int) -> None:
+        """Start at ``first_id``, the oldest event the backend still holds: what came before was
+        persisted and trimmed, so older readers catch up from the store."""
+        self._trimmed_id = self._trim_to = self._last_id = first_id - 1
+        if first_id > 1:
+            start_data = {"stream_id": self.id, "producer": self.producer_name}
+            self.start_event = Event(1, "start", start_data)

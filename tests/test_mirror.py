@@ -1,0 +1,112 @@
+"""A mirror on its own (no Redis): fed another worker's events, it gives its readers each event
+once and in order, writes nothing, and catches readers up from the owner's store when it started
+after events were trimmed."""
+
+from __future__ import annotations
+
+import random
+
+import gevent
+import pytest
+
+from sse_blueprint._storage import SQLStore
+from sse_blueprint.engine import Event, Mirror, ProducerContext, Stream
+from tests.sse_parser import Transcript
+
+WORDS = [f"w{i} " for i in range(30)]
+
+
+def owner(store: SQLStore | None = None, pause: float = 0) -> tuple[Stream, list[Event]]:
+    """A stream of three text blocks (a pause after the second), started, and the list that
+    fills with every event it sends, in order."""
+
+    def producer(ctx: ProducerContext) -> None:
+        for n, word in enumerate(WORDS):
+            ctx.text(n // 10, word)
+            ctx.sleep(0.002)  # (its reader keeps up, so it never holds the trim back)
+            if n % 10 == 9:
+                ctx.end_block(n // 10)
+                if n == 19:
+                    ctx.sleep(pause)
+
+    stream = Stream(producer, store=store, buffer_size=1000)
+    sub = stream.subscribe(0)
+    events: list[Event] = []
+
+    def follow() -> None:
+        try:
+            while not sub.done:
+                events.extend(sub.poll(1))
+        finally:
+            sub.close()
+
+    gevent.spawn(follow)
+    stream.start()
+    return stream, events
+
+
+def read(mirror: Mirror, seen: list[Event] | None = None) -> Transcript:
+    """A client that had ``seen`` (the owner's first events) resumes on ``mirror``."""
+    transcript = Transcript()
+    for e in seen or []:
+        transcript.apply(e.id, e.event, e.data)
+    sub = mirror.subscribe(transcript.last_id)
+    with gevent.Timeout(5):
+        while not sub.done:
+            for e in sub.poll(1):
+                transcript.apply(e.id, e.event, e.data)
+    sub.close()
+    return transcript
+
+
+def test_a_mirror_gives_each_event_once_in_order_and_writes_nothing() -> None:
+    stream, events = owner()
+    assert stream.wait(5)
+    gevent.sleep(0.05)
+    store = SQLStore("sqlite://")
+    mirror = Mirror(stream.id, store=store)
+    reader = mirror.subscribe(0)
+    got: list[Event] = []
+    rng = random.Random(7)
+    for n, event in enumerate(events):
+        mirror.ingest(event)
+        for again in rng.sample(events[: n + 1], k=min(3, n + 1)):
+            mirror.ingest(again)  # a refill after a gap sends some again
+        gevent.sleep(0)
+        got += reader.poll(0)
+    got += reader.poll(1)
+    assert [(e.id, e.event) for e in got] == [(e.id, e.event) for e in events]
+    assert mirror.finished
+    assert mirror.terminal_event == events[-1]
+    mirror.ingest(Event(events[-1].id + 1, "tick", {}))  # nothing after the end
+    assert mirror.last_event_id == events[-1].id
+    assert store.load_stream(stream.id) is None  # the owner writes, not a mirror
+
+
+def test_a_mirror_that_starts_after_a_trim_catches_readers_up_from_the_store() -> None:
+    store = SQLStore("sqlite://")
+    stream, events = owner(store, pause=0.5)
+    gevent.sleep(0.3)  # in the pause: blocks 0 and 1 are persisted and trimmed
+    held = stream.buffered_after(0)
+    assert stream.trimmed_id > 1
+    assert held
+    mirror = Mirror(stream.id, store=store)
+    mirror.follow_from(held[0].id)  # what the backend still holds starts here
+    for event in held:
+        mirror.ingest(event)
+    assert stream.wait(5)
+    gevent.sleep(0.05)
+    for event in events:
+        mirror.ingest(event)  # the rest (and what it has: ignored)
+    for k in (0, 1, 5, len(events) - len(held), len(events) - 2):
+        transcript = read(mirror, events[:k])  # resumed before, at and after the trim
+        assert transcript.text() == "".join(WORDS)
+        assert transcript.terminal == "done"
+    mirror.trim_persisted(events[-1].id)  # the owner says: all of it is stored
+    assert mirror.trimmed_id > held[0].id
+    assert read(mirror).text() == "".join(WORDS)
+
+
+def test_a_mirror_has_no_producer_to_start() -> None:
+    with pytest.raises(RuntimeError, match="mirror"):
+        Mirror("x").start()
