@@ -62,7 +62,7 @@ from ..._event import DURABLE
 from ..._records import BlockStore
 from ...engine import Event, Mirror, Stream, StreamClosed, StreamState, lost_data
 from .clients import ClientCounter
-from .connection import REDIS_ERRORS, RedisConnection, is_transient
+from .connection import REDIS_ERRORS, LuaScript, RedisConnection, is_transient
 from .mirrors import Mirrors
 from .pubsub import PubSub
 from .scripts import (
@@ -97,11 +97,13 @@ class RedisBackend:
         self.redis = self.conn.redis
         self.url = url
         self.lease = lease
+        self._lease_ms = int(lease * 1000)
         self.retention = retention
         self.store = store
         self._append = self.conn.script(APPEND)
-        # Owners' appends, batched across streams (each producer waits for its own).
-        self._appends: Batcher[tuple[list[str], list[Any]], Any] = Batcher(self._append_all)
+        # Owners' script calls (appends, lease renewals) batched across streams; each waits for
+        # its own outcome.
+        self._calls: Batcher[tuple[LuaScript, list[str], list[Any]], Any] = Batcher(self._call_all)
         self._end = self.conn.script(END)
         self._renew = self.conn.script(RENEW)
         self._set_metadata = self.conn.script(SET_METADATA)
@@ -150,7 +152,7 @@ class RedisBackend:
     def append(self, stream: Stream, event: Event) -> None:
         try:
             try:
-                self._appends.submit(self._append_call(stream, event))
+                self._calls.submit((self._append, *self._append_call(stream, event)))
             except redis.ResponseError as exc:
                 if not str(exc).startswith("GAP "):
                     raise
@@ -192,16 +194,17 @@ class RedisBackend:
             extra={"stream_id": stream.id},
         )  # fmt: skip
         for n, ev in enumerate([*missing, event]):
-            self._appends.submit(self._append_call(stream, ev, gap=n == 0))
+            self._calls.submit((self._append, *self._append_call(stream, ev, gap=n == 0)))
 
-    def _append_all(self, batch: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """The appends of every stream that are waiting, in one pipeline: one round trip for
-        all (each script call's refusal is its own caller's). Retried whole while Redis cannot
-        answer: an append that already ran answers 2 the second time."""
+    def _call_all(self, batch: Sequence[tuple[LuaScript, list[str], list[Any]]]) -> list[Any]:
+        """The owners' script calls that are waiting (every stream's appends, the lease
+        renewals due), in one pipeline: one round trip for all (each call's refusal is its own
+        caller's). Retried whole while Redis cannot answer: an append that already ran
+        answers 2 the second time, a renewal is a plain ``SET``."""
 
         def queue(pipe: Pipeline) -> None:
-            for keys, args in batch:
-                self._append.queue(pipe, keys, args)
+            for script, keys, args in batch:
+                script.queue(pipe, keys, args)
 
         results: list[Any] = self.conn.pipelined(queue, replies=True)
         return results
@@ -258,7 +261,7 @@ class RedisBackend:
             if stream.finished:
                 break
             try:
-                state = self._renew([meta, lease], [gen, int(self.lease * 1000)])
+                state = self._calls.submit((self._renew, [meta, lease], [gen, self._lease_ms]))
             except REDIS_ERRORS as exc:
                 log.warning(
                     "stream %s: lease renewal failed (%s)",
