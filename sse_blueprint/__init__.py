@@ -26,8 +26,6 @@ catches up exactly: no gap, no duplicate.
 from __future__ import annotations
 
 from ._config import ConfigError, SSEConfig
-from ._records import BlockStore, StoredTurn, StreamRecord, TurnBlock, TurnEvent
-from ._storage import SQLStore, create_all, metadata, run_blocking
 from ._wire import WireFormatError
 from .engine import (
     TERMINAL_EVENTS,
@@ -44,6 +42,9 @@ from .engine import (
     StreamState,
     Subscription,
 )
+from .storage.records import BlockStore, StoredTurn, StreamRecord, TurnBlock, TurnEvent
+from .storage.schema import create_all, metadata
+from .storage.sql import SQLStore, run_blocking
 from .web import SSE, InputError, shutdown
 
 __all__ = [

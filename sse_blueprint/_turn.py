@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _wire
 from ._event import BLOCK_EVENTS, DURABLE, LATEST, REPLAY_MODES, RESERVED_EVENTS, Event
-from ._records import StoredTurn, TurnBlock, TurnEvent
+from .storage.records import StoredTurn, TurnBlock, TurnEvent
 
 __all__ = ["KIND_PATTERN", "TurnBuilder", "catch_up"]
 

@@ -13,9 +13,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from sse_blueprint import migrations
-from sse_blueprint._records import StreamRecord, TurnBlock, TurnEvent
-from sse_blueprint._storage import SQLStore, metadata
 from sse_blueprint.engine import replay
+from sse_blueprint.storage.records import StreamRecord, TurnBlock, TurnEvent
+from sse_blueprint.storage.schema import metadata
+from sse_blueprint.storage.sql import SQLStore
 from tests.conftest import PostgresServer
 
 

@@ -9,8 +9,8 @@ import random
 import gevent
 import pytest
 
-from sse_blueprint._storage import SQLStore
 from sse_blueprint.engine import Event, Mirror, ProducerContext, Stream
+from sse_blueprint.storage.sql import SQLStore
 from tests.sse_parser import Transcript
 
 WORDS = [f"w{i} " for i in range(30)]

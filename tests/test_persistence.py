@@ -14,8 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sse_blueprint._records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
-from sse_blueprint._storage import SQLStore
 from sse_blueprint.engine import (
     LOST_ID_GAP,
     Event,
@@ -26,6 +24,8 @@ from sse_blueprint.engine import (
     replay,
 )
 from sse_blueprint.engine import persister as persister_module
+from sse_blueprint.storage.records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
+from sse_blueprint.storage.sql import SQLStore
 from tests.sse_parser import Transcript
 
 

@@ -9,7 +9,7 @@ import gevent
 import pytest
 
 from sse_blueprint import Event, ProducerContext, Stream
-from sse_blueprint._storage import SQLStore
+from sse_blueprint.storage.sql import SQLStore
 from tests.sse_parser import Transcript
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 from .._event import Event
-from .._records import BlockStore
+from ..storage.records import BlockStore
 from .stream import Stream
 
 __all__ = ["Mirror"]

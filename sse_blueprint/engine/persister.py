@@ -22,7 +22,7 @@ from gevent import Greenlet
 
 from .. import _observe
 from .._backoff import Backoff
-from .._records import BlockStore, StreamRecord, TurnBlock, TurnEvent
+from ..storage.records import BlockStore, StreamRecord, TurnBlock, TurnEvent
 
 if TYPE_CHECKING:
     from .stream import Stream

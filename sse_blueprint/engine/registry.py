@@ -15,8 +15,8 @@ from typing import Any
 import gevent
 
 from .._event import Event
-from .._records import BlockStore, StoredTurn, StreamRecord
 from .._turn import catch_up
+from ..storage.records import BlockStore, StoredTurn, StreamRecord
 from .context import Producer
 from .lifecycle import ShuttingDown, StreamLimitReached, StreamState
 from .ports import SharedBackend

@@ -42,8 +42,8 @@ from gevent import Greenlet
 
 from .. import _observe, _wire
 from .._event import DURABLE, Event
-from .._records import BlockStore, StreamRecord
 from .._turn import TurnBuilder, catch_up
+from ..storage.records import BlockStore, StreamRecord
 from .context import Producer, ProducerContext, WakeUp
 from .lifecycle import ProducerError, StreamClosed, StreamState
 from .persister import Persister, Unsaved

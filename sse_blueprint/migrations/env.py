@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from sse_blueprint._storage import metadata
 from sse_blueprint.migrations import VERSION_TABLE
+from sse_blueprint.storage.schema import metadata
 
 config = context.config
 

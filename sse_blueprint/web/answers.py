@@ -21,9 +21,9 @@ from .. import _observe, _wire
 from .._aisdk import HEADERS as AI_SDK_HEADERS
 from .._aisdk import UIMessageStream
 from .._guard import RequestRefused, connection_shutter
-from .._records import StreamRecord
 from .._transport import DirectWriter, encode, follow
 from ..engine import Event, Stream
+from ..storage.records import StreamRecord
 from .state import MULTIPROCESS_REFUSAL, AppState
 
 if TYPE_CHECKING:

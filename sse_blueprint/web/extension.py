@@ -16,9 +16,9 @@ from flask import Flask, Response, url_for
 
 from .. import _observe
 from .._config import SSEConfig
-from .._records import BlockStore
-from .._storage import SQLStore
 from ..engine import Producer, Stream, StreamRegistry
+from ..storage.records import BlockStore
+from ..storage.sql import SQLStore
 from .answers import AI_SDK, FORMAT_SSE, FORMATS, answer, error, find
 from .state import EXTENSION_KEY, AppState, app_state
 from .views import CLIENT_VERSION, make_blueprint

@@ -16,9 +16,9 @@ from flask import Flask, current_app
 
 from .. import _wire
 from .._config import SSEConfig
-from .._records import BlockStore
 from .._transport import WriteWatch
 from ..engine import Mirror, SharedBackend, StreamRegistry
+from ..storage.records import BlockStore
 
 if TYPE_CHECKING:
     from .extension import SSE

@@ -59,8 +59,8 @@ from redis.client import Pipeline
 from ... import _wire
 from ..._batch import Batcher
 from ..._event import DURABLE
-from ..._records import BlockStore
 from ...engine import Event, Mirror, Stream, StreamClosed, StreamState, lost_data
+from ...storage.records import BlockStore
 from .clients import ClientCounter
 from .connection import REDIS_ERRORS, LuaScript, RedisConnection, is_transient
 from .mirrors import Mirrors

@@ -25,8 +25,8 @@ import gevent.event
 import redis
 
 from ..._event import DURABLE
-from ..._records import BlockStore
 from ...engine import Event, Mirror, lost, lost_data
+from ...storage.records import BlockStore
 from .connection import REDIS_ERRORS, RedisConnection
 from .pubsub import PubSub
 from .scripts import LOST_IN_REDIS, event_from_entry, stream_keys
