@@ -75,10 +75,12 @@ def lost_replies(url: str) -> dict[str, Any]:
     return {
         "ended": ended,
         "state": stream.state.value,
-        "local_ids": [e.id for e in stream._log],
+        "local_ids": [e.id for e in stream.buffered_after(0)],
         "redis_ids": [int(e[0].split(b"-")[0]) for e in entries],
         "redis_state": client.hget(f"sse:{{{stream.id}}}:meta", "state").decode(),  # type: ignore[union-attr]
-        "text": "".join(e.data["text"] for e in stream._log if e.event == "text_delta"),
+        "text": "".join(
+            e.data["text"] for e in stream.buffered_after(0) if e.event == "text_delta"
+        ),
     }
 
 
@@ -170,7 +172,7 @@ def pipeline_blip(url: str) -> dict[str, Any]:
         "broken": broken,
         "ended": ended,
         "state": stream.state.value,
-        "ids": [e.id for e in stream._log],
+        "ids": [e.id for e in stream.buffered_after(0)],
         "active": list(active.values()),
     }
 

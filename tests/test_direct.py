@@ -77,7 +77,7 @@ def test_parked_readers_get_every_event_in_order_without_waking(seed: int) -> No
     readers = [gevent.spawn(read_direct, s, r) for s, r in zip(subs, recorders, strict=True)]
     stream.start()
     gevent.joinall(readers, raise_error=True)
-    expected = stream._events_from(stream._base)
+    expected = stream.buffered_after(0)
     assert [e.id for e in expected] == list(range(1, 503))
     for reader, recorder in zip(readers, recorders, strict=True):
         got, _polled, wakes = reader.value

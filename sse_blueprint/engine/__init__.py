@@ -3,6 +3,7 @@
     lifecycle     states and the exceptions that end or refuse a stream
     context       what a producer gets (ProducerContext, Block)
     subscription  a reader's cursor into the live buffer
+    log           the live buffer (EventLog): positions, visibility, trimming
     stream        one producer run: its buffer, readers, fan-out, persistence, catch-up
     mirror        another worker's stream, followed here for this worker's readers
     registry      a worker's streams, and streams that live only in the store

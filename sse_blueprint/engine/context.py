@@ -136,7 +136,7 @@ class ProducerContext:
 
     def snapshot(self) -> list[Event]:
         """The events in the live buffer now (oldest first)."""
-        return list(self._stream._log)
+        return list(self._stream.buffer.events)
 
     def trim(self, up_to_id: int) -> int:
         """Drop buffered events up to ``up_to_id``, for producers that persist their own way.

@@ -59,7 +59,7 @@ class Mirror(Stream):
     def follow_from(self, first_id: int) -> None:
         """Start at ``first_id``, the oldest event the backend still holds: what came before was
         persisted and trimmed, so older readers catch up from the store."""
-        self._trimmed_id = self._trim_to = self._last_id = first_id - 1
+        self.buffer.start_at(first_id)
         if first_id > 1:
             start_data = {"stream_id": self.id, "producer": self.producer_name}
             self.start_event = Event(1, "start", start_data)

@@ -7,7 +7,7 @@ inline for a few (the chat shape) or from one greenlet for many, and wakes only 
 serve. A reader more than ``client_queue`` events behind is cut: its response ends and the client
 resumes from its last id. Nothing is dropped for a reader that stays.
 
-Imports the subscription and gevent; the stream only for typing (it reads ``stream._visible``,
+Imports the subscription and gevent; the stream only for typing (it reads ``stream.buffer.visible``,
 the one position every reader may take up to).
 """
 
@@ -158,7 +158,7 @@ class Readers:
             if sub not in parked:
                 continue
             try:
-                if not (sub.cut or sub.closed) and sub._pos < stream._visible:
+                if not (sub.cut or sub.closed) and sub._pos < stream.buffer.visible:
                     events = sub._take()
                     if events and not sub.direct(events):  # type: ignore[misc]
                         self._unpark(sub)  # its greenlet finishes the write, or ends

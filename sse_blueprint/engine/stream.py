@@ -28,7 +28,6 @@ the cursor without a lock, and no event can slip in between (see ARCHITECTURE.md
 
 from __future__ import annotations
 
-import bisect
 import logging
 import secrets
 import time
@@ -46,6 +45,7 @@ from .._turn import TurnBuilder, catch_up
 from ..storage.records import BlockStore, StreamRecord
 from .context import Producer, ProducerContext, WakeUp
 from .lifecycle import ProducerError, StreamClosed, StreamState
+from .log import EventLog
 from .persister import Persister, Unsaved
 from .ports import StreamBackend
 from .readers import Readers
@@ -59,10 +59,6 @@ log = logging.getLogger("sse_blueprint")
 def new_stream_id() -> str:
     """A new stream id: 128 random bits, URL-safe base64 (22 characters)."""
     return secrets.token_urlsafe(16)
-
-
-def _event_id(event: Event) -> int:
-    return event.id
 
 
 class Stream:
@@ -113,14 +109,7 @@ class Stream:
         self._closed = gevent.event.Event()  # set when the terminal event is in the log
         # The producer while in ctx.sleep: how to wake it (its greenlet's throw).
         self._sleeper: Callable[[type[BaseException]], object] | None = None
-        # The live buffer: _log[i] has absolute index _base + i; _end = _base + len(_log).
-        self._log: list[Event] = []
-        self._base = 0
-        self._end = 0
-        # Readers see the log up to here (absolute index): its end, or in durable delivery
-        # (``SSE_DELIVERY = "durable"``) only as far as the store has it.
-        self._visible = 0
-        self._last_id = 0
+        self.buffer = EventLog()  # the live buffer: every reader is a cursor into it
         self.readers = Readers(self, client_queue)
         self.start_event: Event | None = None
         self.terminal_event: Event | None = None
@@ -129,8 +118,6 @@ class Stream:
         self._turn = TurnBuilder(max_meta_bytes=max_meta_bytes, max_events=max_replayed_events)
         self._persisted_id = 0  # every event up to this id is covered by the store
         self._persisted_pos = 0  # absolute log index just past _persisted_id
-        self._trimmed_id = 0  # id of the newest event dropped from the buffer (0: none)
-        self._trim_to = 0  # trim up to here once no reader holds the events back
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
         # A shared backend (Redis) sees every event first. ``writes=False``: a Mirror's.
         self._backend = backend
@@ -200,7 +187,7 @@ class Stream:
             extra={"stream_id": self.id},
         )
         data = {"stream_id": self.id, "message": message}
-        self.adopt_end(Event(self._last_id + 1, StreamState.ERROR.value, data))
+        self.adopt_end(Event(self.buffer.last_id + 1, StreamState.ERROR.value, data))
 
     def _expire(self) -> None:
         self._timer = None
@@ -242,7 +229,7 @@ class Stream:
     def _append_now(self, event: str, data: Mapping[str, Any], replay: str, check: bool) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
-        ev = Event(self._last_id + 1, event, data, replay)  # (refuses data that is not JSON)
+        ev = Event(self.buffer.last_id + 1, event, data, replay)  # (refuses data that is not JSON)
         if check:
             self._turn.check(event, data, replay)
         if len(ev.sse) > self.max_event_bytes:
@@ -258,24 +245,23 @@ class Stream:
 
     def _log_append(self, ev: Event) -> None:
         """Put an event (already numbered) in the live buffer and wake the readers."""
-        self._last_id = ev.id
-        self._log.append(ev)
-        self._end += 1
+        buffer = self.buffer
+        buffer.append(ev)
         durable = self._durable
         if ev.id == 1 and self.start_event is None:
             self.start_event = ev  # a mirror's: the owner's is set when it starts
         if self._aggregates:
             ended_block = self._turn.apply(ev)
-            if ended_block or self._end - self._persisted_pos > self.buffer_size:
+            if ended_block or buffer.end - self._persisted_pos > self.buffer_size:
                 self._request_flush()
         if durable:
             self._request_flush()  # readers see it once it is written (see _reveal)
         else:
-            self._reveal(self._end)
+            self._reveal(buffer.end)
 
     def _reveal(self, pos: int) -> None:
         """Readers may now take the log up to ``pos``: wake them (on the loop's next turn)."""
-        self._visible = pos
+        self.buffer.visible = pos
         self.readers.revealed(pos)
 
     def _set_metadata(self, values: Mapping[str, Any]) -> None:
@@ -293,9 +279,9 @@ class Stream:
     def adopt_end(self, ev: Event) -> None:
         """The owner learns that its stream ended elsewhere (a cancel, a lease lost): take that
         terminal event after its own appends and stop the producer."""
-        if self.terminal_event is not None or ev.id <= self._last_id:
+        if self.terminal_event is not None or ev.id <= self.buffer.last_id:
             return
-        if ev.id > self._last_id + 1:
+        if ev.id > self.buffer.last_id + 1:
             # Our own appends before it are still on their way back: take it after them.
             gevent.spawn_later(0.005, self.adopt_end, ev)
             return
@@ -306,8 +292,8 @@ class Stream:
     def trim_persisted(self, up_to_id: int) -> None:
         """Everything up to ``up_to_id`` is in the store (a mirror: the owner says so): drop it
         from the buffer as soon as no reader still needs it."""
-        self._trim_to = max(self._trim_to, up_to_id)
-        self._trim(self._trim_to)
+        self.buffer.trim_to = max(self.buffer.trim_to, up_to_id)
+        self._trim(self.buffer.trim_to)
 
     def _terminate(
         self, state: StreamState, data: Mapping[str, Any], *, stop_producer: bool = False
@@ -364,7 +350,7 @@ class Stream:
             stream_id=self.id,
             producer=self.producer_name,
             state=self.state.value,
-            last_event_id=self._last_id,
+            last_event_id=self.buffer.last_id,
             created_at=self.created_at,
             metadata=self.metadata,
             finished_at=self.finished_at,
@@ -380,7 +366,7 @@ class Stream:
     def unsaved(self) -> Unsaved:
         """What the store lacks now (for the persister; blocks nothing)."""
         blocks, events = self._turn.unsaved(self.id)
-        return Unsaved(self._end, self._last_id, self.record(), blocks, events)
+        return Unsaved(self.buffer.end, self.buffer.last_id, self.record(), blocks, events)
 
     def stored(self, done: Unsaved) -> bool:
         """The store now holds ``done``: reveal it (durable delivery), trim the buffer up to it,
@@ -390,13 +376,13 @@ class Stream:
             self._persisted_id, self._persisted_pos = done.last_id, done.end_pos
             if self._durable:
                 self._reveal(done.end_pos)
-        if done.blocks or done.events or len(self._log) > self.buffer_size:
+        if done.blocks or done.events or len(self.buffer) > self.buffer_size:
             # (A write of the record alone trims nothing: that would only send new readers to
             # the store for the ``start`` event.)
             self.trim_persisted(self._persisted_id)
             if self._backend is not None:
                 self._backend.persisted(self, self._persisted_id)
-        if self.finished and self._persisted_id >= self._last_id:
+        if self.finished and self._persisted_id >= self.buffer.last_id:
             if not self.saved.is_set():
                 log.debug("stream %s: saved", self.id, extra={"stream_id": self.id})
             self.saved.set()
@@ -411,14 +397,10 @@ class Stream:
     def _trim(self, up_to_id: int) -> int:
         """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest."""
         # The newest event always stays (a finished stream's terminal), and what readers lack.
-        keep_from = self.readers.lowest(self._end - 1)
-        count = min(self._index_after(up_to_id), keep_from - self._base)
-        if count <= 0:
-            return 0
-        self._trimmed_id = self._log[count - 1].id
-        del self._log[:count]
-        self._base += count
-        self.readers.min_pos_hint = max(self.readers.min_pos_hint, self._base)
+        buffer = self.buffer
+        count = buffer.drop(up_to_id, keep_from=self.readers.lowest(buffer.end - 1))
+        if count:
+            self.readers.min_pos_hint = max(self.readers.min_pos_hint, buffer.base)
         return count
 
     def _catch_up(self, sub: Subscription) -> list[Event]:
@@ -446,14 +428,15 @@ class Stream:
             return []
         if sub.done:
             return []
-        out = catch_up(stored, self._log[sub._pos - self._base : self._visible - self._base], after)
+        buffer = self.buffer
+        out = catch_up(stored, buffer.visible_from(sub._pos), after)
         start = self.start_event
-        if start is not None and after < start.id <= self._trimmed_id:
+        if start is not None and after < start.id <= buffer.trimmed_id:
             out.insert(0, start)
         # The store may hold more than readers were shown (durable delivery: a write committed,
         # its writer not yet resumed): this reader then goes on after what the snapshot covers.
         covered = max((e.id for e in out), default=0)
-        sub._pos = max(self._visible, self._base + self._index_after(covered))
+        sub._pos = max(buffer.visible, buffer.position_after(covered))
         return out
 
     # -- reader side ---------------------------------------------------------------------------
@@ -464,7 +447,7 @@ class Stream:
 
     @property
     def last_event_id(self) -> int:
-        return self._last_id
+        return self.buffer.last_id
 
     @property
     def subscriber_count(self) -> int:
@@ -473,7 +456,7 @@ class Stream:
     @property
     def buffered(self) -> int:
         """Events in the live buffer now."""
-        return len(self._log)
+        return len(self.buffer)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stream has ended; True if it has."""
@@ -490,28 +473,21 @@ class Stream:
         the stream delivers only later ids. An id older than the buffer is caught up from the
         store on the first :meth:`Subscription.poll`.
         """
-        if last_event_id < self._trimmed_id:
-            sub = Subscription(self, self._base, last_event_id, on_cut)
+        buffer = self.buffer
+        if last_event_id < buffer.trimmed_id:
+            sub = Subscription(self, buffer.base, last_event_id, on_cut)
             sub._catchup = True
             _observe.METRICS.catch_up("database")
         else:
             _observe.METRICS.catch_up("buffer")
-            sub = Subscription(
-                self, self._base + self._index_after(last_event_id), last_event_id, on_cut
-            )
-        if not (self.finished and sub._pos >= self._end and not sub._catchup):
+            sub = Subscription(self, buffer.position_after(last_event_id), last_event_id, on_cut)
+        if not (self.finished and sub._pos >= buffer.end and not sub._catchup):
             self.readers.add(sub)
         return sub
 
-    def _index_after(self, last_event_id: int) -> int:
-        return bisect.bisect_right(self._log, last_event_id, key=_event_id)
-
     def buffered_after(self, last_event_id: int) -> list[Event]:
         """The buffered events after ``last_event_id`` (for a backend that lost them)."""
-        return self._log[self._index_after(last_event_id) :]
-
-    def _events_from(self, pos: int) -> list[Event]:
-        return self._log[pos - self._base : self._visible - self._base]
+        return self.buffer.after(last_event_id)
 
     def release_readers(self, *, only_writing: bool = False) -> int:
         """End readers' responses now (shutdown): each resumes from its last id elsewhere.
@@ -527,10 +503,10 @@ class Stream:
 
     def retrim(self) -> None:
         """Trim what a reader that just left may have been holding back."""
-        if self._trim_to > self._trimmed_id:
-            self._trim(self._trim_to)
+        if self.buffer.trim_to > self.buffer.trimmed_id:
+            self._trim(self.buffer.trim_to)
 
     @property
     def trimmed_id(self) -> int:
         """The newest event id dropped from the buffer (0: none): older ones are in the store."""
-        return self._trimmed_id
+        return self.buffer.trimmed_id

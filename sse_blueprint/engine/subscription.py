@@ -69,12 +69,16 @@ class Subscription:
     @property
     def lag(self) -> int:
         """Events appended but not yet taken by this subscriber."""
-        return self._stream._visible - self._pos
+        return self._stream.buffer.visible - self._pos
 
     @property
     def done(self) -> bool:
         """Nothing more will come: cut, closed, or the stream ended and all of it was taken."""
-        return self.cut or self.closed or (self._stream.finished and self._pos >= self._stream._end)
+        return (
+            self.cut
+            or self.closed
+            or (self._stream.finished and self._pos >= self._stream.buffer.end)
+        )
 
     def poll(self, timeout: float | None) -> list[Event]:
         """Return pending events, waiting up to ``timeout`` seconds for some."""
@@ -82,7 +86,7 @@ class Subscription:
         if self._catchup:
             self._catchup = False
             return stream._catch_up(self)
-        if self._pos >= stream._visible and not self.done:
+        if self._pos >= stream.buffer.visible and not self.done:
             self._waiting = True
             try:
                 if self.direct is None:
@@ -97,7 +101,7 @@ class Subscription:
 
     def _take(self) -> list[Event]:
         """The pending events, marked as delivered."""
-        events = self._stream._events_from(self._pos)
+        events = self._stream.buffer.visible_from(self._pos)
         self._pos += len(events)
         if events and events[0].id <= self._after:
             # Only for a Last-Event-ID ahead of the stream: skip what the client claims to have.
