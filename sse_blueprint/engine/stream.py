@@ -41,7 +41,7 @@ from gevent import Greenlet
 
 from .. import _observe, _wire
 from .._event import DURABLE, Event
-from .._turn import TurnBuilder, catch_up
+from .._turn import TurnBuilder
 from ..storage.records import BlockStore, StreamRecord
 from .context import Producer, ProducerContext, WakeUp
 from .lifecycle import ProducerError, StreamClosed, StreamState
@@ -403,43 +403,13 @@ class Stream:
             self.readers.min_pos_hint = max(self.readers.min_pos_hint, buffer.base)
         return count
 
-    def _catch_up(self, sub: Subscription) -> list[Event]:
-        """The turn from the store merged with the buffer: an exact snapshot, then live events.
-
-        ``sub`` was registered at the start of the buffer, which pins it (nothing after that is
-        trimmed) while the store is read. Every event the store does not cover is newer than
-        what was trimmed, so it is in the pinned buffer. The merge below does not block, so the
-        snapshot and the switch to live events are one step.
-        """
-        after = sub._after
-        store = self._store
-        assert store is not None
-        try:
-            stored = store.load_turn(self.id, after)
-        except Exception as exc:
-            log.warning(
-                "stream %s: catch-up from the store failed (%s); cutting reader",
-                self.id,
-                exc,
-                extra={"stream_id": self.id},
-            )
-            sub.cut = True
-            self.readers.discard(sub)
-            return []
-        if sub.done:
-            return []
-        buffer = self.buffer
-        out = catch_up(stored, buffer.visible_from(sub._pos), after)
-        start = self.start_event
-        if start is not None and after < start.id <= buffer.trimmed_id:
-            out.insert(0, start)
-        # The store may hold more than readers were shown (durable delivery: a write committed,
-        # its writer not yet resumed): this reader then goes on after what the snapshot covers.
-        covered = max((e.id for e in out), default=0)
-        sub._pos = max(buffer.visible, buffer.position_after(covered))
-        return out
-
     # -- reader side ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> BlockStore | None:
+        """Where the stream's blocks are persisted (and readers older than the buffer caught
+        up from), if anywhere."""
+        return self._store
 
     @property
     def finished(self) -> bool:
@@ -475,13 +445,12 @@ class Stream:
         """
         buffer = self.buffer
         if last_event_id < buffer.trimmed_id:
-            sub = Subscription(self, buffer.base, last_event_id, on_cut)
-            sub._catchup = True
+            sub = Subscription(self, buffer.base, last_event_id, on_cut, catch_up=True)
             _observe.METRICS.catch_up("database")
         else:
             _observe.METRICS.catch_up("buffer")
             sub = Subscription(self, buffer.position_after(last_event_id), last_event_id, on_cut)
-        if not (self.finished and sub._pos >= buffer.end and not sub._catchup):
+        if not (self.finished and sub._pos >= buffer.end and not sub.from_store):
             self.readers.add(sub)
         return sub
 

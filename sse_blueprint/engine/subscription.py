@@ -1,21 +1,26 @@
-"""A reader's cursor into a stream's live buffer (:class:`Subscription`).
+"""A reader's cursor into a stream's live buffer (:class:`Subscription`), and its catch-up from
+the store when it resumes from further back than the buffer holds.
 
-Imports the event type and gevent; the stream only for typing.
+Imports the event type, the turn's merge and gevent; the stream only for typing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent.event
 
 from .._event import Event
+from .._turn import catch_up
 
 if TYPE_CHECKING:
     from .stream import Stream
 
 __all__ = ["Subscription"]
+
+log = logging.getLogger("sse_blueprint")
 
 
 class Subscription:
@@ -43,12 +48,18 @@ class Subscription:
     )  # fmt: skip
 
     def __init__(
-        self, stream: Stream, pos: int, after: int, on_cut: Callable[[], None] | None = None
+        self,
+        stream: Stream,
+        pos: int,
+        after: int,
+        on_cut: Callable[[], None] | None = None,
+        *,
+        catch_up: bool = False,
     ) -> None:
         self._stream = stream
         self._pos = pos  # absolute index in the stream's log of the next event to deliver
         self._after = after  # deliver only ids greater than this (the client's Last-Event-ID)
-        self._catchup = False  # True: the buffer no longer covers ``after``; ask the store first
+        self._catchup = catch_up  # the buffer no longer covers ``after``: ask the store first
         self._waiting = False
         self.cut = False
         self.closed = False
@@ -85,7 +96,7 @@ class Subscription:
         stream = self._stream
         if self._catchup:
             self._catchup = False
-            return stream._catch_up(self)
+            return self._catch_up()
         if self._pos >= stream.buffer.visible and not self.done:
             self._waiting = True
             try:
@@ -107,6 +118,42 @@ class Subscription:
             # Only for a Last-Event-ID ahead of the stream: skip what the client claims to have.
             events = [e for e in events if e.id > self._after]
         return events
+
+    def _catch_up(self) -> list[Event]:
+        """The turn from the store merged with the buffer: an exact snapshot, then live events.
+
+        This reader was registered at the start of the buffer, which pins it (nothing after
+        that is trimmed) while the store is read. Every event the store does not cover is newer
+        than what was trimmed, so it is in the pinned buffer. The merge below does not block, so
+        the snapshot and the switch to live events are one step.
+        """
+        stream, after = self._stream, self._after
+        store = stream.store
+        assert store is not None
+        try:
+            stored = store.load_turn(stream.id, after)
+        except Exception as exc:
+            log.warning(
+                "stream %s: catch-up from the store failed (%s); cutting reader",
+                stream.id,
+                exc,
+                extra={"stream_id": stream.id},
+            )
+            self.cut = True
+            stream.readers.discard(self)
+            return []
+        if self.done:
+            return []
+        buffer = stream.buffer
+        out = catch_up(stored, buffer.visible_from(self._pos), after)
+        start = stream.start_event
+        if start is not None and after < start.id <= buffer.trimmed_id:
+            out.insert(0, start)
+        # The store may hold more than readers were shown (durable delivery: a write committed,
+        # its writer not yet resumed): this reader then goes on after what the snapshot covers.
+        covered = max((e.id for e in out), default=0)
+        self._pos = max(buffer.visible, buffer.position_after(covered))
+        return out
 
     def close(self) -> None:
         """Stop following the stream. Idempotent."""
