@@ -27,6 +27,7 @@ import httpx
 import redis
 from redis.cluster import RedisCluster
 
+from sse_blueprint.backends.redis.connection import RedisConnection
 from tests.conftest import LiveServer, PostgresServer, janitor, read_stream, start_stream
 from tests.sse_parser import Transcript
 
@@ -378,3 +379,17 @@ def assert_exact(client: Transcript, text: str = TEXT) -> None:
     assert client.terminal == "done"
     assert client.text() == text
     assert len(client.delta_ids) == len(set(client.delta_ids))  # nothing twice
+
+
+def callers_wait_for_a_connection(url: str, callers: int) -> None:
+    """More callers at once than a pool holds (16) each wait for a connection: none fails with
+    "Too many connections" (every call is a BLPOP of one second on a key of one slot)."""
+    conn = RedisConnection(url, patience=5)
+    try:
+        with ThreadPoolExecutor(callers) as pool:
+            calls = [
+                pool.submit(conn.redis.blpop, [f"{{sse-test}}:{n}"], 1) for n in range(callers)
+            ]
+            assert [call.result(timeout=30) for call in calls] == [None] * callers
+    finally:
+        conn.redis.close()

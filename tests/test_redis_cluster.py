@@ -20,12 +20,12 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from sse_blueprint.backends.redis.connection import RedisConnection
 from tests.conftest import PostgresServer, read_stream
 from tests.redis_topologies import (
     TEXT,
     LocalCluster,
     assert_exact,
+    callers_wait_for_a_connection,
     cut_replication,
     demo,
     instances,
@@ -204,10 +204,4 @@ def test_writes_a_failover_lost_are_written_again(env: Any, cluster: LocalCluste
 def test_more_callers_than_connections_wait_for_one(cluster: LocalCluster) -> None:
     """A worker's pool per node is bounded (16): the 17th caller at once waits for a connection
     rather than failing with "Too many connections"."""
-    conn = RedisConnection(cluster.url, patience=5)
-    try:
-        with ThreadPoolExecutor(40) as pool:
-            calls = [pool.submit(conn.redis.blpop, [f"{{same}}:{n}"], 1) for n in range(40)]
-            assert [call.result(timeout=30) for call in calls] == [None] * 40
-    finally:
-        conn.redis.close()
+    callers_wait_for_a_connection(cluster.url, 40)

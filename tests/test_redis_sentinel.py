@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from sse_blueprint.backends.redis.connection import RedisConnection
 from tests.conftest import PostgresServer, read_stream
 from tests.redis_topologies import (
     TEXT,
     LocalSentinel,
     assert_exact,
+    callers_wait_for_a_connection,
     cut_replication,
     demo,
     instances,
@@ -56,13 +56,7 @@ def test_streams_are_read_everywhere_through_the_sentinel(env: Any) -> None:
 def test_more_callers_than_connections_wait_for_one(sentinel: LocalSentinel) -> None:
     """A worker's pool is bounded (16): the 17th caller at once waits for a connection rather
     than failing with "Too many connections"."""
-    conn = RedisConnection(sentinel.url, patience=5)
-    try:
-        with ThreadPoolExecutor(80) as pool:
-            calls = [pool.submit(conn.redis.blpop, [f"sse-test:{n}"], 1) for n in range(80)]
-            assert [call.result(timeout=30) for call in calls] == [None] * 80
-    finally:
-        conn.redis.close()
+    callers_wait_for_a_connection(sentinel.url, 80)
 
 
 def test_a_failover_mid_stream_loses_nothing(env: Any, sentinel: LocalSentinel) -> None:
