@@ -14,6 +14,7 @@ import gevent
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.exceptions import Unauthorized
 
 from sse_blueprint import SSE, InputError, ProducerContext
 from sse_blueprint.web.views import CLIENT_VERSION
@@ -142,3 +143,44 @@ def test_places_per_address_come_back_when_streams_end_or_never_start() -> None:
                 assert time.monotonic() < deadline
                 gevent.sleep(0.01)
         assert [started(client), started(client)]  # both places are back
+
+
+def test_an_app_view_of_its_own_gets_the_same_json_refusals() -> None:
+    """``sse.stream_response`` in a view of the app's own: an unknown stream, a refused or an
+    unauthenticated reader answer JSON (404, 403, 401), never an HTML 500."""
+    sse = SSE()
+    who: dict[str, str] = {"user": "ann"}
+
+    @sse.producer("echo")
+    def echo(ctx: ProducerContext) -> dict[str, Any]:
+        return {}
+
+    @sse.stream_metadata
+    def owner(producer: str, input: Mapping[str, Any]) -> dict[str, Any]:
+        return {"owner": who["user"]}
+
+    @sse.authorize
+    def only_the_owner(action: str, metadata: Mapping[str, Any]) -> bool:
+        if not who["user"]:
+            raise Unauthorized("log in first")
+        return action == "create" or metadata.get("owner") == who["user"]
+
+    app = Flask(__name__)
+    app.config.update(SSE_DATABASE_URL="sqlite://")
+    sse.init_app(app)
+
+    @app.get("/chat/<stream_id>/stream")
+    def mine(stream_id: str) -> Any:
+        return sse.stream_response(stream_id, format="ai-sdk")
+
+    with app.test_client() as client:
+        missing = client.get("/chat/nope/stream")
+        assert (missing.status_code, missing.get_json()) == (404, {"error": "stream not found"})
+        stream_id = started(client)
+        who["user"] = "bob"
+        refused = client.get(f"/chat/{stream_id}/stream")
+        assert refused.status_code == 403
+        assert "not allowed" in refused.get_json()["error"]
+        who["user"] = ""
+        anonymous = client.get(f"/chat/{stream_id}/stream")
+        assert (anonymous.status_code, anonymous.get_json()) == (401, {"error": "log in first"})

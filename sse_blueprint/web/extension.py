@@ -13,13 +13,15 @@ from typing import Any
 
 import gevent.monkey
 from flask import Flask, Response, url_for
+from werkzeug.exceptions import HTTPException
 
 from .. import _observe
 from .._config import SSEConfig
+from .._guard import RequestRefused
 from ..engine import Producer, Stream, StreamRegistry
 from ..storage.records import BlockStore
 from ..storage.sql import SQLStore
-from .answers import AI_SDK, FORMAT_SSE, FORMATS, answer, error, find
+from .answers import AI_SDK, FORMAT_SSE, FORMATS, answer, error, find, refusal
 from .state import EXTENSION_KEY, AppState, app_state
 from .views import CLIENT_VERSION, make_blueprint
 
@@ -104,6 +106,10 @@ class SSE:
         prefix = self.url_prefix if url_prefix is None else url_prefix
         state.url_prefix = prefix.rstrip("/")
         app.register_blueprint(self.blueprint, url_prefix=prefix)
+        # The library's refusals raised in a view of the app's own (``stream_response``: an
+        # unknown stream, a refused reader, storage down) are the same JSON answers as the
+        # blueprint's, not a 500.
+        app.register_error_handler(RequestRefused, refusal)
 
     def producer(
         self,
@@ -204,7 +210,10 @@ class SSE:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
         state = app_state()
         found = find(state, stream_id)
-        self._check("read", found.metadata)
+        try:
+            self._check("read", found.metadata)
+        except HTTPException as exc:  # the hook's Unauthorized: JSON, as from the endpoint
+            raise RequestRefused(exc.code or 500, exc.description or exc.name) from None
         return answer(state, found, 0 if format == AI_SDK else last_event_id, format)
 
     def start(
