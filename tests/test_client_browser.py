@@ -132,16 +132,22 @@ def test_a_reload_mid_stream_resumes_and_one_after_the_end_asks_nothing(
     page.reload()
     page.wait_for_function("window.follow !== undefined")
     page.evaluate(f"follow({url!r})")
-    resumed_from = page.evaluate("window.f.lastEventId")
-    assert resumed_from > 0  # from sessionStorage: it asks only for what came after
     wait_end(page)
     assert shown(page) == the_turn(site, stream_id)
-    assert asked == [f"{site.url}{url}?last_event_id={resumed_from}"]
+    # It asks only for what came after the id stored before the reload, never from the start
+    # (a busy page may be cut for lagging and resume again: each resume asks from further on).
+    prefix = f"{site.url}{url}?last_event_id="
+    assert asked
+    assert all(a.startswith(prefix) for a in asked)
+    ids = [int(a.removeprefix(prefix)) for a in asked]
+    assert ids[0] > 0
+    assert ids == sorted(ids)
+    before = len(asked)
     page.reload()  # after the end: the stored turn is whole; no request at all
     page.wait_for_function("window.follow !== undefined")
     assert page.evaluate(f"follow({url!r})") == "done"
     page.wait_for_timeout(300)
-    assert len(asked) == 1
+    assert len(asked) == before
     assert shown(page) == the_turn(site, stream_id)
 
 

@@ -403,6 +403,50 @@ def test_catch_up_when_the_store_fails_cuts_the_reader() -> None:
     stream.cancel()
 
 
+def test_a_reader_is_not_cut_for_what_arrived_while_it_read_the_store() -> None:
+    """A slow store read (a loaded machine, a distant database) while the producer sends more
+    than ``client_queue`` events is the server's lag, not the reader's: it is not cut, and it
+    gets the whole turn once, then the live events."""
+    store = FlakyStore()
+    go_on = gevent.event.Event()
+
+    def producer(ctx: ProducerContext) -> None:
+        for i in range(10):
+            ctx.text(0, f"a{i} ")
+        ctx.end_block(0)
+        go_on.wait()
+        for i in range(60):  # during the reader's store read: more than client_queue
+            ctx.text(1, f"b{i} ")
+            ctx.sleep(0.001)
+        ctx.end_block(1)
+
+    stream = Stream(producer, store=store, client_queue=16, buffer_size=1000)
+    stream.start()
+    gevent.sleep(0.1)
+    assert stream.trimmed_id > 1  # block 0 is persisted and trimmed: a reader at 0 asks the store
+    read = store.inner.load_turn
+
+    def slow_read(stream_id: str, after_id: int) -> StoredTurn:
+        turn = read(stream_id, after_id)
+        go_on.set()
+        gevent.sleep(0.3)  # the producer sends block 1 meanwhile
+        return turn
+
+    store.load_turn = slow_read  # type: ignore[method-assign]
+    cuts: list[bool] = []
+    sub = stream.subscribe(0, on_cut=lambda: cuts.append(True))
+    client = Transcript()
+    with gevent.Timeout(5):
+        while not sub.done:
+            apply_all(client, sub.poll(1))
+    assert not sub.cut
+    assert cuts == []
+    assert client.blocks == {0: "".join(f"a{i} " for i in range(10)),
+                             1: "".join(f"b{i} " for i in range(60))}  # fmt: skip
+    assert client.terminal == "done"
+    assert client.ids == sorted(set(client.ids))
+
+
 def test_registry_serves_forgotten_streams_from_the_store_and_ends_lost_ones() -> None:
     store = FlakyStore()
     registry = StreamRegistry(store=store.inner, retention=0.01)

@@ -196,7 +196,9 @@ class Readers:
         limit = visible - self.client_queue
         low = visible
         for sub in list(self.subscribers):
-            if sub._pos < limit:
+            # A reader still catching up from the store is behind by what arrived while the
+            # store was read: the server's delay, not the client's. Its first poll takes all.
+            if sub._pos < limit and not sub._catchup:
                 sub.cut = True
                 self.subscribers.discard(sub)
                 _observe.METRICS.cut()

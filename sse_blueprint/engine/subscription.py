@@ -95,8 +95,10 @@ class Subscription:
         """Return pending events, waiting up to ``timeout`` seconds for some."""
         stream = self._stream
         if self._catchup:
-            self._catchup = False
-            return self._catch_up()
+            try:
+                return self._catch_up()  # (not cut for lag while it reads: see Readers)
+            finally:
+                self._catchup = False
         if self._pos >= stream.buffer.visible and not self.done:
             self._waiting = True
             try:
