@@ -50,6 +50,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import gevent
@@ -101,9 +102,16 @@ class RedisBackend:
         self.retention = retention
         self.store = store
         self._append = self.conn.script(APPEND)
-        # Owners' script calls (appends, lease renewals) batched across streams; each waits for
-        # its own outcome.
-        self._calls: Batcher[tuple[LuaScript, list[str], list[Any]], Any] = Batcher(self._call_all)
+        # Owners' appends, and apart from them their lease renewals, batched across streams:
+        # each caller waits for its own outcome. (Apart: a renewal must not wait behind appends
+        # that are retrying while Redis is away, or the lease lapses just as Redis is back.)
+        self._calls: Batcher[tuple[LuaScript, list[str], list[Any]], Any] = Batcher(
+            self._run_scripts
+        )
+        # (Retried for a third of a lease at most: the next round comes soon anyway.)
+        self._renewals: Batcher[tuple[LuaScript, list[str], list[Any]], Any] = Batcher(
+            partial(self._run_scripts, patience=lease / 3)
+        )
         self._end = self.conn.script(END)
         self._renew = self.conn.script(RENEW)
         self._set_metadata = self.conn.script(SET_METADATA)
@@ -196,17 +204,21 @@ class RedisBackend:
         for n, ev in enumerate([*missing, event]):
             self._calls.submit((self._append, *self._append_call(stream, ev, gap=n == 0)))
 
-    def _call_all(self, batch: Sequence[tuple[LuaScript, list[str], list[Any]]]) -> list[Any]:
-        """The owners' script calls that are waiting (every stream's appends, the lease
-        renewals due), in one pipeline: one round trip for all (each call's refusal is its own
-        caller's). Retried whole while Redis cannot answer: an append that already ran
-        answers 2 the second time, a renewal is a plain ``SET``."""
+    def _run_scripts(
+        self,
+        batch: Sequence[tuple[LuaScript, list[str], list[Any]]],
+        patience: float | None = None,
+    ) -> list[Any]:
+        """Script calls that are waiting (every stream's appends; or the lease renewals due),
+        in one pipeline: one round trip for all (each call's refusal is its own caller's).
+        Retried whole while Redis cannot answer (an append that already ran answers 2 the
+        second time), for ``patience`` seconds if given."""
 
         def queue(pipe: Pipeline) -> None:
             for script, keys, args in batch:
                 script.queue(pipe, keys, args)
 
-        results: list[Any] = self.conn.pipelined(queue, replies=True)
+        results: list[Any] = self.conn.pipelined(queue, replies=True, patience=patience)
         return results
 
     def _refused(self, stream: Stream, exc: Exception) -> None:
@@ -256,12 +268,13 @@ class RedisBackend:
 
     def _renew_loop(self, stream: Stream, gen: str) -> None:
         meta, _, lease, _ = stream_keys(stream.id)
+        pause = self.lease / 3
         while True:
-            gevent.sleep(self.lease / 3)
+            gevent.sleep(pause)
             if stream.finished:
                 break
             try:
-                state = self._calls.submit((self._renew, [meta, lease], [gen, self._lease_ms]))
+                state = self._renewals.submit((self._renew, [meta, lease], [gen, self._lease_ms]))
             except REDIS_ERRORS as exc:
                 log.warning(
                     "stream %s: lease renewal failed (%s)",
@@ -269,7 +282,9 @@ class RedisBackend:
                     exc,
                     extra={"stream_id": stream.id},
                 )
+                pause = 0.05  # it was retried for a third of the lease: go on trying
                 continue
+            pause = self.lease / 3
             state = state.decode() if isinstance(state, bytes) else state
             if state in ("fenced", "lost"):
                 self._refused(stream, redis.ResponseError(state.upper()))

@@ -206,10 +206,13 @@ class RedisConnection:
         """Call Redis; while it cannot answer (see :func:`is_transient`) retry with backoff for
         ``patience`` seconds, then raise (a cluster client's own errors as
         :class:`redis.ConnectionError`)."""
-        backoff, deadline = Backoff(0.05, 1.0), time.monotonic() + self.patience
+        return self._retry(lambda: func(*args, **kwargs), self.patience)
+
+    def _retry(self, call: Callable[[], Any], patience: float) -> Any:
+        backoff, deadline = Backoff(0.05, 1.0), time.monotonic() + patience
         while True:
             try:
-                return func(*args, **kwargs)
+                return call()
             except REDIS_ERRORS as exc:
                 if not is_transient(exc) or time.monotonic() + backoff.peek() > deadline:
                     if isinstance(exc, RedisClusterException):
@@ -223,13 +226,15 @@ class RedisConnection:
         *,
         transaction: bool = False,
         replies: bool = False,
+        patience: float | None = None,
     ) -> Any:
         """Run the commands ``build`` queues, in one round trip, retried as :meth:`retrying`
         does. Each attempt builds a new pipeline: one forgets its commands when it runs, sent
         or not, and retrying it would run nothing. With ``replies``, a command's error is its
         reply (an exception instance in the list) rather than raised, unless Redis could not
         run it (see :func:`is_transient`) or did not know a script: then the whole pipeline is
-        retried (the scripts loaded first)."""
+        retried (the scripts loaded first). ``patience``: how long to retry, if not the
+        connection's."""
 
         def run() -> Any:
             pipe = self.redis.pipeline(transaction=transaction)
@@ -249,7 +254,7 @@ class RedisConnection:
                     raise result
             return results
 
-        return self.retrying(run)
+        return self._retry(run, self.patience if patience is None else patience)
 
 
 class LuaScript:
