@@ -57,6 +57,11 @@ class RequestRefused(Exception):
         self.headers = dict(headers or {})
         self.close = close
 
+    @classmethod
+    def from_http(cls, exc: HTTPException) -> RequestRefused:
+        """Werkzeug's ``abort`` (or a hook's ``Unauthorized``) as the blueprint's refusal."""
+        return cls(exc.code or 500, exc.description or exc.name)
+
 
 def check_post(request: Request, allowed_origins: tuple[str, ...]) -> None:
     """Refuse a ``POST`` a cross-site page could have sent without the user's say.

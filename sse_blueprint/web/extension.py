@@ -106,9 +106,9 @@ class SSE:
         prefix = self.url_prefix if url_prefix is None else url_prefix
         state.url_prefix = prefix.rstrip("/")
         app.register_blueprint(self.blueprint, url_prefix=prefix)
-        # The library's refusals raised in a view of the app's own (``stream_response``: an
-        # unknown stream, a refused reader, storage down) are the same JSON answers as the
-        # blueprint's, not a 500.
+        # The library's refusals, in the blueprint's views and in a view of the app's own
+        # (``stream_response``: an unknown stream, a refused reader, storage down): JSON
+        # answers, not a 500.
         app.register_error_handler(RequestRefused, refusal)
 
     def producer(
@@ -213,7 +213,7 @@ class SSE:
         try:
             self._check("read", found.metadata)
         except HTTPException as exc:  # the hook's Unauthorized: JSON, as from the endpoint
-            raise RequestRefused(exc.code or 500, exc.description or exc.name) from None
+            raise RequestRefused.from_http(exc) from None
         return answer(state, found, 0 if format == AI_SDK else last_event_id, format)
 
     def start(

@@ -225,13 +225,10 @@ def make_blueprint() -> Blueprint:
     def no_such_path(rest: str) -> NoReturn:
         error(404, "no such stream endpoint")
 
-    @bp.errorhandler(RequestRefused)
-    def refused(exc: RequestRefused) -> Response:
-        return refusal(exc)
-
+    # (A RequestRefused is answered by the app-wide handler that init_app registers.)
     @bp.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        return refusal(RequestRefused(exc.code or 500, exc.description or exc.name))
+        return refusal(RequestRefused.from_http(exc))
 
     @bp.after_request
     def cors(response: BaseResponse) -> BaseResponse:
