@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -179,27 +180,18 @@ def chat_rows(
     configs: list[tuple[str, Callable[[], Server], str]] = [
         ("SQLite", ours, "ours"),
         ("PostgreSQL", lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url), "ours"),
-        (
-            "Redis",
-            lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=redis_url),
-            "ours",
-        ),
-        (
-            "Redis Cluster",
-            lambda: ours(1, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=cluster.url),
-            "ours",
-        ),
         # Two workers: the kernel hands each reader to either, so about half the tokens reach
         # their reader through the other worker's mirror (Pub/Sub): what a deployment pays.
-        (
-            "Redis (2 workers)",
-            lambda: ours(2, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=redis_url),
-            "ours",
-        ),
-        (
-            "Redis Cluster (2 workers)",
-            lambda: ours(2, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=cluster.url),
-            "ours",
+        *(
+            (
+                f"{name}{suffix}",
+                partial(
+                    ours, workers, FLASK_SSE_DATABASE_URL=postgres_url, FLASK_SSE_REDIS_URL=url
+                ),
+                "ours",
+            )
+            for workers, suffix in ((1, ""), (2, " (2 workers)"))
+            for name, url in (("Redis", redis_url), ("Redis Cluster", cluster.url))
         ),
         ("bare-gevent", bare, "bare"),
         ("sse-starlette", starlette, "sse-starlette"),
