@@ -128,8 +128,10 @@ def connect(url: str, **options: Any) -> tuple[Any, str]:
     service, _, db = path.partition("/")
     if not service:
         raise ValueError(f"SSE_REDIS_URL {url!r}: name the service: …/service")
-    sentinel = Sentinel(hosts, sentinel_kwargs=dict(options), **options)  # type: ignore[no-untyped-call]
-    primary = sentinel.master_for(  # type: ignore[no-untyped-call]
+    # (As Any: redis-py types these calls in some versions and not in others.)
+    sentinel_class: Any = Sentinel
+    sentinel = sentinel_class(hosts, sentinel_kwargs=dict(options), **options)
+    primary = sentinel.master_for(
         service,
         connection_pool_class=_SentinelBlockingPool,
         db=int(db or 0),
