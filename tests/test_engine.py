@@ -255,8 +255,9 @@ def test_killed_producer_never_leaves_stream_running() -> None:
     stream = Stream(counting(1000, pause=1))
     stream.start()
     gevent.sleep(0.01)
-    assert stream._greenlet is not None
-    stream._greenlet.kill()  # e.g. a worker shutting down
+    greenlet = stream.producer.greenlet
+    assert greenlet is not None
+    greenlet.kill()  # e.g. a worker shutting down
     assert stream.state is StreamState.ERROR
     assert stream.terminal_event is not None
     assert stream.terminal_event.data["message"] == "producer stopped"

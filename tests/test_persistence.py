@@ -227,7 +227,7 @@ def test_resume_invariant_under_random_persist_trim_and_reconnects(
         while not (stream.finished and stream.saved.is_set()):
             rows = {r.block: r for r in store.inner.load_blocks(stream.id, 0)}
             buffered = stream.buffered_after(0)  # no blocking call between this and the rows' use
-            for index, block in stream._turn.blocks.items():
+            for index, block in stream.turn.blocks.items():
                 row = rows.get(index)
                 rebuilt = row.content if row else ""
                 after = row.last_event_id if row else 0

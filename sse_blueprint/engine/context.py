@@ -10,19 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import gevent
-
 from .._event import DURABLE, RESERVED_EVENTS, Event
-from .lifecycle import StreamClosed
 
 if TYPE_CHECKING:
     from .stream import Stream
 
-__all__ = ["Block", "Producer", "ProducerContext", "WakeUp"]
-
-
-class WakeUp(Exception):
-    """Thrown into a producer asleep in :meth:`ProducerContext.sleep` when its stream ends."""
+__all__ = ["Block", "Producer", "ProducerContext"]
 
 
 class ProducerContext:
@@ -52,7 +45,7 @@ class ProducerContext:
 
     def set_metadata(self, **values: Any) -> None:
         """Merge ``values`` (JSON) into the stream's metadata, shown by ``status`` everywhere."""
-        self._stream._set_metadata(values)
+        self._stream.set_metadata(values)
 
     @property
     def cancelled(self) -> bool:
@@ -74,7 +67,7 @@ class ProducerContext:
                 f"{event!r} is sent by the engine; return from the producer (done), raise "
                 "ProducerError (error), or cancel the stream instead"
             )
-        return self._stream._append(event, data, replay, check=True).id
+        return self._stream.append(event, data, replay, check=True).id
 
     def block(self, kind: str = "text", meta: Mapping[str, Any] | None = None) -> Block:
         """Start the next block of the turn (numbered after every block so far): ``kind`` is
@@ -91,39 +84,22 @@ class ProducerContext:
         ...         result.write('{"temp_c": 21}')
         ...     ctx.text(ctx.block().index, "It is 21 °C in Paris.")
         """
-        index = self._stream._turn.next_block
-        self._stream._append(
+        index = self._stream.turn.next_block
+        self._stream.append(
             "block_start", {"block": index, "kind": kind, "meta": dict(meta or {})}, check=True
         )
         return Block(self, index, kind)
 
     def text(self, block: int, text: str) -> int:
         """Send a ``text_delta``: append ``text`` to block ``block`` (a text block if new)."""
-        return self._stream._append("text_delta", {"block": block, "text": text}, check=True).id
+        return self._stream.append("text_delta", {"block": block, "text": text}, check=True).id
 
     def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once and raise :class:`StreamClosed` if the stream ends meanwhile.
 
         ``sleep(0)`` only lets the other greenlets run (readers then write what it sent so far).
         """
-        stream = self._stream
-        if seconds <= 0:
-            gevent.sleep(0)
-        elif stream._sleeper is None:
-            # A plain sleep (a quarter of the cost of waiting on the closed event with a
-            # timeout, paid on every token); the stream's end wakes it (see Stream._ended).
-            stream._sleeper = gevent.getcurrent().throw
-            try:
-                if not stream._closed.is_set():
-                    gevent.sleep(seconds)
-            except WakeUp:
-                pass
-            finally:
-                stream._sleeper = None
-        else:  # another greenlet of this producer is sleeping already
-            stream._closed.wait(seconds)
-        if stream._closed.is_set():
-            raise StreamClosed(stream.id)
+        self._stream.producer.sleep(seconds)
 
     def end_block(self, block: int, meta: Mapping[str, Any] | None = None) -> int:
         """End block ``block``: send ``block_end`` with ``meta`` (merged into the block's meta).
@@ -132,7 +108,7 @@ class ProducerContext:
         end may carry the parsed arguments: ``ctx.end_block(i, {"input": json.loads(args)})``.
         """
         data = {"block": block, "meta": dict(meta or {})}
-        return self._stream._append("block_end", data, check=True).id
+        return self._stream.append("block_end", data, check=True).id
 
     def snapshot(self) -> list[Event]:
         """The events in the live buffer now (oldest first)."""
@@ -144,7 +120,7 @@ class ProducerContext:
         Only call it once the stream's store can serve catch-up for those events. Events that a
         connected reader has not taken yet, and the newest event, stay. Returns how many went.
         """
-        return self._stream._trim(up_to_id)
+        return self._stream.trim(up_to_id)
 
 
 class Block:

@@ -26,8 +26,6 @@ def _no_producer(ctx: Any) -> None:  # pragma: no cover (a mirror never runs one
 class Mirror(Stream):
     """Another worker's stream ``stream_id``, followed here for this worker's readers."""
 
-    _aggregates = False  # the owner builds and writes the turn's blocks, not a mirror
-
     def __init__(
         self,
         stream_id: str,
@@ -36,22 +34,24 @@ class Mirror(Stream):
         client_queue: int = 2048,
         buffer_size: int = 1024,
     ) -> None:
+        # No store for the stream itself (it writes nothing); its readers catch up from it.
         super().__init__(
-            _no_producer,
-            stream_id=stream_id,
-            store=store,
-            client_queue=client_queue,
-            buffer_size=buffer_size,
-            writes=False,
+            _no_producer, stream_id=stream_id, client_queue=client_queue, buffer_size=buffer_size
         )
+        self._store = store
 
     def start(self) -> NoReturn:
         raise RuntimeError("a mirror has no producer to start")
+
+    def _aggregate(self, ev: Event) -> None:
+        """Nothing: the owner builds and writes the turn's blocks, not a mirror."""
 
     def ingest(self, ev: Event) -> None:
         """An event the owner wrote. One already here, or one after the end, is ignored."""
         if ev.id <= self.last_event_id or self.terminal_event is not None:
             return
+        if ev.id == 1:
+            self.start_event = ev
         self._log_append(ev)
         if ev.terminal:
             self._ended(ev)

@@ -37,17 +37,17 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.lock
-from gevent import Greenlet
 
 from .. import _observe, _wire
 from .._event import DURABLE, Event
 from .._turn import TurnBuilder
-from ..storage.records import BlockStore, StreamRecord
-from .context import Producer, ProducerContext, WakeUp
-from .lifecycle import ProducerError, StreamClosed, StreamState
+from ..storage.records import BlockStore
+from .context import Producer
+from .lifecycle import StreamClosed, StreamState
 from .log import EventLog
-from .persister import Persister, Unsaved
+from .persister import Persister
 from .ports import StreamBackend
+from .producer import ProducerRun
 from .readers import Readers
 from .subscription import Subscription
 
@@ -69,8 +69,6 @@ class Stream:
     without one the buffer keeps every event until the stream is forgotten.
     """
 
-    _aggregates = True  # build the turn's blocks from the events (a Mirror does not)
-
     def __init__(
         self,
         producer: Producer,
@@ -85,7 +83,6 @@ class Stream:
         metadata: Mapping[str, Any] | None = None,
         on_complete: Callable[[Stream], None] | None = None,
         backend: StreamBackend | None = None,
-        writes: bool = True,
         max_event_bytes: int = 1 << 20,
         durable: bool = False,
         max_meta_bytes: int = 65536,
@@ -102,123 +99,77 @@ class Stream:
         self.client_queue = client_queue
         self.buffer_size = buffer_size
         self.timeout = timeout
-        self._producer = producer
         self._on_complete = on_complete
-        self._greenlet: Greenlet | None = None
-        self._timer: Greenlet | None = None
         self._closed = gevent.event.Event()  # set when the terminal event is in the log
-        # The producer while in ctx.sleep: how to wake it (its greenlet's throw).
-        self._sleeper: Callable[[type[BaseException]], object] | None = None
+        self.producer = ProducerRun(self, producer, timeout, self._closed)
         self.buffer = EventLog()  # the live buffer: every reader is a cursor into it
         self.readers = Readers(self, client_queue)
         self.start_event: Event | None = None
         self.terminal_event: Event | None = None
+        # The turn's blocks and replayed events, built from the events (the aggregator).
+        self.turn = TurnBuilder(max_meta_bytes=max_meta_bytes, max_events=max_replayed_events)
         # Persistence.
         self._store = store
-        self._turn = TurnBuilder(max_meta_bytes=max_meta_bytes, max_events=max_replayed_events)
-        self._persisted_id = 0  # every event up to this id is covered by the store
-        self._persisted_pos = 0  # absolute log index just past _persisted_id
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
-        # A shared backend (Redis) sees every event first. ``writes=False``: a Mirror's.
+        # A shared backend (Redis) sees every event first.
         self._backend = backend
         self._append_lock = gevent.lock.Semaphore()
-        self._writes = store is not None and writes
-        self._durable = durable and self._writes
-        self._persister = Persister(self, store) if store is not None and self._writes else None
-        if not self._writes:
+        self._persister: Persister | None = None
+        if store is not None:
+            self._persister = Persister(self, store, durable=durable)
+        else:
             self.saved.set()
 
     # -- producer side -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Run the producer on its own greenlet (once)."""
-        if self._greenlet is not None:
+        if self.producer.started:
             raise RuntimeError("stream already started")
         if self._backend is not None:
             self._backend.claim(self)
-        self.start_event = self._append(
+        self.start_event = self.append(
             "start", {"stream_id": self.id, "producer": self.producer_name}
         )
         self._request_flush()  # the record exists in the store from the start
-        self._greenlet = gevent.spawn(self._run)
+        self.producer.start()
         _observe.METRICS.stream_started(self.producer_name)
-        if self.timeout:
-            self._timer = gevent.spawn_later(self.timeout, self._expire)
-
-    def _run(self) -> None:
-        _observe.current_stream.set(self.id)
-        ctx = ProducerContext(self, self.input)
-        try:
-            result: object = self._producer(ctx)
-        except StreamClosed:
-            pass  # cancelled or timed out: the terminal event is already there
-        except ProducerError as exc:
-            _observe.METRICS.producer_error(self.producer_name)
-            self._terminate(StreamState.ERROR, {"message": str(exc) or "producer failed"})
-        except Exception:
-            _observe.METRICS.producer_error(self.producer_name)
-            log.exception(
-                "producer %r of stream %s failed",
-                self.producer_name,
-                self.id,
-                extra={"stream_id": self.id},
-            )
-            self._terminate(StreamState.ERROR, {"message": "producer failed"})
-        else:
-            if not isinstance(result, Mapping):
-                if result is not None:
-                    log.error("producer %r returned %r, not a mapping", self.producer_name, result)
-                result = {}
-            self._terminate(StreamState.DONE, dict(result))
-        finally:
-            # A producer that returns or dies before its end leaves no stream "running forever".
-            if not self.finished:
-                self._terminate(StreamState.ERROR, {"message": "producer stopped"})
-            if not self.finished:
-                self._end_here("producer stopped")
-
-    def _end_here(self, message: str) -> None:
-        """The last resort when no end can be written (a backend that keeps refusing): end the
-        stream in this process anyway. With Redis, this worker stops renewing its lease, so the
-        other workers' watchdogs end it there once the lease lapses ("producer lost")."""
-        log.error(
-            "stream %s: its end could not be written; ending it here",
-            self.id,
-            extra={"stream_id": self.id},
-        )
-        data = {"stream_id": self.id, "message": message}
-        self.adopt_end(Event(self.buffer.last_id + 1, StreamState.ERROR.value, data))
-
-    def _expire(self) -> None:
-        self._timer = None
-        self.stop("stream timed out")
 
     def stop(self, message: str = "producer stopped") -> bool:
         """End the stream with ``error`` (``message``) and stop its producer.
 
         Used for timeouts and at shutdown. False if it had already ended.
         """
-        return self._terminate(StreamState.ERROR, {"message": message}, stop_producer=True)
+        return self.end(StreamState.ERROR, {"message": message}, stop_producer=True)
 
     def cancel(self, reason: str | None = None) -> bool:
         """End the stream with ``cancelled`` and stop its producer. False if it had ended."""
         data: dict[str, Any] = {"reason": reason} if reason else {}
-        return self._terminate(StreamState.CANCELLED, data, stop_producer=True)
+        return self.end(StreamState.CANCELLED, data, stop_producer=True)
 
-    def _stop_producer(self) -> None:
-        g = self._greenlet
-        # Raised where the producer blocks (sleep, I/O); its ``finally`` blocks run. One that has
-        # not begun (cancelled at once) is left to begin: its first send or sleep raises
-        # StreamClosed, so its own clean-up runs too.
-        begun = g is not None and g.gr_frame is not None
-        if g is not None and begun and not g.dead and g is not gevent.getcurrent():
-            g.kill(StreamClosed(self.id), block=False)
+    def end(
+        self, state: StreamState, data: Mapping[str, Any], *, stop_producer: bool = False
+    ) -> bool:
+        """The one way this process ends its stream (the producer's return or failure, a cancel,
+        a timeout, shutdown): append the terminal event, which every worker sees, and stop the
+        producer if asked. False if the stream had ended, here or elsewhere (then the backend
+        adopted that end: :meth:`adopt_end`)."""
+        if self.terminal_event is not None:
+            return False
+        try:
+            ev = self.append(state.value, {"stream_id": self.id, **data})
+        except StreamClosed:
+            return False  # it ended elsewhere first (the backend adopted that terminal event)
+        self._ended(ev)
+        if stop_producer:
+            self.producer.stop()
+        return True
 
-    def _append(
+    def append(
         self, event: str, data: Mapping[str, Any], replay: str = DURABLE, *, check: bool = False
     ) -> Event:
-        """Number an event and put it in the stream; ``check``: the producer's, not the engine's
-        (the turn checks it first)."""
+        """Number an event and put it in the stream (the producer's through
+        :class:`ProducerContext`, which passes ``check``: the turn's rules apply to it)."""
         if self._backend is None:
             return self._append_now(event, data, replay, check)  # no blocking call: atomic
         # The backend's write blocks, and a cancel or a timeout may append meanwhile from
@@ -231,7 +182,7 @@ class Stream:
             raise StreamClosed(self.id)
         ev = Event(self.buffer.last_id + 1, event, data, replay)  # (refuses data that is not JSON)
         if check:
-            self._turn.check(event, data, replay)
+            self.turn.check(event, data, replay)
         if len(ev.sse) > self.max_event_bytes:
             raise ValueError(
                 f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "
@@ -245,26 +196,24 @@ class Stream:
 
     def _log_append(self, ev: Event) -> None:
         """Put an event (already numbered) in the live buffer and wake the readers."""
-        buffer = self.buffer
-        buffer.append(ev)
-        durable = self._durable
-        if ev.id == 1 and self.start_event is None:
-            self.start_event = ev  # a mirror's: the owner's is set when it starts
-        if self._aggregates:
-            ended_block = self._turn.apply(ev)
-            if ended_block or buffer.end - self._persisted_pos > self.buffer_size:
-                self._request_flush()
-        if durable:
-            self._request_flush()  # readers see it once it is written (see _reveal)
-        else:
-            self._reveal(buffer.end)
+        self.buffer.append(ev)
+        self._aggregate(ev)
+        if self._persister is None or not self._persister.durable:
+            self.reveal(self.buffer.end)  # (durable: readers see it once it is written)
 
-    def _reveal(self, pos: int) -> None:
+    def _aggregate(self, ev: Event) -> None:
+        """Build the turn's blocks from the event, and have them written when due."""
+        ended_block = self.turn.apply(ev)
+        if self._persister is not None:
+            self._persister.appended(self.buffer.end, ended_block)
+
+    def reveal(self, pos: int) -> None:
         """Readers may now take the log up to ``pos``: wake them (on the loop's next turn)."""
         self.buffer.visible = pos
         self.readers.revealed(pos)
 
-    def _set_metadata(self, values: Mapping[str, Any]) -> None:
+    def set_metadata(self, values: Mapping[str, Any]) -> None:
+        """Merge ``values`` (JSON) into the metadata, for every worker and the store."""
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
         merged = {**self.metadata, **values}
@@ -273,6 +222,24 @@ class Stream:
             self._backend.set_metadata(self, merged)
         self.metadata = merged
         self._request_flush()
+
+    def _ended(self, ev: Event) -> None:
+        """Bookkeeping once the terminal event ``ev`` is in the buffer."""
+        self.terminal_event = ev
+        self.state = StreamState(ev.event)
+        self.finished_at = time.time()
+        self._closed.set()
+        self.producer.ended()
+        self._request_flush()
+        if self.producer.started:
+            _observe.METRICS.stream_finished(self.producer_name, ev.event)
+        if self._on_complete is not None:
+            try:
+                self._on_complete(self)
+            except Exception:
+                log.exception(
+                    "on_complete hook of stream %s failed", self.id, extra={"stream_id": self.id}
+                )
 
     # -- a backend's feed: the only methods a backend calls to change a stream (and Mirror's) --
 
@@ -287,115 +254,35 @@ class Stream:
             return
         self._log_append(ev)
         self._ended(ev)
-        self._stop_producer()
+        self.producer.stop()
 
     def trim_persisted(self, up_to_id: int) -> None:
         """Everything up to ``up_to_id`` is in the store (a mirror: the owner says so): drop it
         from the buffer as soon as no reader still needs it."""
         self.buffer.trim_to = max(self.buffer.trim_to, up_to_id)
-        self._trim(self.buffer.trim_to)
-
-    def _terminate(
-        self, state: StreamState, data: Mapping[str, Any], *, stop_producer: bool = False
-    ) -> bool:
-        """The one way this process ends its stream (the producer's return or failure, a cancel,
-        a timeout, shutdown): append the terminal event, which every worker sees, and stop the
-        producer if asked. False if the stream had ended, here or elsewhere (then the backend
-        adopted that end: :meth:`adopt_end`)."""
-        if self.terminal_event is not None:
-            return False
-        try:
-            ev = self._append(state.value, {"stream_id": self.id, **data})
-        except StreamClosed:
-            return False  # it ended elsewhere first (the backend adopted that terminal event)
-        self._ended(ev)
-        if stop_producer:
-            self._stop_producer()
-        return True
-
-    def _wake_sleeper(self) -> None:
-        # (In the hub.) Still asleep in ctx.sleep: end that sleep; it raises StreamClosed.
-        sleeper = self._sleeper
-        if sleeper is not None:
-            sleeper(WakeUp)
-
-    def _ended(self, ev: Event) -> None:
-        """Bookkeeping once the terminal event ``ev`` is in the buffer."""
-        self.terminal_event = ev
-        self.state = StreamState(ev.event)
-        self.finished_at = time.time()
-        self._closed.set()
-        if self._sleeper is not None:  # the producer, in ctx.sleep: wake it now
-            gevent.get_hub().loop.run_callback(self._wake_sleeper)
-        self._request_flush()
-        if self._greenlet is not None:
-            _observe.METRICS.stream_finished(self.producer_name, ev.event)
-        if self._timer is not None:
-            self._timer.kill(block=False)
-            self._timer = None
-        if self._on_complete is not None:
-            try:
-                self._on_complete(self)
-            except Exception:
-                log.exception(
-                    "on_complete hook of stream %s failed", self.id, extra={"stream_id": self.id}
-                )
+        self.trim(self.buffer.trim_to)
 
     # -- persistence ---------------------------------------------------------------------------
-
-    def record(self) -> StreamRecord:
-        """The stream's durable state now."""
-        terminal = self.terminal_event
-        return StreamRecord(
-            stream_id=self.id,
-            producer=self.producer_name,
-            state=self.state.value,
-            last_event_id=self.buffer.last_id,
-            created_at=self.created_at,
-            metadata=self.metadata,
-            finished_at=self.finished_at,
-            terminal=terminal.event if terminal else None,
-            terminal_id=terminal.id if terminal else None,
-            terminal_data=terminal.data if terminal else None,
-        )
 
     def _request_flush(self) -> None:
         if self._persister is not None:
             self._persister.request()
 
-    def unsaved(self) -> Unsaved:
-        """What the store lacks now (for the persister; blocks nothing)."""
-        blocks, events = self._turn.unsaved(self.id)
-        return Unsaved(self.buffer.end, self.buffer.last_id, self.record(), blocks, events)
-
-    def stored(self, done: Unsaved) -> bool:
-        """The store now holds ``done``: reveal it (durable delivery), trim the buffer up to it,
-        tell the backend. True once the store holds the whole finished stream."""
-        self._turn.saved(done.blocks, done.events)
-        if done.last_id > self._persisted_id:
-            self._persisted_id, self._persisted_pos = done.last_id, done.end_pos
-            if self._durable:
-                self._reveal(done.end_pos)
-        if done.blocks or done.events or len(self.buffer) > self.buffer_size:
-            # (A write of the record alone trims nothing: that would only send new readers to
-            # the store for the ``start`` event.)
-            self.trim_persisted(self._persisted_id)
-            if self._backend is not None:
-                self._backend.persisted(self, self._persisted_id)
-        if self.finished and self._persisted_id >= self.buffer.last_id:
-            if not self.saved.is_set():
-                log.debug("stream %s: saved", self.id, extra={"stream_id": self.id})
-            self.saved.set()
-            return True
-        return False
+    def covered(self, up_to_id: int) -> None:
+        """The store holds every event up to ``up_to_id`` (the persister says so): trim the
+        buffer up to it and tell the backend."""
+        self.trim_persisted(up_to_id)
+        if self._backend is not None:
+            self._backend.persisted(self, up_to_id)
 
     @property
     def persist_failures(self) -> int:
         """Writes to the store that failed (and were retried)."""
         return self._persister.failures if self._persister is not None else 0
 
-    def _trim(self, up_to_id: int) -> int:
-        """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest."""
+    def trim(self, up_to_id: int) -> int:
+        """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest.
+        Returns how many went."""
         # The newest event always stays (a finished stream's terminal), and what readers lack.
         buffer = self.buffer
         count = buffer.drop(up_to_id, keep_from=self.readers.lowest(buffer.end - 1))
@@ -473,7 +360,7 @@ class Stream:
     def retrim(self) -> None:
         """Trim what a reader that just left may have been holding back."""
         if self.buffer.trim_to > self.buffer.trimmed_id:
-            self._trim(self.buffer.trim_to)
+            self.trim(self.buffer.trim_to)
 
     @property
     def trimmed_id(self) -> int:
