@@ -36,7 +36,7 @@ def producer(ctx: ProducerContext) -> None:
 def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]], Any]) -> Stream:
     """A stream of :func:`producer` on ``backend``, its appends made by ``append(n, run)``:
     ``n`` counts them, ``run()`` queues the real append script in the batch's pipeline."""
-    script = backend._append
+    script = backend.owners.append_script
     queue = script.queue
     calls = 0
 
@@ -54,7 +54,7 @@ def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]
 def lost_replies(url: str) -> dict[str, Any]:
     """Every third append runs in Redis, then its reply is 'lost'."""
     backend = RedisBackend(url, lease=5)
-    script = backend._append
+    script = backend.owners.append_script
     queue = script.queue
     calls = 0
 
@@ -100,7 +100,7 @@ def refused(url: str) -> dict[str, Any]:
     return {
         "ended": ended,
         "terminal": terminal.data if terminal else None,
-        "still_renewing": stream.id in backend.owned,
+        "still_renewing": stream.id in backend.owners.streams,
     }
 
 

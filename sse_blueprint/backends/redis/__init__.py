@@ -1,6 +1,7 @@
 """The Redis backend (``SSE_REDIS_URL``): streams shared across workers and instances.
 
-    backend     RedisBackend: the owner's writes and fencing, ends and status from any worker
+    backend     RedisBackend: the port the engine and the web layer call (ends, status, active)
+    owners      the owner's side: claims and fencing, batched appends, lease renewals
     scripts     keys, channels and the Lua scripts
     connection  the topology by URL (one Redis, Cluster, Sentinel), the pools, and the one
                 rule for retrying what Redis did not run
