@@ -1,13 +1,19 @@
 """The stream engine: producers, the live buffer, fan-out, persistence and resume. No Flask.
 
+    stream        one producer run, composed of the parts below; the one way it ends
     lifecycle     states and the exceptions that end or refuse a stream
     context       what a producer gets (ProducerContext, Block)
-    subscription  a reader's cursor into the live buffer
+    producer      the producer's run on its greenlet: start, sleep, stop, timeout
     log           the live buffer (EventLog): positions, visibility, trimming
-    stream        one producer run: its buffer, readers, fan-out, persistence, catch-up
+    readers       the reader set: positions, wake-ups, fan-out, lag cuts
+    subscription  a reader's cursor into the live buffer, and its catch-up from the store
+    persister     writes the turn to the store in the background, and retries
     mirror        another worker's stream, followed here for this worker's readers
     registry      a worker's streams, and streams that live only in the store
+    status        a stream's status as one type, however it was found
     ports         what the engine needs from a backend shared between workers
+
+(The turn's aggregation and the catch-up merge are in ``sse_blueprint._turn``.)
 
 Nothing here imports Flask, SQLAlchemy, Redis or the web layer; those import this.
 """
@@ -20,6 +26,7 @@ from .lifecycle import ProducerError, ShuttingDown, StreamClosed, StreamLimitRea
 from .mirror import Mirror
 from .ports import SharedBackend, StreamBackend
 from .registry import LOST_ID_GAP, StreamRegistry, lost, lost_data, replay
+from .status import StreamStatus, status_of
 from .stream import Stream, new_stream_id
 from .subscription import Subscription
 
@@ -39,10 +46,12 @@ __all__ = [
     "StreamLimitReached",
     "StreamRegistry",
     "StreamState",
+    "StreamStatus",
     "Subscription",
     "TERMINAL_EVENTS",
     "lost",
     "lost_data",
     "new_stream_id",
     "replay",
+    "status_of",
 ]

@@ -12,6 +12,7 @@ from .._event import Event
 
 if TYPE_CHECKING:
     from .mirror import Mirror
+    from .status import StreamStatus
     from .stream import Stream
 
 __all__ = ["SharedBackend", "StreamBackend"]
@@ -43,8 +44,8 @@ class SharedBackend(StreamBackend, Protocol):
     def release_mirrors(self) -> int:
         """Shutdown: end the responses of every reader of a mirror (they resume elsewhere)."""
 
-    def status(self, stream_id: str) -> dict[str, Any] | None:
-        """The shared state of a stream (``stream_id``, ``state``, ``last_event_id``, ...)."""
+    def status(self, stream_id: str) -> StreamStatus | None:
+        """The shared state of a stream (its subscribers: 0), or None if unknown."""
 
     def end(
         self, stream_id: str, state: str, data: dict[str, Any], *, if_lease_gone: bool = False

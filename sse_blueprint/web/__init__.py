@@ -3,6 +3,7 @@
     extension  SSE: producers, hooks, init_app, start / active / stream_response
     state      what the extension keeps per app; shutdown of every app in the process
     views      the blueprint's endpoints (thin)
+    service    streams wherever they live (here, mirrored, in the store): find, status, cancel
     answers    a reader's answer in each format, refusals, status, store calls
 
 Imports the engine, the transport, the storage and the config; the engine imports none of this.

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 from flask import Response, current_app, request
 
@@ -176,7 +176,7 @@ def find(state: AppState, stream_id: str) -> Stream | StreamRecord:
     if not STREAM_ID.match(stream_id):
         error(404, "stream not found")
     _observe.current_stream.set(stream_id)  # for the log lines of this request
-    found = store_call(state.registry.find, stream_id)
+    found = store_call(state.streams.find, stream_id)
     if found is None:
         error(404, "stream not found")
     return found
@@ -243,30 +243,6 @@ def response_format() -> str:
         return fmt
     best = request.accept_mimetypes.best_match([SSE_MIMETYPE, NDJSON_MIMETYPE])
     return NDJSON if best == NDJSON_MIMETYPE else FORMAT_SSE
-
-
-def status_of(found: Stream | StreamRecord) -> dict[str, Any]:
-    if isinstance(found, StreamRecord):
-        return {
-            "stream_id": found.stream_id,
-            "state": found.state,
-            "last_event_id": found.terminal_id or found.last_event_id,
-            "producer": found.producer,
-            "created_at": found.created_at,
-            "finished_at": found.finished_at,
-            "subscribers": 0,
-            "metadata": dict(found.metadata),
-        }
-    return {
-        "stream_id": found.id,
-        "state": found.state.value,
-        "last_event_id": found.last_event_id,
-        "producer": found.producer_name,
-        "created_at": found.created_at,
-        "finished_at": found.finished_at,
-        "subscribers": found.subscriber_count,
-        "metadata": found.metadata,
-    }
 
 
 def add_cors_headers(response: BaseResponse, allowed: tuple[str, ...]) -> None:

@@ -186,11 +186,7 @@ class SSE:
 
     def active(self, stream_ids: list[str], *, app: Flask | None = None) -> dict[str, bool]:
         """Which of these streams are running, on any worker or instance sharing the backend."""
-        state = app_state(app)
-        if state.backend is not None:
-            return state.backend.active(stream_ids)
-        found = {sid: state.registry.get(sid) for sid in stream_ids}
-        return {sid: s is not None and not s.finished for sid, s in found.items()}
+        return app_state(app).streams.active(stream_ids)
 
     def client_url(self) -> str:
         """The browser client's URL, pinned to this version (cached for a year):

@@ -19,6 +19,7 @@ from .._config import SSEConfig
 from .._transport import WriteWatch
 from ..engine import Mirror, SharedBackend, StreamRegistry
 from ..storage.records import BlockStore
+from .service import StreamService
 
 if TYPE_CHECKING:
     from .extension import SSE
@@ -59,6 +60,7 @@ class AppState:
             store=store,
             backend=self.backend,
         )
+        self.streams = StreamService(self.registry, self.backend)
         self.retry = _wire.encode_retry(config.retry_ms)
         self.clients_by_address: dict[str, int] = {}  # open responses per address, this worker
         self.streams_by_address: dict[str, int] = {}  # running streams per creator's address

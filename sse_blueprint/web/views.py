@@ -1,5 +1,5 @@
-"""The blueprint's views: thin, on top of :mod:`.answers` (a reader's answer, refusals) and the
-engine's registry.
+"""The blueprint's views: thin, on top of :mod:`.answers` (a reader's answer, refusals) and
+:mod:`.service` (streams wherever they live).
 
 Endpoints (relative to the blueprint's prefix, ``/api`` by default):
 
@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import _observe
 from .._guard import REFUSAL_SUFFIX, RequestRefused, check_post, read_json_body, routing_refusal
-from ..engine import Mirror, ShuttingDown, Stream, StreamLimitReached
+from ..engine import ShuttingDown, Stream, StreamLimitReached
 from .answers import (
     AI_SDK,
     add_cors_headers,
@@ -37,7 +37,6 @@ from .answers import (
     refusal,
     refuse_multiprocess,
     response_format,
-    status_of,
     store_call,
 )
 from .state import EXTENSION_KEY, app_state
@@ -148,11 +147,7 @@ def make_blueprint() -> Blueprint:
         state = app_state()
         found = find(state, stream_id)
         state.ext._check("status", found.metadata)
-        if isinstance(found, Mirror) and state.backend is not None:
-            shared = store_call(state.backend.status, stream_id)
-            if shared is not None:
-                return {**shared, "subscribers": found.subscriber_count}
-        return status_of(found)
+        return store_call(state.streams.status, found).to_json()
 
     @route("/streams/<stream_id>/cancel", ["POST"])
     def cancel_stream(stream_id: str) -> tuple[dict[str, Any], int]:
@@ -160,15 +155,8 @@ def make_blueprint() -> Blueprint:
         check_post(request, state.config.cors_origins)
         found = find(state, stream_id)
         state.ext._check("cancel", found.metadata)
-        if isinstance(found, Mirror) and state.backend is not None:
-            # Run elsewhere: end it in Redis; its owner hears of it and stops its producer.
-            data = {"stream_id": stream_id}
-            ended = store_call(state.backend.end, stream_id, "cancelled", data) == "ok"
-            shared = store_call(state.backend.status, stream_id)
-            body = {**shared, "subscribers": found.subscriber_count} if shared else status_of(found)
-            return body, 202 if ended else 200
-        cancelled = isinstance(found, Stream) and found.cancel()
-        return status_of(found), 202 if cancelled else 200
+        status, ended = store_call(state.streams.cancel, found)
+        return status.to_json(), 202 if ended else 200
 
     @route("/metrics", ["GET"])
     def metrics() -> BaseResponse:
