@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from .. import _observe
 from .._config import SSEConfig
 from .._guard import RequestRefused
-from ..engine import Producer, Stream, StreamRegistry
+from ..engine import Producer, SharedBackend, Stream, StreamRegistry
 from ..storage.records import BlockStore
 from ..storage.sql import SQLStore
 from .answers import AI_SDK, FORMAT_SSE, FORMATS, answer, error, find, refusal
@@ -79,12 +79,19 @@ class SSE:
             self.init_app(app)
 
     def init_app(
-        self, app: Flask, *, url_prefix: str | None = None, store: BlockStore | None = None
+        self,
+        app: Flask,
+        *,
+        url_prefix: str | None = None,
+        store: BlockStore | None = None,
+        backend: SharedBackend | None = None,
     ) -> None:
         """Read the ``SSE_*`` config, set up the stream registry and mount the blueprint.
 
         Turn blocks go to ``SSE_DATABASE_URL`` (an :class:`~sse_blueprint.SQLStore`), or to
-        ``store`` if you pass one of your own.
+        ``store`` if you pass one of your own. Streams are shared between workers through
+        ``SSE_REDIS_URL``, or through ``backend`` if you pass one (for tests of several workers
+        in one process: :class:`~sse_blueprint.backends.memory.MemoryBackend`).
         """
         config = SSEConfig.from_mapping(app.config)
         _observe.configure_logging(config.log_format)
@@ -102,7 +109,7 @@ class SSE:
                 os.makedirs(app.instance_path, exist_ok=True)
                 url = "sqlite:///" + os.path.join(app.instance_path, "sse_blueprint.sqlite3")
             store = SQLStore(url, create_tables=config.create_tables)
-        state = app.extensions[EXTENSION_KEY] = AppState(self, config, store)
+        state = app.extensions[EXTENSION_KEY] = AppState(self, config, store, backend)
         prefix = self.url_prefix if url_prefix is None else url_prefix
         state.url_prefix = prefix.rstrip("/")
         app.register_blueprint(self.blueprint, url_prefix=prefix)

@@ -39,12 +39,14 @@ MULTIPROCESS_REFUSAL = (
 class AppState:
     """What the extension keeps per app, in ``app.extensions["sse_blueprint"]``."""
 
-    def __init__(self, ext: SSE, config: SSEConfig, store: BlockStore) -> None:
+    def __init__(
+        self, ext: SSE, config: SSEConfig, store: BlockStore, backend: SharedBackend | None = None
+    ) -> None:
         self.ext = ext
         self.config = config
         self.store = store
-        self.backend: SharedBackend | None = None
-        if config.redis_url:
+        self.backend = backend
+        if backend is None and config.redis_url:
             from ..backends.redis import RedisBackend  # redis is needed only with SSE_REDIS_URL
 
             self.backend = RedisBackend(
