@@ -508,7 +508,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from tests.conftest import PostgresServer, RedisServer
-    from tests.redis_topologies import LocalCluster
+    from tests.helpers.redis_topologies import LocalCluster
 
     redis_server = RedisServer().start()
     cluster = LocalCluster(primaries=3).start()

@@ -31,10 +31,12 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from tests.janitor import as_postgres, pg_bin
-from tests.sse_parser import ParsedEvent, SSEParser, Transcript
+from tests.helpers.janitor import as_postgres, pg_bin
+from tests.helpers.sse_parser import ParsedEvent, SSEParser, Transcript
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The app most integration tests serve (tests/helpers/live_app.py).
+LIVE_APP = "tests.helpers.live_app:app"
 
 DEMO_TEXT = (
     "Streams outlive requests. A producer writes on its own greenlet,\n"
@@ -52,9 +54,9 @@ MODEL_SETTINGS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANT
 
 
 class Janitor:
-    """Tells :mod:`tests.janitor`, a process of its own, what this session starts and stops: if
-    pytest ends without its teardowns (a hung test's timeout calls ``os._exit``), it stops what
-    is left. It ends when this process does, however it does."""
+    """Tells :mod:`tests.helpers.janitor`, a process of its own, what this session starts and
+    stops: if pytest ends without its teardowns (a hung test's timeout calls ``os._exit``), it
+    stops what is left. It ends when this process does, however it does."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
@@ -63,7 +65,7 @@ class Janitor:
     def start(self) -> None:
         with self._lock:
             self._proc = self._proc or subprocess.Popen(
-                [sys.executable, "-m", "tests.janitor"],
+                [sys.executable, "-m", "tests.helpers.janitor"],
                 cwd=ROOT, stdin=subprocess.PIPE, text=True, start_new_session=True,
             )  # fmt: skip
 
@@ -230,7 +232,7 @@ def server(server_factory: Any) -> LiveServer:
             "SSE_RETRY_MS": 1500,
             "SSE_WRITE_TIMEOUT": 2,
         },
-        app="tests.live_app:app",
+        app=LIVE_APP,
     )
     return server
 
@@ -258,8 +260,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Any]:
-    """A model provider on loopback (:mod:`tests.upstream`), one per test module."""
-    from tests.upstream import Upstream
+    """A model provider on loopback (:mod:`tests.helpers.upstream`), one per test module."""
+    from tests.helpers.upstream import Upstream
 
     server = Upstream()
     yield server

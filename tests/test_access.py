@@ -17,7 +17,7 @@ def call(method: str, url: str, user: str | None, **kwargs: Any) -> httpx.Respon
 
 
 def test_streams_belong_to_the_user_who_started_them(server_factory: Any) -> None:
-    secure: LiveServer = server_factory({}, app="tests.secure_app:app")
+    secure: LiveServer = server_factory({}, app="tests.helpers.secure_app:app")
     url = f"{secure.url}/api/streams"
     body = {"producer": "echo", "input": {"text": "secret", "linger": 0.5}}
     anonymous = call("POST", url, None, json=body)

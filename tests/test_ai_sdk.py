@@ -19,9 +19,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, LiveServer, npm_folder, read_stream, start_stream, wait_done
+from tests.conftest import (
+    LIVE_APP,
+    ROOT,
+    LiveServer,
+    npm_folder,
+    read_stream,
+    start_stream,
+    wait_done,
+)
 
-SCRIPT = ROOT / "tests/node/aisdk.mjs"
+SCRIPT = ROOT / "tests/helpers/node/aisdk.mjs"
 pytestmark = pytest.mark.timeout(180)
 
 STEPS: list[dict[str, Any]] = [
@@ -113,7 +121,7 @@ def test_the_sdk_reader_rebuilds_the_turn_live_and_after_the_end(
 def test_the_sdk_reader_rebuilds_a_turn_from_the_store_alone(
     ai_sdk: Path, server_factory: Any
 ) -> None:
-    server: LiveServer = server_factory({"SSE_RETENTION": 0.2}, app="tests.live_app:app")
+    server: LiveServer = server_factory({"SSE_RETENTION": 0.2}, app=LIVE_APP)
     stream_id = script_stream(server)
     want = expected(server, stream_id)
     time.sleep(1.0)  # past its retention: only the database has it
@@ -216,8 +224,8 @@ def test_another_instance_serves_the_same_message(
     from tests.test_redis import shared_config
 
     config = shared_config(redis_server, postgres)
-    owner = server_factory(config, app="tests.live_app:app")
-    other = server_factory(config, app="tests.live_app:app")
+    owner = server_factory(config, app=LIVE_APP)
+    other = server_factory(config, app=LIVE_APP)
     stream_id = script_stream(owner, interval_ms=10)
     url = f"{other.url}/api/streams/{stream_id}?format=ai-sdk"
     live = node(ai_sdk, mode="read", url=url)["message"]  # joined while it runs

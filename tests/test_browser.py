@@ -12,13 +12,13 @@ import pytest
 from playwright.sync_api import Browser, Page
 
 from app import compose_turn
-from tests.conftest import CuttingProxy, LiveServer, read_stream
+from tests.conftest import LIVE_APP, CuttingProxy, LiveServer, read_stream
 
 
 @pytest.fixture(scope="module")
 def web(server_factory: Any) -> LiveServer:
     server: LiveServer = server_factory(
-        {"SSE_RETRY_MS": 200, "SSE_HEARTBEAT_INTERVAL": 1}, app="tests.live_app:app"
+        {"SSE_RETRY_MS": 200, "SSE_HEARTBEAT_INTERVAL": 1}, app=LIVE_APP
     )
     return server
 

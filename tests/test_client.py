@@ -24,6 +24,7 @@ from sse_blueprint.client import (
 )
 from tests.conftest import (
     DEMO_TEXT,
+    LIVE_APP,
     CuttingProxy,
     LiveServer,
     free_port,
@@ -131,7 +132,7 @@ def test_breaker_opens_while_the_server_is_down_and_recovers(server_factory: Any
     with pytest.raises(httpx.ConnectError):
         client.start("demo", {"text": "x"})
     assert breaker.state == "open"  # ...which failed: open again
-    server_factory({}, app="tests.live_app:app", port=port)  # the server comes back
+    server_factory({}, app=LIVE_APP, port=port)  # the server comes back
     now[0] += 31
     reader = client.start("demo", {"text": "back", "interval_ms": 0})
     assert breaker.state == "closed"

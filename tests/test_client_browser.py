@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page
 
-from tests.conftest import CuttingProxy, LiveServer, read_stream, start_stream
+from tests.conftest import LIVE_APP, CuttingProxy, LiveServer, read_stream, start_stream
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -47,7 +47,7 @@ def steps(blocks: int, size: int) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def site(server_factory: Any) -> LiveServer:
     server: LiveServer = server_factory(
-        {"SSE_RETRY_MS": 100, "SSE_HEARTBEAT_INTERVAL": 1}, app="tests.live_app:app"
+        {"SSE_RETRY_MS": 100, "SSE_HEARTBEAT_INTERVAL": 1}, app=LIVE_APP
     )
     return server
 
@@ -171,7 +171,7 @@ def test_refusals_are_distinct_states(
     page.wait_for_function("window.f.state === 'not-found'", polling=50)
 
     secure: LiveServer = server_factory(
-        {"SSE_RETRY_MS": 100}, app="tests.secure_app:app", ready=("/", 200)
+        {"SSE_RETRY_MS": 100}, app="tests.helpers.secure_app:app", ready=("/", 200)
     )
     response = httpx.post(
         f"{secure.url}/api/streams", json={"producer": "echo", "input": {"text": "mine"}},
@@ -193,7 +193,7 @@ def test_refusals_are_distinct_states(
 def test_a_server_that_is_gone_ends_in_unreachable(
     context: BrowserContext, server_factory: Any
 ) -> None:
-    server: LiveServer = server_factory({"SSE_RETRY_MS": 100}, app="tests.live_app:app")
+    server: LiveServer = server_factory({"SSE_RETRY_MS": 100}, app=LIVE_APP)
     stream_id = start_stream(server.url, "script", steps=steps(40, 60), chunk_size=1,
                              interval_ms=20)  # fmt: skip
     page = open_page(context, server.url)

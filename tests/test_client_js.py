@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sse_blueprint.web.views import CLIENT_VERSION
-from tests.conftest import ROOT, LiveServer, npm_folder, start_stream, wait_done
+from tests.conftest import LIVE_APP, ROOT, LiveServer, npm_folder, start_stream, wait_done
 
 CLIENT = ROOT / "sse_blueprint/js"
 pytestmark = pytest.mark.timeout(300)
@@ -122,7 +122,7 @@ STEPS: list[dict[str, Any]] = [
 
 def test_node_reducer_tests_over_a_recorded_stream(server_factory: Any, tmp_path: Path) -> None:
     # A tiny live buffer: readers from most positions get the turn from the database, merged.
-    server: LiveServer = server_factory({"SSE_BUFFER_SIZE": 8}, app="tests.live_app:app")
+    server: LiveServer = server_factory({"SSE_BUFFER_SIZE": 8}, app=LIVE_APP)
     stream_id = start_stream(server.url, "script", steps=STEPS, chunk_size=3, interval_ms=1)
     status = wait_done(server.url, stream_id)
     answers: dict[str, list[Any]] = {}
@@ -146,7 +146,7 @@ def test_node_reducer_tests_over_a_recorded_stream(server_factory: Any, tmp_path
     path = tmp_path / "recording.json"
     path.write_text(json.dumps(recording))
     done = subprocess.run(
-        ["node", "--test", str(ROOT / "tests/node/client.test.mjs")],
+        ["node", "--test", str(ROOT / "tests/helpers/node/client.test.mjs")],
         env={"PATH": str(Path(shutil.which("node") or "node").parent), "SSE_RECORDING": str(path)},
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip

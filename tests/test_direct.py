@@ -18,8 +18,8 @@ import pytest
 
 from sse_blueprint import Event, ProducerContext, Stream
 from sse_blueprint.engine import Subscription
-from tests.conftest import LiveServer, start_stream, wait_done
-from tests.sse_parser import SSEParser, Transcript
+from tests.conftest import LIVE_APP, LiveServer, start_stream, wait_done
+from tests.helpers.sse_parser import SSEParser, Transcript
 
 
 def paced(n: int, seed: int) -> Any:
@@ -203,8 +203,8 @@ def _parked_while_reading(server: LiveServer) -> int:
 
 
 def test_gunicorn_readers_park_unless_direct_writes_are_off(server_factory: Any) -> None:
-    on: LiveServer = server_factory({}, app="tests.live_app:app")
-    off: LiveServer = server_factory({"SSE_DIRECT_WRITES": False}, app="tests.live_app:app")
+    on: LiveServer = server_factory({}, app=LIVE_APP)
+    off: LiveServer = server_factory({"SSE_DIRECT_WRITES": False}, app=LIVE_APP)
     assert _parked_while_reading(on) == 1
     assert _parked_while_reading(off) == 0
 
@@ -214,7 +214,7 @@ def test_a_reader_behind_a_full_socket_gets_every_byte_through_partial_writes(
 ) -> None:
     """20 MB to a client that pauses: more than the kernel buffers (``tcp_wmem`` grows a send
     buffer to 4 MB), so direct writes go out in part and its greenlet writes the rest."""
-    server: LiveServer = server_factory({"SSE_CLIENT_QUEUE": 4096}, app="tests.live_app:app")
+    server: LiveServer = server_factory({"SSE_CLIENT_QUEUE": 4096}, app=LIVE_APP)
     size, count = 100_000, 200
     stream_id = start_stream(server.url, "flood", count=count, size=size, interval_ms=5)
     host, port = server.url.removeprefix("http://").split(":")

@@ -2,7 +2,7 @@
 
 ``docs/examples/*.py`` are shown verbatim in the README ("Use with OpenAI / Anthropic / any
 OpenAI-compatible server", "Use with the AI SDK"); here each is served by gunicorn with the
-SDK's usual environment variables aimed at the loopback upstream of :mod:`tests.upstream`.
+SDK's usual environment variables aimed at the loopback upstream of :mod:`tests.helpers.upstream`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, LiveServer, npm_folder, read_stream, start_stream, wait_done
-from tests.test_ai_sdk import SCRIPT, node
-from tests.upstream import (
+from tests.helpers.upstream import (
     CHAT_DONE,
     SECRET_KEY,
     Frames,
@@ -26,6 +25,7 @@ from tests.upstream import (
     chat_chunk,
     chat_delta,
 )
+from tests.test_ai_sdk import SCRIPT, node
 
 EXAMPLES = ROOT / "docs/examples"
 pytestmark = pytest.mark.timeout(180)

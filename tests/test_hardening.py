@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, read_stream, start_demo
+from tests.conftest import LIVE_APP, LiveServer, read_stream, start_demo
 
 SLOW_CONNECTIONS = 2000
 BODY_TIMEOUT = 10.0  # the default
@@ -37,7 +37,7 @@ def test_slow_request_bodies_get_408_and_leave_the_worker_serving(server_factory
     """2,000 clients that send a POST's headers, then its body one byte at a time: each gets a
     408 once SSE_BODY_TIMEOUT (10 s by default) has passed and its connection is closed; other
     clients are served while they hang on."""
-    server = server_factory({}, app="tests.live_app:app")
+    server = server_factory({}, app=LIVE_APP)
     host, port = server.url.removeprefix("http://").split(":")
     head = (
         b"POST /api/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -141,7 +141,7 @@ def test_posts_that_are_not_json_are_415(
 
 
 def test_cross_site_posts_are_refused_unless_the_origin_is_allowed(server_factory: Any) -> None:
-    server = server_factory({"SSE_CORS_ORIGINS": "https://app.example"}, app="tests.live_app:app")
+    server = server_factory({"SSE_CORS_ORIGINS": "https://app.example"}, app=LIVE_APP)
     url = f"{server.url}/api/streams"
     body = {"producer": "demo", "input": {"text": "hi"}}
 
@@ -163,7 +163,7 @@ def test_cross_site_posts_are_refused_unless_the_origin_is_allowed(server_factor
 
 
 def test_one_address_cannot_fill_every_stream_slot(server_factory: Any) -> None:
-    server = server_factory({"SSE_MAX_STREAMS_PER_ADDRESS": 3}, app="tests.live_app:app")
+    server = server_factory({"SSE_MAX_STREAMS_PER_ADDRESS": 3}, app=LIVE_APP)
     long = "x" * 400
     running = [start_demo(server.url, long, chunk_size=1, interval_ms=50) for _ in range(3)]
     refused = httpx.post(

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import (
     DEMO_TEXT,
+    LIVE_APP,
     LiveServer,
     cancel_reaches_every_reader,
     read_ndjson,
@@ -23,7 +24,7 @@ from tests.conftest import (
     start_stream,
     wait_done,
 )
-from tests.sse_parser import ParsedEvent, SSEParser, Transcript
+from tests.helpers.sse_parser import ParsedEvent, SSEParser, Transcript
 
 
 def test_response_starts_with_retry_and_has_sse_headers(server: LiveServer) -> None:
@@ -236,9 +237,7 @@ INJECTIONS = ["%0D%0AX-Injected:%20yes", "%0AX-Injected:%20yes", "%0D%0A%0D%0A<s
 def test_crlf_injection_never_reaches_the_response(server_factory: Any, payload: str) -> None:
     """Encoded CR/LF in the query, the stream id, the format and (raw) in headers: a 4xx JSON
     answer and no header of the attacker's making, also where a header echoes input (CORS)."""
-    srv: LiveServer = server_factory(
-        {"SSE_CORS_ORIGINS": "https://app.example"}, app="tests.live_app:app"
-    )
+    srv: LiveServer = server_factory({"SSE_CORS_ORIGINS": "https://app.example"}, app=LIVE_APP)
     stream_id = start_demo(srv.url, interval_ms=0)
     wait_done(srv.url, stream_id)
     paths = [
@@ -556,16 +555,16 @@ def test_gunicorn_worker_sets_the_gc_thresholds(server: LiveServer, server_facto
     """The hooks set SSE_GC_THRESHOLDS in the worker (default 50000,50,10); empty keeps
     Python's own."""
     assert httpx.get(f"{server.url}/test/resources").json()["gc_threshold"] == [50_000, 50, 10]
-    own = server_factory({"SSE_GC_THRESHOLDS": ""}, app="tests.live_app:app")
+    own = server_factory({"SSE_GC_THRESHOLDS": ""}, app=LIVE_APP)
     assert httpx.get(f"{own.url}/test/resources").json()["gc_threshold"] == [700, 10, 10]
-    tuned = server_factory({"SSE_GC_THRESHOLDS": "20000,20,20"}, app="tests.live_app:app")
+    tuned = server_factory({"SSE_GC_THRESHOLDS": "20000,20,20"}, app=LIVE_APP)
     assert httpx.get(f"{tuned.url}/test/resources").json()["gc_threshold"] == [20_000, 20, 20]
 
 
 def test_cors_headers_only_for_configured_origins(server_factory: Any) -> None:
     cors = server_factory(
         {"SSE_CORS_ORIGINS": "https://app.example, https://other.example/"},
-        app="tests.live_app:app",
+        app=LIVE_APP,
     )
     stream_id = start_demo(cors.url, interval_ms=0)
     url = f"{cors.url}/api/streams/{stream_id}/status"
@@ -609,7 +608,7 @@ def test_client_limits_per_stream_and_per_address(server_factory: Any) -> None:
             "SSE_MAX_CLIENTS_PER_ADDRESS": 3,
             "SSE_HEARTBEAT_INTERVAL": 0.3,
         },
-        app="tests.live_app:app",
+        app=LIVE_APP,
     )
     slow = [start_demo(limited.url, chunk_size=1, interval_ms=200) for _ in range(2)]
     held = []

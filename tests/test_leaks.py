@@ -20,6 +20,7 @@ import httpx
 import redis
 
 from tests.conftest import (
+    LIVE_APP,
     LiveServer,
     PostgresServer,
     RedisServer,
@@ -88,7 +89,7 @@ def test_two_thousand_cycles_leave_no_trace(
             "SSE_RETENTION": 1,
             "SSE_BUFFER_SIZE": 16,
         },
-        app="tests.live_app:app",
+        app=LIVE_APP,
     )
     port = int(server.url.rsplit(":", 1)[1])
     rng = random.Random(2000)

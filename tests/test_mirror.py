@@ -11,7 +11,7 @@ import pytest
 
 from sse_blueprint.engine import Event, Mirror, ProducerContext, Stream
 from sse_blueprint.storage.sql import SQLStore
-from tests.sse_parser import Transcript
+from tests.helpers.sse_parser import Transcript
 
 WORDS = [f"w{i} " for i in range(30)]
 

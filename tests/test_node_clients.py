@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import DEMO_TEXT, ROOT, LiveServer, npm_folder, start_demo
-from tests.sse_parser import Transcript
+from tests.helpers.sse_parser import Transcript
 
-FOLLOW = ROOT / "tests/node/follow.mjs"
+FOLLOW = ROOT / "tests/helpers/node/follow.mjs"
 
 
 @pytest.fixture(scope="module")

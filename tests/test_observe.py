@@ -6,12 +6,12 @@ import json
 import time
 from typing import Any
 
-from tests.conftest import LiveServer, read_stream, start_stream, wait_done
+from tests.conftest import LIVE_APP, LiveServer, read_stream, start_stream, wait_done
 
 
 def test_json_logs_carry_the_stream_id(server_factory: Any) -> None:
     server: LiveServer = server_factory(
-        {"SSE_LOG_FORMAT": "json", "SSE_CLIENT_QUEUE": 16}, app="tests.live_app:app"
+        {"SSE_LOG_FORMAT": "json", "SSE_CLIENT_QUEUE": 16}, app=LIVE_APP
     )
     failed = start_stream(server.url, "fail")
     wait_done(server.url, failed)

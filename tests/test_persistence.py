@@ -26,7 +26,7 @@ from sse_blueprint.engine import (
 from sse_blueprint.engine import persister as persister_module
 from sse_blueprint.storage.records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
 from sse_blueprint.storage.sql import SQLStore
-from tests.sse_parser import Transcript
+from tests.helpers.sse_parser import Transcript
 
 
 class FlakyStore:

@@ -23,14 +23,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import (
-    LiveServer,
-    PostgresServer,
-    read_stream,
-    start_demo,
-    wait_done,
-)
-from tests.sse_parser import SSEParser, Transcript
+from tests.conftest import LIVE_APP, LiveServer, PostgresServer, read_stream, start_demo, wait_done
+from tests.helpers.sse_parser import SSEParser, Transcript
 
 PARAGRAPHS = [f"Paragraph {i}: " + "words and more words " * (3 + i % 3) + "\n\n" for i in range(8)]
 LONG_TEXT = "".join(PARAGRAPHS) + "The end."
@@ -91,7 +85,7 @@ def app_server(server_factory: Any, database: Database) -> Callable[[], LiveServ
     def start() -> LiveServer:
         server: LiveServer = server_factory(
             {"SSE_DATABASE_URL": database.url, "SSE_HEARTBEAT_INTERVAL": 1, "SSE_RETENTION": 2},
-            app="tests.live_app:app",
+            app=LIVE_APP,
         )
         return server
 
@@ -232,7 +226,7 @@ def test_a_reader_that_needs_the_database_while_it_is_down_gets_503(
     name = "t_" + uuid.uuid4().hex[:12]
     postgres.psql(f"CREATE DATABASE {name}")
     url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
-    server = server_factory({"SSE_DATABASE_URL": url}, app="tests.live_app:app")
+    server = server_factory({"SSE_DATABASE_URL": url}, app=LIVE_APP)
     text = "".join(PARAGRAPHS * 3)
     stream_id = start_demo(server.url, text, chunk_size=3, interval_ms=20)
     deadline = time.monotonic() + 20
@@ -278,7 +272,7 @@ def test_durable_delivery_gives_everyone_the_same_turn_after_kill_9(
     worker is killed mid-stream (no goodbye); readers resume on a restarted server with their
     last ids and all end with exactly the turn that a reader who comes later gets."""
     config = {"SSE_DATABASE_URL": database.url, "SSE_DELIVERY": "durable"}
-    first = server_factory(config, app="tests.live_app:app")
+    first = server_factory(config, app=LIVE_APP)
     stream_id = start_demo(first.url, LONG_TEXT, chunk_size=3, interval_ms=10)
     progress = [0, 0, 0]
     with ThreadPoolExecutor(3) as pool:
@@ -293,7 +287,7 @@ def test_durable_delivery_gives_everyone_the_same_turn_after_kill_9(
         seen = [r.result(timeout=30) for r in readers]
     first.stop()
     assert all(len(events) > 10 for events in seen)
-    second = server_factory(config, app="tests.live_app:app")
+    second = server_factory(config, app=LIVE_APP)
     fresh = read_stream(second.url, stream_id)
     assert fresh.events[-1].type == "error"
     assert fresh.events[-1].json()["message"] == "producer lost"

@@ -28,6 +28,7 @@ import redis
 from sse_blueprint.client import CircuitBreaker, StreamClient
 from tests.conftest import (
     DEMO_TEXT,
+    LIVE_APP,
     ROOT,
     LiveServer,
     PostgresServer,
@@ -37,8 +38,8 @@ from tests.conftest import (
     start_stream,
     wait_done,
 )
-from tests.redis_busy import busy_redis
-from tests.sse_parser import Transcript
+from tests.helpers.redis_busy import busy_redis
+from tests.helpers.sse_parser import Transcript
 
 LEASE = 2.0
 SHORT = "A short reply: it ends within the grace period of the instance that leaves."
@@ -69,9 +70,7 @@ def shared(
     started: list[LiveServer] = []
 
     def instance_with(extra: dict[str, Any], workers: int = 3) -> LiveServer:
-        server: LiveServer = server_factory(
-            {**config, **extra}, app="tests.live_app:app", workers=workers
-        )
+        server: LiveServer = server_factory({**config, **extra}, app=LIVE_APP, workers=workers)
         started.append(server)
         return server
 
@@ -353,7 +352,7 @@ def test_a_redis_outage_is_a_clear_error_not_a_hang(shared: Any) -> None:
 def test_a_fenced_producer_cannot_write(redis_server: RedisServer) -> None:
     """Another producer took the stream over: the old one's writes are refused, atomically."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.redis_fencing", redis_server.url],
+        [sys.executable, "-m", "tests.helpers.redis_fencing", redis_server.url],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     outcome = json.loads(result.stdout)
@@ -607,7 +606,7 @@ def test_a_lost_reply_or_a_refusing_redis_never_leaves_a_stream_running(
     the stream goes on (it used to end the producer silently and leave the stream running, its
     lease renewed, for ever). A Redis that refuses every append: the stream still ends."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.redis_lost_reply", redis_server.url],
+        [sys.executable, "-m", "tests.helpers.redis_lost_reply", redis_server.url],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     outcome = json.loads(result.stdout)
@@ -681,8 +680,8 @@ def test_readers_everywhere_end_when_redis_loses_its_data(
     volatile = RedisServer(persistent=False).start()
     try:
         config = shared_config(volatile, postgres)
-        owner = server_factory(config, app="tests.live_app:app", workers=1)
-        other = server_factory(config, app="tests.live_app:app", workers=1)
+        owner = server_factory(config, app=LIVE_APP, workers=1)
+        other = server_factory(config, app=LIVE_APP, workers=1)
         stream_id = demo(owner.url, PARAGRAPHS * 2, chunk=2, interval=15)
         pool = ThreadPoolExecutor(4)
         bases = [owner.url, owner.url, other.url, other.url]

@@ -21,7 +21,7 @@ import pytest
 from redis.crc import key_slot
 
 from tests.conftest import PostgresServer, read_stream
-from tests.redis_topologies import (
+from tests.helpers.redis_topologies import (
     TEXT,
     LocalCluster,
     assert_exact,

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import PostgresServer, read_stream
-from tests.redis_topologies import (
+from tests.helpers.redis_topologies import (
     TEXT,
     LocalSentinel,
     assert_exact,

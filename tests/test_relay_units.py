@@ -21,7 +21,7 @@ from sse_blueprint.relays import RelayResult
 from sse_blueprint.relays._anthropic import _Messages
 from sse_blueprint.relays._openai import _ChatCompletions, _Responses
 from sse_blueprint.relays._relay import UpstreamFailed, _describe, _retry_after, _retryable
-from tests.sse_parser import Transcript
+from tests.helpers.sse_parser import Transcript
 
 
 def translate(make: Callable[[ProducerContext], Any], items: list[Any]) -> tuple[Any, Transcript]:

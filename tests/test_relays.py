@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, read_stream, start_stream, wait_done
-from tests.upstream import (
+from tests.helpers.upstream import (
     CHAT_DONE,
     SECRET_KEY,
     Fail,
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 def relay_server(server_factory: Any, upstream: Upstream) -> Iterator[LiveServer]:
     server: LiveServer = server_factory(
         {"RELAY_UPSTREAM": upstream.url, "SSE_HEARTBEAT_INTERVAL": 0.5},
-        app="tests.relay_app:app",
+        app="tests.helpers.relay_app:app",
     )
     yield server
     assert SECRET_KEY not in server.log(), "the API key reached the server log"
@@ -444,8 +444,8 @@ def test_cancel_on_another_instance_closes_the_upstream_connection(
     from tests.test_redis import shared_config
 
     config = {**shared_config(redis_server, postgres), "RELAY_UPSTREAM": upstream.url}
-    owner = server_factory(config, app="tests.relay_app:app")
-    other = server_factory(config, app="tests.relay_app:app")
+    owner = server_factory(config, app="tests.helpers.relay_app:app")
+    other = server_factory(config, app="tests.helpers.relay_app:app")
     words = [chat_delta(content=f"token{n} ") for n in range(400)]
     upstream.script("chat-shared", Frames([*words, chat_delta("stop"), CHAT_DONE], interval=0.025))
     stream_id = start_stream(owner.url, "relay_chat", model="chat-shared")

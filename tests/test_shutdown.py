@@ -17,8 +17,15 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import LiveServer, PostgresServer, ReadResult, read_stream, start_stream
-from tests.sse_parser import Transcript
+from tests.conftest import (
+    LIVE_APP,
+    LiveServer,
+    PostgresServer,
+    ReadResult,
+    read_stream,
+    start_stream,
+)
+from tests.helpers.sse_parser import Transcript
 
 STREAMS = 200
 GRACE = 2.0
@@ -78,7 +85,7 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
         "SSE_HEARTBEAT_INTERVAL": 1,
         "SSE_MAX_STREAMS_PER_ADDRESS": STREAMS,  # all from this one test client
     }
-    first: LiveServer = server_factory(config, app="tests.live_app:app")
+    first: LiveServer = server_factory(config, app=LIVE_APP)
     texts: dict[str, str] = {}  # what each stream sends in all
     for i in range(STREAMS):
         if i % 10 == 0:  # 20 finish within the grace
@@ -117,7 +124,7 @@ def test_sigterm_with_200_open_streams_is_quick_and_loses_nothing(
     assert stopped == STREAMS - STREAMS // 10
 
     # A restarted server has all of it: resumes from a random id are exact, the end is a 204.
-    second: LiveServer = server_factory(config, app="tests.live_app:app")
+    second: LiveServer = server_factory(config, app=LIVE_APP)
     rng = random.Random(7)
 
     def resume(sid: str) -> None:

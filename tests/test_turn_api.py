@@ -10,7 +10,7 @@ import pytest
 
 from sse_blueprint import Event, ProducerContext, Stream
 from sse_blueprint.storage.sql import SQLStore
-from tests.sse_parser import Transcript
+from tests.helpers.sse_parser import Transcript
 
 
 def run(producer: Callable[[ProducerContext], Any], **options: Any) -> tuple[Stream, list[Event]]:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    LIVE_APP,
     CuttingProxy,
     LiveServer,
     PostgresServer,
@@ -30,7 +31,7 @@ from tests.conftest import (
     start_stream,
     wait_done,
 )
-from tests.sse_parser import SSEParser, Transcript
+from tests.helpers.sse_parser import SSEParser, Transcript
 from tests.test_redis import shared_config
 
 ARGS = '{"query": "weather in Paris", "units": "metric", "days": [1, 2, 3]}'
@@ -234,7 +235,7 @@ def restarter(servers: list[LiveServer]) -> Callable[[], None]:
 
 
 def test_whole_turn_on_sqlite(server_factory: Any) -> None:
-    server: LiveServer = server_factory(TURN_CONFIG, app="tests.live_app:app")
+    server: LiveServer = server_factory(TURN_CONFIG, app=LIVE_APP)
     assert exercise([server], restarter([server]), seed=11) >= MIN_CUTS
 
 
@@ -242,9 +243,7 @@ def test_whole_turn_on_postgresql(server_factory: Any, postgres: PostgresServer)
     name = "t_" + re.sub(r"\W", "", str(random.random()))[:12]
     postgres.psql(f"CREATE DATABASE {name}")
     url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
-    server: LiveServer = server_factory(
-        {**TURN_CONFIG, "SSE_DATABASE_URL": url}, app="tests.live_app:app"
-    )
+    server: LiveServer = server_factory({**TURN_CONFIG, "SSE_DATABASE_URL": url}, app=LIVE_APP)
     assert exercise([server], restarter([server]), seed=12) >= MIN_CUTS
 
 
@@ -252,9 +251,7 @@ def test_whole_turn_on_redis_with_two_instances(
     server_factory: Any, redis_server: RedisServer, postgres: PostgresServer
 ) -> None:
     config = {**shared_config(redis_server, postgres), **TURN_CONFIG}
-    servers: list[LiveServer] = [
-        server_factory(config, app="tests.live_app:app", workers=2) for _ in range(2)
-    ]
+    servers: list[LiveServer] = [server_factory(config, app=LIVE_APP, workers=2) for _ in range(2)]
     try:
         assert exercise(servers, restarter(servers), seed=13) >= MIN_CUTS
     finally:
@@ -290,7 +287,7 @@ def test_script_refuses_malformed_steps_with_400(server: LiveServer, steps: Any)
 
 
 def test_a_producer_past_its_bounds_ends_with_a_clear_error(server_factory: Any) -> None:
-    server: LiveServer = server_factory({"SSE_MAX_DURABLE_EVENTS": 2}, app="tests.live_app:app")
+    server: LiveServer = server_factory({"SSE_MAX_DURABLE_EVENTS": 2}, app=LIVE_APP)
     notes = [{"event": "note", "data": {"n": n}} for n in range(3)]
     stream_id = start_stream(server.url, "script", steps=notes, interval_ms=0)
     assert wait_done(server.url, stream_id)["state"] == "error"
@@ -303,7 +300,7 @@ def test_a_producer_past_its_bounds_ends_with_a_clear_error(server_factory: Any)
 def test_python_client_rebuilds_the_whole_turn_through_cuts(server_factory: Any) -> None:
     from sse_blueprint.client import StreamClient
 
-    server: LiveServer = server_factory(TURN_CONFIG, app="tests.live_app:app")
+    server: LiveServer = server_factory(TURN_CONFIG, app=LIVE_APP)
     proxy = CuttingProxy(server.url, seed=21, max_bytes=2000, only=b"GET /api/streams/")
     try:
         with StreamClient(proxy.url) as client:

@@ -16,7 +16,7 @@ from sse_blueprint._wire import (
     encode_ndjson,
     encode_retry,
 )
-from tests.sse_parser import ParsedEvent, SSEParser
+from tests.helpers.sse_parser import ParsedEvent, SSEParser
 
 FORBIDDEN = "\r\n\x00"
 field_text = st.text(min_size=1).filter(lambda s: not any(c in s for c in FORBIDDEN))

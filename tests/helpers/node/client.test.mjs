@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
-import { applyEvent, followStream, newTurn } from "../../sse_blueprint/js/index.js";
+import { applyEvent, followStream, newTurn } from "../../../sse_blueprint/js/index.js";
 
 test("the contract's rule: start, deltas, end, catch-up replaces, app events, terminal", () => {
   const turn = newTurn();

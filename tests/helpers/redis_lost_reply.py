@@ -1,4 +1,4 @@
-"""Run as ``python -m tests.redis_lost_reply REDIS_URL``: appends whose reply is lost.
+"""Run as ``python -m tests.helpers.redis_lost_reply REDIS_URL``: appends whose reply is lost.
 
 Redis can run an append and stop (or lose the connection) before its reply arrives; the owner
 then retries an append that is already there. Another case: a Redis that refuses every append.
@@ -25,7 +25,7 @@ from gevent.server import StreamServer  # noqa: E402
 
 from sse_blueprint import ProducerContext, Stream  # noqa: E402
 from sse_blueprint.backends.redis import RedisBackend  # noqa: E402
-from tests.redis_busy import busy_redis  # noqa: E402
+from tests.helpers.redis_busy import busy_redis  # noqa: E402
 
 
 def producer(ctx: ProducerContext) -> None:

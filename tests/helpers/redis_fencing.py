@@ -1,4 +1,5 @@
-"""Run as ``python -m tests.redis_fencing REDIS_URL``: a fenced producer's writes are refused.
+"""Run as ``python -m tests.helpers.redis_fencing REDIS_URL``: a fenced producer's writes are
+refused.
 
 A separate process because the Redis backend expects gevent's monkey-patched sockets, as in a
 gunicorn gevent worker; it prints what happened as JSON for the test to check.

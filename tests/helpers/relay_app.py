@@ -1,7 +1,7 @@
 """The reference app plus relay producers aimed at the local upstream (``FLASK_RELAY_UPSTREAM``).
 
 Each producer relays the model named in its input through the official SDK, with the test's
-``retries`` and ``stall_timeout``; the SDK clients carry :data:`tests.upstream.SECRET_KEY`.
+``retries`` and ``stall_timeout``; the SDK clients carry :data:`tests.helpers.upstream.SECRET_KEY`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sse_blueprint.relays import (
     relay_messages,
     relay_responses,
 )
-from tests.upstream import SECRET_KEY
+from tests.helpers.upstream import SECRET_KEY
 
 UPSTREAM = os.environ.get("FLASK_RELAY_UPSTREAM", "http://127.0.0.1:9")
 openai_client = openai.OpenAI(base_url=UPSTREAM + "/v1", api_key=SECRET_KEY)

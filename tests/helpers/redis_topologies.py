@@ -29,7 +29,7 @@ from redis.cluster import RedisCluster
 
 from sse_blueprint.backends.redis.connection import RedisConnection
 from tests.conftest import LiveServer, PostgresServer, janitor, read_stream, start_stream
-from tests.sse_parser import Transcript
+from tests.helpers.sse_parser import Transcript
 
 #: The turn the tests stream: paragraphs (so blocks end and are persisted as it goes).
 TEXT = "".join(f"Part {i}: " + "shards and slots " * 4 + "\n\n" for i in range(8)) + "End."
@@ -322,7 +322,7 @@ def instances(
 
     def instance(extra: dict[str, Any] | None = None) -> LiveServer:
         server: LiveServer = server_factory(
-            {**config, **(extra or {})}, app="tests.live_app:app", workers=2
+            {**config, **(extra or {})}, app="tests.helpers.live_app:app", workers=2
         )
         started.append(server)
         return server

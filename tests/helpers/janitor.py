@@ -1,4 +1,5 @@
-"""Run by the test session as ``python -m tests.janitor``: it stops what the session left running.
+"""Run by the test session as ``python -m tests.helpers.janitor``: it stops what the session
+left running.
 
 A test that hangs past pytest-timeout's limit ends pytest with ``os._exit``: no fixture's teardown
 runs, and gunicorn, redis-server and PostgreSQL would outlive the run. The session tells this
