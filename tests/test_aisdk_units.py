@@ -11,8 +11,8 @@ from typing import Any
 import gevent
 
 from sse_blueprint import Event, ProducerContext, Stream
-from sse_blueprint._aisdk import INTERRUPTED, UIMessageStream
 from sse_blueprint._transport import WriteWatch, follow
+from sse_blueprint.web.aisdk import INTERRUPTED, UIMessageStream
 
 
 def chunks(data: bytes) -> list[Any]:

@@ -10,10 +10,9 @@
     persister     writes the turn to the store in the background, and retries
     mirror        another worker's stream, followed here for this worker's readers
     registry      a worker's streams, and streams that live only in the store
+    turn          the block aggregator (TurnBuilder: typed turns) and the catch-up merge
     status        a stream's status as one type, however it was found
     ports         what the engine needs from a backend shared between workers
-
-(The turn's aggregation and the catch-up merge are in ``sse_blueprint._turn``.)
 
 Nothing here imports Flask, SQLAlchemy, Redis or the web layer; those import this.
 """

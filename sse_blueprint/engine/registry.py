@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gevent
 
 from .._event import Event
-from .._turn import catch_up
 from ..storage.records import BlockStore, StoredTurn, StreamRecord
 from .context import Producer
 from .lifecycle import ShuttingDown, StreamLimitReached, StreamState
 from .ports import SharedBackend
 from .stream import Stream
+from .turn import catch_up
 
 __all__ = ["LOST_ID_GAP", "StreamRegistry", "lost", "lost_data", "replay"]
 
@@ -87,6 +87,10 @@ class StreamRegistry:
 
     def __len__(self) -> int:
         return len(self._streams)
+
+    def __iter__(self) -> Iterator[Stream]:
+        """This worker's live streams (a snapshot)."""
+        return iter(list(self._streams.values()))
 
     @property
     def running(self) -> int:

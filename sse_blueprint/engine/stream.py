@@ -1,25 +1,25 @@
-"""The stream engine: producers, the live buffer, fan-out and resume. Imports no Flask.
+"""One producer run (:class:`Stream`): the parts of the engine composed, and the one way a stream
+ends. Imports the engine's parts, the records and gevent; no Flask, no backend, no store.
 
-One :class:`Stream` per producer run. The producer runs on its own greenlet and appends events to
-the stream's live buffer, an append-only log of :class:`Event` objects whose integer ids strictly
-increase. Every event is encoded once, when it is sent, and shared by all subscribers.
+The producer runs on its own greenlet (:class:`~.producer.ProducerRun`) and appends events to the
+stream's live buffer (:class:`~.log.EventLog`), an append-only log of :class:`Event` objects
+whose integer ids strictly increase. Every event is encoded once and shared by all readers.
 
-A :class:`Subscription` is a cursor into that log, not a queue: the producer never copies an event
-per subscriber, and a subscriber that wakes up takes everything it has pending in one batch (one
-write to its socket). A subscriber that falls more than ``client_queue`` events behind is *cut*: it
-stops being a subscriber, its response ends, and the client resumes with ``Last-Event-ID``.
-Nothing is ever dropped for a subscriber that stays.
+A reader is a cursor into that log (:class:`~.subscription.Subscription`), not a queue; the
+reader set (:class:`~.readers.Readers`) wakes them, fans out, and cuts one that falls more than
+``client_queue`` events behind (its response ends; the client resumes with ``Last-Event-ID``).
+Nothing is ever dropped for a reader that stays.
 
-Persistence (two tiers): block events (``block_start``, ``text_delta``, ``block_end``) are
-aggregated per block as they arrive, and replayable app events kept, by a
-:class:`~sse_blueprint._turn.TurnBuilder`. A persister greenlet per stream writes the blocks that
-changed, the new events and the stream record to a :class:`~sse_blueprint.BlockStore` when a
+Persistence (two tiers): the turn's blocks and replayable events are aggregated as they arrive
+(:class:`~.turn.TurnBuilder`), and the :class:`~.persister.Persister` writes what changed when a
 block ends, when more than ``buffer_size`` events are unsaved, and at the end. It notes the last
-event id *before* writing and, once the write succeeded, trims the live buffer only up to that
-id (and never past a connected reader), so events sent while the write was in flight always
-stay. A failed write keeps everything and is retried.
-A reader whose position is older than the buffer gets the turn from the store, merged with the
-buffer into one exact snapshot (:func:`~sse_blueprint._turn.catch_up`), then the live events.
+event id *before* writing and, once the write succeeded, the buffer is trimmed only up to that id
+(and never past a connected reader), so events sent while the write was in flight always stay.
+A reader whose position is older than the buffer gets the turn from the store merged with the
+buffer into one exact snapshot (:func:`~.turn.catch_up`), then the live events.
+
+Every end (the producer's return or failure, a cancel, a timeout, shutdown) goes through
+:meth:`Stream.end`; an end written elsewhere comes in through :meth:`Stream.adopt_end`.
 
 Everything here runs on one OS thread under gevent. Greenlets switch only at blocking calls, so a
 method that does not block is atomic: :meth:`Stream.subscribe` takes its snapshot and registers
@@ -40,7 +40,6 @@ import gevent.lock
 
 from .. import _observe, _wire
 from .._event import DURABLE, Event
-from .._turn import TurnBuilder
 from ..storage.records import BlockStore
 from .context import Producer
 from .lifecycle import StreamClosed, StreamState
@@ -50,6 +49,7 @@ from .ports import StreamBackend
 from .producer import ProducerRun
 from .readers import Readers
 from .subscription import Subscription
+from .turn import TurnBuilder
 
 __all__ = ["Stream", "new_stream_id"]
 

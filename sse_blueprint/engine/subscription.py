@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import gevent.event
 
 from .._event import Event
-from .._turn import catch_up
+from .turn import catch_up
 
 if TYPE_CHECKING:
     from .stream import Stream

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 from flask import Response, current_app, request
 
 from .. import _observe, _wire
-from .._aisdk import HEADERS as AI_SDK_HEADERS
-from .._aisdk import UIMessageStream
-from .._guard import RequestRefused, connection_shutter
 from .._transport import DirectWriter, encode, follow
 from ..engine import Event, Stream
 from ..storage.records import StreamRecord
+from .aisdk import HEADERS as AI_SDK_HEADERS
+from .aisdk import UIMessageStream
+from .guard import RequestRefused, connection_shutter
 from .state import MULTIPROCESS_REFUSAL, AppState
 
 if TYPE_CHECKING:

@@ -17,11 +17,11 @@ from werkzeug.exceptions import HTTPException
 
 from .. import _observe
 from .._config import SSEConfig
-from .._guard import RequestRefused
 from ..engine import Producer, SharedBackend, Stream, StreamRegistry
 from ..storage.records import BlockStore
 from ..storage.sql import SQLStore
 from .answers import AI_SDK, FORMAT_SSE, FORMATS, answer, error, find, refusal
+from .guard import RequestRefused
 from .state import EXTENSION_KEY, AppState, app_state
 from .views import CLIENT_VERSION, make_blueprint
 

@@ -5,7 +5,7 @@ Endpoints (relative to the blueprint's prefix, ``/api`` by default):
 
 * ``POST /streams`` starts a producer: ``201 {"stream_id", "stream_url"}``.
 * ``GET /streams/<id>`` follows a stream as SSE (or NDJSON), resuming after ``Last-Event-ID``;
-  ``?format=ai-sdk`` answers the Vercel AI SDK's UI message stream instead (see ``_aisdk``).
+  ``?format=ai-sdk`` answers the Vercel AI SDK's UI message stream instead (see ``aisdk``).
 * ``GET /streams/<id>/status`` reports its state; ``POST /streams/<id>/cancel`` cancels it.
 * ``GET /client.js``: the browser client.
 
@@ -24,7 +24,6 @@ from flask import Blueprint, Response, current_app, request, send_file, url_for
 from werkzeug.exceptions import HTTPException
 
 from .. import _observe
-from .._guard import REFUSAL_SUFFIX, RequestRefused, check_post, read_json_body, routing_refusal
 from ..engine import ShuttingDown, Stream, StreamLimitReached
 from .answers import (
     AI_SDK,
@@ -39,6 +38,7 @@ from .answers import (
     response_format,
     store_call,
 )
+from .guard import REFUSAL_SUFFIX, RequestRefused, check_post, read_json_body, routing_refusal
 from .state import EXTENSION_KEY, app_state
 
 if TYPE_CHECKING:

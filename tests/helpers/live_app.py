@@ -69,7 +69,7 @@ def resources() -> dict[str, Any]:
     state = _state()
     store: Any = state.store
     gc.collect()
-    streams = list(state.registry._streams.values())
+    streams = list(state.registry)
     backend: Any = state.backend  # the Redis backend's own parts, beyond the port
     mirrors = list(backend.mirrors.values()) if backend is not None else []
     pool: Any = backend.redis.connection_pool if backend is not None else None

@@ -25,8 +25,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from . import _wire
-from ._event import EPHEMERAL, LATEST, Event
+from .. import _wire
+from .._event import EPHEMERAL, LATEST, Event
 
 __all__ = ["HEADERS", "UIMessageStream"]
 

@@ -17,9 +17,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import _wire
-from ._event import BLOCK_EVENTS, DURABLE, LATEST, REPLAY_MODES, RESERVED_EVENTS, Event
-from .storage.records import StoredTurn, TurnBlock, TurnEvent
+from .. import _wire
+from .._event import BLOCK_EVENTS, DURABLE, LATEST, REPLAY_MODES, RESERVED_EVENTS, Event
+from ..storage.records import StoredTurn, TurnBlock, TurnEvent
 
 __all__ = ["KIND_PATTERN", "TurnBuilder", "catch_up"]
 
