@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.common import dumps, tick
-from sse_blueprint import Event
+from sse_blueprint.engine import Event
 
 DATA = tick(41, "x" * 64)
 

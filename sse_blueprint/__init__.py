@@ -25,12 +25,9 @@ catches up exactly: no gap, no duplicate.
 
 from __future__ import annotations
 
-from ._config import ConfigError, SSEConfig
-from ._wire import WireFormatError
+from ._config import ConfigError
 from .engine import (
-    TERMINAL_EVENTS,
     Block,
-    Event,
     Producer,
     ProducerContext,
     ProducerError,
@@ -38,40 +35,31 @@ from .engine import (
     Stream,
     StreamClosed,
     StreamLimitReached,
-    StreamRegistry,
     StreamState,
-    Subscription,
 )
-from .storage.records import BlockStore, StoredTurn, StreamRecord, TurnBlock, TurnEvent
+from .storage.records import BlockStore
 from .storage.schema import create_all, metadata
 from .storage.sql import SQLStore, run_blocking
 from .web import SSE, InputError, shutdown
 
+# What an app types. The engine's and the storage's other types are in ``sse_blueprint.engine``
+# (Event, Subscription, StreamRegistry, ...) and ``sse_blueprint.storage`` (the records a
+# BlockStore of your own reads and writes).
 __all__ = [
     "SSE",
-    "TERMINAL_EVENTS",
     "Block",
     "BlockStore",
     "ConfigError",
-    "Event",
     "InputError",
     "Producer",
     "ProducerContext",
     "ProducerError",
     "SQLStore",
-    "SSEConfig",
     "ShuttingDown",
     "Stream",
     "StreamClosed",
     "StreamLimitReached",
-    "StoredTurn",
-    "StreamRecord",
-    "StreamRegistry",
     "StreamState",
-    "Subscription",
-    "TurnBlock",
-    "TurnEvent",
-    "WireFormatError",
     "create_all",
     "metadata",
     "run_blocking",

@@ -10,8 +10,9 @@ from typing import Any
 
 import gevent
 
-from sse_blueprint import Event, ProducerContext, Stream
+from sse_blueprint import ProducerContext, Stream
 from sse_blueprint._transport import WriteWatch, follow
+from sse_blueprint.engine import Event
 from sse_blueprint.web.aisdk import INTERRUPTED, UIMessageStream
 
 

@@ -16,8 +16,8 @@ import gevent
 import httpx
 import pytest
 
-from sse_blueprint import Event, ProducerContext, Stream
-from sse_blueprint.engine import Subscription
+from sse_blueprint import ProducerContext, Stream
+from sse_blueprint.engine import Event, Subscription
 from tests.conftest import LIVE_APP, LiveServer, start_stream, wait_done
 from tests.helpers.sse_parser import SSEParser, Transcript
 

@@ -12,15 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sse_blueprint import (
-    Event,
     ProducerContext,
     ProducerError,
     Stream,
     StreamClosed,
     StreamLimitReached,
-    StreamRegistry,
     StreamState,
 )
+from sse_blueprint.engine import Event, StreamRegistry
 
 
 def drain(sub: Any, timeout: float = 5) -> list[Event]:

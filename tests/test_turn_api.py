@@ -8,7 +8,8 @@ from typing import Any
 import gevent
 import pytest
 
-from sse_blueprint import Event, ProducerContext, Stream
+from sse_blueprint import ProducerContext, Stream
+from sse_blueprint.engine import Event
 from sse_blueprint.storage.sql import SQLStore
 from tests.helpers.sse_parser import Transcript
 
