@@ -42,7 +42,7 @@ test: lint typecheck system-deps
 	$(BIN)/python -m pytest
 
 # The fast tier: the engine with in-memory parts and the views through Flask's test client; no
-# server, no Redis, no browser (about half a minute). `make test` runs it too, with the rest.
+# server, no Redis, no browser (about 20 seconds). `make test` runs it too, with the rest.
 FAST_TESTS := tests/test_engine.py tests/test_turn_api.py tests/test_persistence.py \
 	tests/test_batch.py tests/test_wire.py tests/test_config.py tests/test_views.py \
 	tests/test_relay_units.py tests/test_aisdk_units.py tests/test_mirror.py \
