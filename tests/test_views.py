@@ -16,7 +16,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.exceptions import Unauthorized
 
-from sse_blueprint import SSE, InputError, ProducerContext
+from sse_blueprint import SSE, InputError, ProducerContext, SQLStore
+from sse_blueprint.engine import Unavailable
 from sse_blueprint.web.views import CLIENT_VERSION
 
 
@@ -184,3 +185,59 @@ def test_an_app_view_of_its_own_gets_the_same_json_refusals() -> None:
         who["user"] = ""
         anonymous = client.get(f"/chat/{stream_id}/stream")
         assert (anonymous.status_code, anonymous.get_json()) == (401, {"error": "log in first"})
+
+
+class AwayStore:
+    """A store whose reads fail with ``error`` (its writes succeed)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def save(self, *args: Any) -> None:
+        pass
+
+    def load_stream(self, stream_id: str) -> Any:
+        raise self.error
+
+    def load_turn(self, stream_id: str, after_id: int) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback"),
+    [(Unavailable("database: connection refused"), False), (RuntimeError("a bug"), True)],
+)
+def test_a_store_that_cannot_answer_is_a_503_and_only_a_bug_logs_a_traceback(
+    error: Exception, traceback: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store says an outage with ``Unavailable`` (the web layer knows no driver): a 503 with
+    Retry-After and a warning. Anything else it raises is a bug: still a 503, with a traceback."""
+    sse = SSE()
+    app = Flask(__name__)
+    sse.init_app(app, store=AwayStore(error))
+    with app.test_client() as client:
+        for path in ("/api/streams/" + "a" * 22, "/api/streams/" + "a" * 22 + "/status"):
+            response = client.get(path)
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "2"
+            assert "unavailable" in response.get_json()["error"]
+    logged = [
+        r for r in caplog.records if r.name == "sse_blueprint" and "unavailable" in r.getMessage()
+    ]
+    assert logged
+    assert all((r.exc_info is not None) is traceback for r in logged)
+
+
+def test_an_unreachable_database_is_unavailable(tmp_path: Any) -> None:
+    with pytest.raises(Unavailable) as raised:
+        SQLStore(f"sqlite:///{tmp_path}/no/such/folder/turns.sqlite3")
+    assert raised.value.__cause__ is not None  # the driver's own error, kept
+
+
+def test_a_redis_that_cannot_be_reached_is_unavailable() -> None:
+    from sse_blueprint.backends.redis.connection import RedisConnection
+
+    conn = RedisConnection("redis://127.0.0.1:1/0", patience=0.3)  # nothing listens there
+    with pytest.raises(Unavailable) as raised:
+        conn.retrying(conn.redis.ping)
+    assert raised.value.__cause__ is not None

@@ -19,9 +19,16 @@ Nothing here imports Flask, SQLAlchemy, Redis or the web layer; those import thi
 
 from __future__ import annotations
 
+from .._errors import Unavailable
 from .._event import TERMINAL_EVENTS, Event
 from .context import Block, Producer, ProducerContext
-from .lifecycle import ProducerError, ShuttingDown, StreamClosed, StreamLimitReached, StreamState
+from .lifecycle import (
+    ProducerError,
+    ShuttingDown,
+    StreamClosed,
+    StreamLimitReached,
+    StreamState,
+)
 from .mirror import Mirror
 from .ports import SharedBackend, StreamBackend
 from .registry import LOST_ID_GAP, StreamRegistry, lost, lost_data, replay
@@ -48,6 +55,7 @@ __all__ = [
     "StreamStatus",
     "Subscription",
     "TERMINAL_EVENTS",
+    "Unavailable",
     "lost",
     "lost_data",
     "new_stream_id",

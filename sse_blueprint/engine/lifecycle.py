@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ProducerError", "ShuttingDown", "StreamClosed", "StreamLimitReached", "StreamState"]
+__all__ = [
+    "ProducerError",
+    "ShuttingDown",
+    "StreamClosed",
+    "StreamLimitReached",
+    "StreamState",
+]
 
 
 class StreamState(enum.StrEnum):

@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 
 import gevent
 from sqlalchemy import Engine, Table, Text, create_engine, event, select, type_coerce
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import NullPool, StaticPool
 
 from .._batch import Batcher
+from .._errors import Unavailable
 from .records import StoredTurn, StreamRecord, TurnBlock, TurnEvent
 from .schema import blocks as _blocks
 from .schema import create_all, metadata, upgrade_in_place
@@ -41,6 +43,9 @@ from .statements import meta as block_meta
 __all__ = ["SQLStore", "run_blocking"]
 
 T = TypeVar("T")
+
+# What a database that is away (down, restarting, locked, out of connections) raises.
+_OUTAGES = (sa_exc.OperationalError, sa_exc.TimeoutError, sa_exc.DisconnectionError, OSError)
 
 #: Saves written in one transaction at most (each one a few statements). SQLite's run in a
 #: threadpool thread, which hands Python's GIL back to the hub every few milliseconds however
@@ -96,8 +101,13 @@ class SQLStore:
             self._call(upgrade_in_place, self.engine)
 
     def _call(self, func: Callable[..., T], *args: Any) -> T:
-        """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool)."""
-        return run_blocking(func, *args) if self._threaded else func(*args)
+        """Run a blocking DB call without blocking the gevent hub (SQLite: threadpool). An
+        outage (the database away, locked, out of connections) is raised as
+        :class:`Unavailable`."""
+        try:
+            return run_blocking(func, *args) if self._threaded else func(*args)
+        except _OUTAGES as exc:
+            raise Unavailable(f"database: {exc}") from exc
 
     def close(self) -> None:
         self.engine.dispose()

@@ -19,7 +19,7 @@ from flask import Response, current_app, request
 
 from .. import _observe, _wire
 from .._transport import DirectWriter, encode, follow
-from ..engine import Event, Stream
+from ..engine import Event, Stream, Unavailable
 from ..storage.records import StreamRecord
 from .aisdk import HEADERS as AI_SDK_HEADERS
 from .aisdk import UIMessageStream
@@ -200,21 +200,8 @@ def log_unavailable(what: str, exc: Exception) -> None:
 
 
 def is_outage(exc: BaseException) -> bool:
-    from sqlalchemy import exc as sa_exc
-
-    outages: tuple[type[BaseException], ...] = (
-        OSError,
-        sa_exc.OperationalError,
-        sa_exc.TimeoutError,
-        sa_exc.DisconnectionError,
-    )
-    if isinstance(exc, outages):
-        return True
-    try:
-        from ..backends.redis import is_transient
-    except ImportError:  # redis is not installed
-        return False
-    return is_transient(exc)
+    """The store or the backend is away (they say so with :class:`Unavailable`)."""
+    return isinstance(exc, Unavailable | OSError)
 
 
 def last_event_id() -> int:

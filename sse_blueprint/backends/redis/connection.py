@@ -38,8 +38,15 @@ from redis.exceptions import ClusterError, RedisClusterException
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..._backoff import Backoff
+from ..._errors import Unavailable
 
-__all__ = ["REDIS_ERRORS", "LuaScript", "RedisConnection", "is_transient"]
+__all__ = [
+    "REDIS_ERRORS",
+    "LuaScript",
+    "RedisConnection",
+    "RedisUnavailable",
+    "is_transient",
+]
 
 # Error replies for a command Redis did not run because it cannot now (not a refusal).
 _BUSY_REPLIES = ("BUSY ", "TRYAGAIN ", "MASTERDOWN ", "CLUSTERDOWN ", "MOVED ", "ASK ", "LOADING ")
@@ -48,6 +55,11 @@ _BUSY_REPLIES = ("BUSY ", "TRYAGAIN ", "MASTERDOWN ", "CLUSTERDOWN ", "MOVED ", 
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 
 _SCHEMES = ("redis", "rediss", "unix")
+
+
+class RedisUnavailable(Unavailable, redis.ConnectionError):
+    """Redis could not answer for as long as a call could wait (the engine's
+    :class:`Unavailable`, and a redis-py error for this package's own handlers)."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -216,10 +228,10 @@ class RedisConnection:
             try:
                 return call()
             except REDIS_ERRORS as exc:
-                if not is_transient(exc) or time.monotonic() + backoff.peek() > deadline:
-                    if isinstance(exc, RedisClusterException):
-                        raise redis.ConnectionError(f"Redis Cluster: {exc}") from exc
+                if not is_transient(exc):
                     raise
+                if time.monotonic() + backoff.peek() > deadline:
+                    raise RedisUnavailable(f"Redis: {exc}") from exc
                 gevent.sleep(backoff.delay())
 
     def pipelined(

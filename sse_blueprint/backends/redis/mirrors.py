@@ -22,12 +22,11 @@ from typing import Any
 
 import gevent
 import gevent.event
-import redis
 
 from ..._event import DURABLE
 from ...engine import Event, Mirror, lost, lost_data
 from ...storage.records import BlockStore
-from .connection import REDIS_ERRORS, RedisConnection
+from .connection import REDIS_ERRORS, RedisConnection, RedisUnavailable
 from .pubsub import PubSub
 from .scripts import LOST_IN_REDIS, event_from_entry, stream_keys
 
@@ -114,7 +113,7 @@ class Mirrors:
                 lambda: self._on_subscribed(stream),
             )  # fmt: skip
             if not confirmed.wait(10):
-                raise redis.TimeoutError("Redis did not confirm the subscription in time")
+                raise RedisUnavailable("Redis did not confirm the subscription in time")
             self._fill(stream, first=True)
         except BaseException:
             self.pubsub.unfollow(channel)
