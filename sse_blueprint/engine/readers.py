@@ -1,4 +1,5 @@
-"""A stream's readers: who follows it, how they are woken, fan-out, and cuts for lagging.
+"""A stream's readers: who follows it from where, how they are woken, fan-out, cuts for lagging,
+and the trim that spares what they have not taken.
 
 :class:`Readers` holds a stream's subscriptions. When the stream reveals new events, the readers
 wake on the event loop's next turn (a producer's burst becomes one write per reader). Readers
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -64,6 +66,30 @@ class Readers:
     def add(self, sub: Subscription) -> None:
         self.subscribers.add(sub)
         self.min_pos_hint = min(self.min_pos_hint, sub._pos)
+
+    def subscribe(self, after: int, on_cut: Callable[[], None] | None) -> Subscription:
+        """A reader of the events after ``after`` (see :meth:`Stream.subscribe`): no blocking
+        call between its position and its registration."""
+        stream = self._stream
+        buffer = stream.buffer
+        if after < buffer.trimmed_id:  # older than the buffer: the store first
+            sub = Subscription(stream, buffer.base, after, on_cut, catch_up=True)
+            _observe.METRICS.catch_up("database")
+        else:
+            sub = Subscription(stream, buffer.position_after(after), after, on_cut)
+            _observe.METRICS.catch_up("buffer")
+        if sub.from_store or not (stream.finished and sub._pos >= buffer.end):
+            self.add(sub)
+        return sub
+
+    def trim(self, up_to_id: int) -> int:
+        """Drop buffered events up to ``up_to_id`` that no reader still has to take (the newest
+        always stays: a finished stream's terminal). Returns how many went."""
+        buffer = self._stream.buffer
+        count = buffer.drop(up_to_id, keep_from=self.lowest(buffer.end - 1))
+        if count:
+            self.min_pos_hint = max(self.min_pos_hint, buffer.base)
+        return count
 
     def discard(self, sub: Subscription) -> None:
         self.subscribers.discard(sub)

@@ -14,6 +14,7 @@ from typing import Any
 
 import gevent
 
+from .. import _observe
 from .._event import Event
 from ..storage.records import BlockStore, StoredTurn, StreamRecord
 from .context import Producer
@@ -129,7 +130,9 @@ class StreamRegistry:
     def replay(self, record: StreamRecord, after: int) -> list[Event]:
         """The events a reader at ``after`` gets from a stream that lives only in the store."""
         assert self.store is not None
-        return replay(record, self.store.load_turn(record.stream_id, after), after)
+        events = replay(record, self.store.load_turn(record.stream_id, after), after)
+        _observe.METRICS.catch_up("database")
+        return events
 
     def create(
         self,

@@ -283,12 +283,7 @@ class Stream:
     def trim(self, up_to_id: int) -> int:
         """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest.
         Returns how many went."""
-        # The newest event always stays (a finished stream's terminal), and what readers lack.
-        buffer = self.buffer
-        count = buffer.drop(up_to_id, keep_from=self.readers.lowest(buffer.end - 1))
-        if count:
-            self.readers.min_pos_hint = max(self.readers.min_pos_hint, buffer.base)
-        return count
+        return self.readers.trim(up_to_id)
 
     # -- reader side ---------------------------------------------------------------------------
 
@@ -330,16 +325,7 @@ class Stream:
         the stream delivers only later ids. An id older than the buffer is caught up from the
         store on the first :meth:`Subscription.poll`.
         """
-        buffer = self.buffer
-        if last_event_id < buffer.trimmed_id:
-            sub = Subscription(self, buffer.base, last_event_id, on_cut, catch_up=True)
-            _observe.METRICS.catch_up("database")
-        else:
-            _observe.METRICS.catch_up("buffer")
-            sub = Subscription(self, buffer.position_after(last_event_id), last_event_id, on_cut)
-        if not (self.finished and sub._pos >= buffer.end and not sub.from_store):
-            self.readers.add(sub)
-        return sub
+        return self.readers.subscribe(last_event_id, on_cut)
 
     def buffered_after(self, last_event_id: int) -> list[Event]:
         """The buffered events after ``last_event_id`` (for a backend that lost them)."""

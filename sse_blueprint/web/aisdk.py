@@ -32,7 +32,7 @@ __all__ = ["HEADERS", "UIMessageStream"]
 
 #: What the SDK's own server helpers send (``UI_MESSAGE_STREAM_HEADERS``).
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
-DONE = b"data: [DONE]\n\n"
+DONE = _wire.encode_event("[DONE]")
 INTERRUPTED = "the stream was interrupted before its end; resume it to continue"
 
 _FINISH_REASONS = {
@@ -48,7 +48,8 @@ _NATIVE_KINDS = frozenset({"text", "reasoning", "tool_call", "tool_result"})
 
 
 def chunk(part: Mapping[str, Any]) -> bytes:
-    return b"data: %b\n\n" % _wire.dumps(part).encode()
+    """One UI message part as an SSE event (data only, as the SDK's servers send it)."""
+    return _wire.encode_event(_wire.dumps(part))
 
 
 class _Part:

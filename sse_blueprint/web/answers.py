@@ -118,7 +118,6 @@ def answer(state: AppState, found: Stream | StreamRecord, last_id: int, fmt: str
         if found.terminal_id is not None and last_id >= found.terminal_id:
             return no_content(ndjson)
         events = store_call(state.registry.replay, found, last_id)
-        _observe.METRICS.catch_up("database")
         data = preamble + translate(events) if translate else encode(events, ndjson, preamble)
         body = iter([data])
     return stream_response(body, fmt)
