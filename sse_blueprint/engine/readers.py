@@ -65,7 +65,7 @@ class Readers:
 
     def add(self, sub: Subscription) -> None:
         self.subscribers.add(sub)
-        self.min_pos_hint = min(self.min_pos_hint, sub._pos)
+        self.min_pos_hint = min(self.min_pos_hint, sub.pos)
 
     def subscribe(self, after: int, on_cut: Callable[[], None] | None) -> Subscription:
         """A reader of the events after ``after`` (see :meth:`Stream.subscribe`): no blocking
@@ -78,7 +78,7 @@ class Readers:
         else:
             sub = Subscription(stream, buffer.position_after(after), after, on_cut)
             _observe.METRICS.catch_up("buffer")
-        if sub.from_store or not (stream.finished and sub._pos >= buffer.end):
+        if sub.from_store or not (stream.finished and sub.pos >= buffer.end):
             self.add(sub)
         return sub
 
@@ -98,7 +98,7 @@ class Readers:
         """The lowest position a reader still has to take (``default`` if lower than all)."""
         low = default
         for sub in self.subscribers:
-            low = min(low, sub._pos)
+            low = min(low, sub.pos)
         return low
 
     def revealed(self, visible: int) -> None:
@@ -145,9 +145,9 @@ class Readers:
 
     def park(self, sub: Subscription, timeout: float | None) -> None:
         """Wait in :meth:`Subscription.poll` while the fan-out delivers ``sub``'s events."""
-        wakeup = sub._wakeup
+        wakeup = sub.wakeup
         if wakeup is None:
-            wakeup = sub._wakeup = gevent.event.Event()
+            wakeup = sub.wakeup = gevent.event.Event()
         else:
             wakeup.clear()
         self.parked.add(sub)
@@ -184,8 +184,8 @@ class Readers:
             if sub not in parked:
                 continue
             try:
-                if not (sub.cut or sub.closed) and sub._pos < stream.buffer.visible:
-                    events = sub._take()
+                if not (sub.cut or sub.closed) and sub.pos < stream.buffer.visible:
+                    events = sub.take()
                     if events and not sub.direct(events):  # type: ignore[misc]
                         self._unpark(sub)  # its greenlet finishes the write, or ends
                         continue
@@ -203,8 +203,8 @@ class Readers:
 
     def _unpark(self, sub: Subscription) -> None:
         self.parked.discard(sub)
-        if sub._wakeup is not None:
-            sub._wakeup.set()
+        if sub.wakeup is not None:
+            sub.wakeup.set()
 
     def release(self, *, only_writing: bool = False) -> int:
         """Cut readers now (shutdown): all, or only those stuck in a write. How many."""
@@ -224,11 +224,11 @@ class Readers:
         for sub in list(self.subscribers):
             # A reader still catching up from the store is behind by what arrived while the
             # store was read: the server's delay, not the client's. Its first poll takes all.
-            if sub._pos < limit and not sub._catchup:
+            if sub.pos < limit and not sub.from_store:
                 sub.cut = True
                 self.subscribers.discard(sub)
                 _observe.METRICS.cut()
-                if not sub._waiting and sub.on_cut is not None:
+                if not sub.waiting and sub.on_cut is not None:
                     try:
                         sub.on_cut()
                     except Exception:
@@ -237,11 +237,11 @@ class Readers:
                         )
                 log.info(
                     "stream %s: cut a subscriber %d events behind (limit %d)",
-                    stream_id, visible - sub._pos, self.client_queue,
+                    stream_id, visible - sub.pos, self.client_queue,
                     extra={"stream_id": stream_id},
                 )  # fmt: skip
-            elif sub._pos < low:
-                low = sub._pos
+            elif sub.pos < low:
+                low = sub.pos
         self.min_pos_hint = low
         # Wake the cut subscribers (if they are waiting) so that their responses end now.
         self.notify()

@@ -43,8 +43,8 @@ class Subscription:
     """
 
     __slots__ = (
-        "_after", "_catchup", "_pos", "_stream", "_waiting", "_wakeup", "closed", "cut",
-        "direct", "on_cut", "writing_since",
+        "_after", "_catchup", "_stream", "closed", "cut", "direct", "on_cut", "pos", "waiting",
+        "wakeup", "writing_since",
     )  # fmt: skip
 
     def __init__(
@@ -57,16 +57,18 @@ class Subscription:
         catch_up: bool = False,
     ) -> None:
         self._stream = stream
-        self._pos = pos  # absolute index in the stream's log of the next event to deliver
+        # ``pos``, ``waiting``, ``wakeup`` and :meth:`take` are the reader set's handles on
+        # the cursor (:class:`~.readers.Readers` moves it, parks and wakes it).
+        self.pos = pos  # absolute index in the stream's log of the next event to deliver
         self._after = after  # deliver only ids greater than this (the client's Last-Event-ID)
         self._catchup = catch_up  # the buffer no longer covers ``after``: ask the store first
-        self._waiting = False
+        self.waiting = False
         self.cut = False
         self.closed = False
         self.on_cut = on_cut
         self.writing_since = 0.0  # when the web layer began a write still under way (0: none)
         self.direct: Callable[[list[Event]], bool] | None = None
-        self._wakeup: gevent.event.Event | None = None  # what a direct subscriber waits on
+        self.wakeup: gevent.event.Event | None = None  # what a direct subscriber waits on
 
     @property
     def stream_id(self) -> str:
@@ -80,7 +82,7 @@ class Subscription:
     @property
     def lag(self) -> int:
         """Events appended but not yet taken by this subscriber."""
-        return self._stream.buffer.visible - self._pos
+        return self._stream.buffer.visible - self.pos
 
     @property
     def done(self) -> bool:
@@ -88,7 +90,7 @@ class Subscription:
         return (
             self.cut
             or self.closed
-            or (self._stream.finished and self._pos >= self._stream.buffer.end)
+            or (self._stream.finished and self.pos >= self._stream.buffer.end)
         )
 
     def poll(self, timeout: float | None) -> list[Event]:
@@ -99,23 +101,23 @@ class Subscription:
                 return self._catch_up()  # (not cut for lag while it reads: see Readers)
             finally:
                 self._catchup = False
-        if self._pos >= stream.buffer.visible and not self.done:
-            self._waiting = True
+        if self.pos >= stream.buffer.visible and not self.done:
+            self.waiting = True
             try:
                 if self.direct is None:
                     stream.readers.wait_for_news(timeout)
                 else:
                     stream.readers.park(self, timeout)
             finally:
-                self._waiting = False
+                self.waiting = False
         if self.cut or self.closed:
             return []
-        return self._take()
+        return self.take()
 
-    def _take(self) -> list[Event]:
+    def take(self) -> list[Event]:
         """The pending events, marked as delivered."""
-        events = self._stream.buffer.visible_from(self._pos)
-        self._pos += len(events)
+        events = self._stream.buffer.visible_from(self.pos)
+        self.pos += len(events)
         if events and events[0].id <= self._after:
             # Only for a Last-Event-ID ahead of the stream: skip what the client claims to have.
             events = [e for e in events if e.id > self._after]
@@ -147,14 +149,14 @@ class Subscription:
         if self.done:
             return []
         buffer = stream.buffer
-        out = catch_up(stored, buffer.visible_from(self._pos), after)
+        out = catch_up(stored, buffer.visible_from(self.pos), after)
         start = stream.start_event
         if start is not None and after < start.id <= buffer.trimmed_id:
             out.insert(0, start)
         # The store may hold more than readers were shown (durable delivery: a write committed,
         # its writer not yet resumed): this reader then goes on after what the snapshot covers.
         covered = max((e.id for e in out), default=0)
-        self._pos = max(buffer.visible, buffer.position_after(covered))
+        self.pos = max(buffer.visible, buffer.position_after(covered))
         return out
 
     def close(self) -> None:
