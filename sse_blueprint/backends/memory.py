@@ -43,7 +43,8 @@ class _Shared:
 
 
 class MemoryHub:
-    """What every worker's :class:`MemoryBackend` shares (Redis's part)."""
+    """What every worker's :class:`MemoryBackend` shares (Redis's part). It forgets no stream
+    (Redis lets them expire after ``SSE_RETENTION``): a hub lives as long as a test."""
 
     def __init__(self) -> None:
         self.streams: dict[str, _Shared] = {}
