@@ -108,7 +108,7 @@ class Mirrors:
         self._early[stream_id] = []
         self._start_watchdog()
         try:
-            confirmed = self.pubsub.follow(
+            confirmed = self.pubsub.subscribe(
                 channel, lambda payload: self._on_message(stream, payload),
                 lambda: self._on_subscribed(stream),
             )  # fmt: skip
@@ -116,7 +116,7 @@ class Mirrors:
                 raise RedisUnavailable("Redis did not confirm the subscription in time")
             self._fill(stream, first=True)
         except BaseException:
-            self.pubsub.unfollow(channel)
+            self.pubsub.unsubscribe(channel)
             self._early.pop(stream_id, None)
             raise
         self.streams[stream_id] = stream
@@ -167,7 +167,7 @@ class Mirrors:
             "resume from the store", stream.id, extra={"stream_id": stream.id},
         )  # fmt: skip
         del self.streams[stream.id]
-        self.pubsub.unfollow(stream_keys(stream.id)[3])
+        self.pubsub.unsubscribe(stream_keys(stream.id)[3])
         stream.release_readers()
 
     def _deliver(self, stream: Mirror, event: Event) -> None:
@@ -244,7 +244,7 @@ class Mirrors:
                 elif now - idle.setdefault(stream_id, now) > max(30.0, self.lease):
                     idle.pop(stream_id, None)
                     self.streams.pop(stream_id, None)
-                    self.pubsub.unfollow(stream_keys(stream_id)[3])
+                    self.pubsub.unsubscribe(stream_keys(stream_id)[3])
 
     def _end_from_store(self, mirror: Mirror, missing_since: float) -> None:
         """End a mirror of a stream that Redis no longer knows (restarted empty, flushed,

@@ -89,7 +89,7 @@ class Owners:
         self.streams[stream.id] = (stream, gen)
         # To hear of a cancel made elsewhere; not the stream's own channel, which would bring it
         # every event it appends (the Pub/Sub reader parsing them took a quarter of its time).
-        self.pubsub.follow(
+        self.pubsub.subscribe(
             ends_channel(stream.id), lambda payload: self._ended_elsewhere(stream, payload)
         )
         gevent.spawn(self._renew_loop, stream, gen)
@@ -233,4 +233,4 @@ class Owners:
             elif state != StreamState.RUNNING.value:
                 self._adopt_remote_end(stream)  # the durable flag says it ended (a lost message)
         self.streams.pop(stream.id, None)
-        self.pubsub.unfollow(ends_channel(stream.id))
+        self.pubsub.unsubscribe(ends_channel(stream.id))

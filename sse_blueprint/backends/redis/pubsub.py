@@ -47,7 +47,7 @@ class PubSub:
         self.lanes: dict[str, _Lane] = {}  # node name ("" for one Redis) -> its lane
         self._lane_of: dict[str, _Lane] = {}  # channel -> the lane that carries it
 
-    def follow(
+    def subscribe(
         self, channel: str, on_message: Handler, on_subscribed: Callable[[], None] | None = None
     ) -> gevent.event.Event:
         """Subscribe to ``channel``; the event returned is set once Redis confirms it."""
@@ -56,7 +56,7 @@ class PubSub:
         self._route(channel)
         return confirmed
 
-    def unfollow(self, channel: str) -> None:
+    def unsubscribe(self, channel: str) -> None:
         self.handlers.pop(channel, None)
         self.confirmed.pop(channel, None)
         lane = self._lane_of.pop(channel, None)
