@@ -33,9 +33,13 @@ def producer(ctx: ProducerContext) -> None:
         ctx.text(0, f"{i} ")
 
 
-def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]], Any]) -> Stream:
-    """A stream of :func:`producer` on ``backend``, its appends made by ``append(n, run)``:
-    ``n`` counts them, ``run()`` queues the real append script in the batch's pipeline."""
+Append = Callable[[int, Callable[[], Any], Callable[[], Any]], Any]
+
+
+def started_with(backend: RedisBackend, append: Append) -> Stream:
+    """A stream of :func:`producer` on ``backend``, its appends made by
+    ``append(n, queue, run_alone)``: ``n`` counts them, ``queue()`` queues the real append
+    script in the batch's pipeline, ``run_alone()`` runs it in Redis at once, outside it."""
     script = backend.owners.append_script
     queue = script.queue
     calls = 0
@@ -43,7 +47,7 @@ def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]
     def counted(pipe: Any, keys: Any, args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return append(calls, lambda: queue(pipe, keys, args))
+        return append(calls, lambda: queue(pipe, keys, args), lambda: script(keys, args))
 
     script.queue = counted  # type: ignore[method-assign]
     stream = Stream(producer, backend=backend)
@@ -54,21 +58,14 @@ def started_with(backend: RedisBackend, append: Callable[[int, Callable[[], Any]
 def lost_replies(url: str) -> dict[str, Any]:
     """Every third append runs in Redis, then its reply is 'lost'."""
     backend = RedisBackend(url, lease=5)
-    script = backend.owners.append_script
-    queue = script.queue
-    calls = 0
 
-    def lose_every_third_reply(pipe: Any, keys: Any, args: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls % 3 == 0:
-            script(keys, args)  # it runs in Redis...
+    def lose_every_third_reply(n: int, queue: Callable[[], Any], now: Callable[[], Any]) -> Any:
+        if n % 3 == 0:
+            now()  # it runs in Redis...
             raise redis.ConnectionError("the reply was lost")  # ...and its reply is lost
-        return queue(pipe, keys, args)
+        return queue()
 
-    script.queue = lose_every_third_reply  # type: ignore[method-assign]
-    stream = Stream(producer, backend=backend)
-    stream.start()
+    stream = started_with(backend, lose_every_third_reply)
     ended = stream.wait(10)
     client = redis.Redis.from_url(url)
     entries: Any = client.xrange(f"sse:{{{stream.id}}}:events")
@@ -88,10 +85,10 @@ def refused(url: str) -> dict[str, Any]:
     """Redis refuses every append after the start (not a fencing, not an end elsewhere)."""
     backend = RedisBackend(url, lease=1)
 
-    def refuse_after_the_start(n: int, run: Callable[[], Any]) -> Any:
+    def refuse_after_the_start(n: int, queue: Callable[[], Any], _: Callable[[], Any]) -> Any:
         if n > 1:
             raise redis.ResponseError("ERR something unexpected")
-        return run()
+        return queue()
 
     stream = started_with(backend, refuse_after_the_start)
     ended = stream.wait(10)
