@@ -98,7 +98,6 @@ class Stream:
         self.finished_at: float | None = None
         self.client_queue = client_queue
         self.buffer_size = buffer_size
-        self.timeout = timeout
         self._on_complete = on_complete
         self._closed = gevent.event.Event()  # set when the terminal event is in the log
         self.producer = ProducerRun(self, producer, timeout, self._closed)
@@ -292,6 +291,11 @@ class Stream:
         """Where the stream's blocks are persisted (and readers older than the buffer caught
         up from), if anywhere."""
         return self._store
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds after its start when the stream is ended (``error: stream timed out``)."""
+        return self.producer.timeout
 
     @property
     def finished(self) -> bool:
