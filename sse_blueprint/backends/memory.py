@@ -107,8 +107,8 @@ class MemoryBackend:
         if shared is None:
             return None
         mirror = self.mirrors.get(stream_id)
-        if mirror is not None and not (mirror.finished and mirror.subscriber_count == 0):
-            return mirror
+        if mirror is not None:
+            return mirror  # (once ended, its readers catch up from the store, as anywhere)
         owner = shared.owner
         if self.make_mirror is not None:
             mirror = self.make_mirror(stream_id)
