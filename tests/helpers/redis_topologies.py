@@ -190,10 +190,28 @@ class LocalCluster(_Servers):
                 synced = all(
                     r.get("master_link_status") == "up" for r in replicas if r["role"] == "slave"
                 )
-                if all(s == "ok" for s in states) and covered == 16384 and synced:
+                settled = all(s == "ok" for s in states) and covered == 16384 and synced
+                if settled and all(self._whole(p, live) for p in self.procs):
                     return
             time.sleep(0.1)
         raise RuntimeError("the cluster did not become healthy")
+
+    def _whole(self, port: int, live: set[str]) -> bool:
+        """Whether the node on ``port`` sees the cluster as it was made: no node it flags as
+        failing among the live ones, and, when every node is up, every primary with slots with
+        its ``replicas`` replicas (a node back from a kill is flagged ``fail`` by the others for
+        a moment after it has synced)."""
+        nodes: dict[str, Any] = self.node(port).cluster("nodes")
+        seen = [
+            {"address": a.split("@")[0], **v} for a, v in nodes.items()
+            if a.split("@")[0] in live
+        ]  # fmt: skip
+        if any("fail" in n["flags"] for n in seen):  # (also "fail?")
+            return False
+        if len(self.procs) < len(self.ports):
+            return True
+        ids = {n["node_id"] for n in seen if "master" in n["flags"] and n["slots"]}
+        return all(sum(1 for n in seen if n["master_id"] == i) >= self.replicas for i in ids)
 
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=next(iter(self.procs)))  # a live node
