@@ -110,3 +110,38 @@ def test_a_mirror_that_starts_after_a_trim_catches_readers_up_from_the_store() -
 def test_a_mirror_has_no_producer_to_start() -> None:
     with pytest.raises(RuntimeError, match="mirror"):
         Mirror("x").start()
+
+
+def test_a_reader_caught_up_on_a_mirror_behind_the_store_gets_no_event_twice() -> None:
+    """The owner has persisted more than this worker's mirror has ingested yet (its Pub/Sub
+    lags): a reader's catch-up covers events the mirror gets only later. Those must not reach
+    the reader again as live events (the client would apply them twice)."""
+    store = SQLStore("sqlite://")
+    stream, events = owner(store)
+    assert stream.wait(5)
+    gevent.sleep(0.05)
+    mirror = Mirror(stream.id, store=store)
+    mirror.follow_from(events[4].id)  # Redis trimmed what came before (it was persisted)
+    behind = 15
+    for event in events[4:behind]:
+        mirror.ingest(event)
+    sub = mirror.subscribe(events[1].id)  # older than the mirror's buffer: the store first
+    assert sub.from_store
+    caught_up = sub.poll(1)
+    assert max(e.id for e in caught_up) > events[behind].id  # the store is ahead of the mirror
+    for event in events[behind:]:
+        mirror.ingest(event)
+    transcript = Transcript()
+    for e in events[:2]:
+        transcript.apply(e.id, e.event, e.data)
+    delivered = list(caught_up)
+    with gevent.Timeout(5):
+        while not sub.done:
+            delivered += sub.poll(1)
+    sub.close()
+    ids = [e.id for e in delivered]
+    assert ids == sorted(set(ids)), "an event reached the reader twice"
+    for e in delivered:
+        transcript.apply(e.id, e.event, e.data)
+    assert transcript.text() == "".join(WORDS)
+    assert transcript.terminal == "done"

@@ -108,9 +108,11 @@ class Follower:
         self.connections += 1
         headers = {"Last-Event-ID": str(self.state.last_id)} if self.state.ids else {}
         parser = SSEParser()
+        base = self.pick()
+        here: list[int] = []  # this connection's ids (a duplicate's message tells them)
         try:
             with httpx.stream(
-                "GET", f"{self.pick()}/api/streams/{self.stream_id}", headers=headers, timeout=20
+                "GET", f"{base}/api/streams/{self.stream_id}", headers=headers, timeout=20
             ) as response:
                 if response.status_code == 204:
                     self.finished = True
@@ -118,7 +120,11 @@ class Follower:
                 assert response.status_code == 200, response.status_code
                 for chunk in response.iter_raw():
                     for event in parser.feed(chunk):
-                        assert event.id > self.state.last_id, "an event id arrived twice"
+                        assert event.id > self.state.last_id, (
+                            f"an event id arrived twice: {event.id} on connection"
+                            f" {self.connections} to {base} with {headers}, after {here[-20:]}"
+                        )
+                        here.append(event.id)
                         self.state.apply(event.id, event.type, event.json())
                         if self.state.terminal:
                             self.finished = True

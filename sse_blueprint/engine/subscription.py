@@ -60,7 +60,9 @@ class Subscription:
         # ``pos``, ``waiting``, ``wakeup`` and :meth:`take` are the reader set's handles on
         # the cursor (:class:`~.readers.Readers` moves it, parks and wakes it).
         self.pos = pos  # absolute index in the stream's log of the next event to deliver
-        self._after = after  # deliver only ids greater than this (the client's Last-Event-ID)
+        # Deliver only ids greater than this: the client's Last-Event-ID, then what its
+        # catch-up covered.
+        self._after = after
         self._catchup = catch_up  # the buffer no longer covers ``after``: ask the store first
         self.waiting = False
         self.cut = False
@@ -119,7 +121,7 @@ class Subscription:
         events = self._stream.buffer.visible_from(self.pos)
         self.pos += len(events)
         if events and events[0].id <= self._after:
-            # Only for a Last-Event-ID ahead of the stream: skip what the client claims to have.
+            # A Last-Event-ID, or a catch-up, ahead of the buffer: skip what the client has.
             events = [e for e in events if e.id > self._after]
         return events
 
@@ -153,10 +155,13 @@ class Subscription:
         start = stream.start_event
         if start is not None and after < start.id <= buffer.trimmed_id:
             out.insert(0, start)
-        # The store may hold more than readers were shown (durable delivery: a write committed,
-        # its writer not yet resumed): this reader then goes on after what the snapshot covers.
+        # The store may hold more than the buffer shows: a write committed whose writer has not
+        # resumed (durable delivery), or, on a mirror, events the owner persisted that this
+        # worker has not been sent yet. This reader goes on after what the snapshot covers,
+        # whenever those events reach the buffer.
         covered = max((e.id for e in out), default=0)
         self.pos = max(buffer.visible, buffer.position_after(covered))
+        self._after = max(after, covered)
         return out
 
     def close(self) -> None:
