@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks import spy
 from benchmarks.common import OUT, PY, ROOT, Server, free_port, raise_fd_limit
 
 GUNICORN = [PY, "-m", "gunicorn", "-k", "gevent", "--worker-connections", "20000"]
@@ -316,6 +317,12 @@ def chat_shape(
     db0 = httpx.get(f"{server.url}/bench/db").json() if ours else {}
     cpu0 = cpu_seconds(server.worker_pids())
     db_cpu0 = postgres_cpu_seconds(postgres) if postgres else 0.0
+    spies = []
+    if ours and os.environ.get("BENCH_PYSPY"):  # (see benchmarks/spy.py)
+        profile = (
+            Path(os.environ["BENCH_PYSPY"]) / f"chat-{streams}x{readers}-{uuid.uuid4().hex[:6]}.txt"
+        )
+        spies = spy.record(server.worker_pids(), schedule, profile)
     if ours:
         Path(go).touch()
     else:
@@ -323,6 +330,10 @@ def chat_shape(
         httpx.post(f"{server.url}/publish_chat?{query}", timeout=60).raise_for_status()
     proc.wait(timeout=schedule * 20 + 150)
     cpu = cpu_seconds(server.worker_pids()) - cpu0
+    for p in spies:
+        p.wait(timeout=60)
+    if spies:
+        print(spy.summary(sorted(profile.parent.glob(profile.name + "*"))), flush=True)
     result: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
     paths.unlink()
