@@ -52,14 +52,14 @@ GROUPS = [
     ("sse_blueprint persistence", r"sse_blueprint/(storage|engine/persister)"),
     ("sse_blueprint redis", r"sse_blueprint/backends/redis"),
     ("sse_blueprint other", r"sse_blueprint/"),
-    ("redis-py", r"site-packages/redis/"),
-    ("sqlalchemy", r"site-packages/sqlalchemy/"),
-    ("psycopg", r"site-packages/psycopg"),
-    ("sqlite3", r"sqlite3/"),
-    ("gunicorn", r"site-packages/gunicorn/"),
-    ("werkzeug/flask", r"site-packages/(werkzeug|flask)/"),
-    ("gevent", r"site-packages/gevent/"),
-    ("the benchmark app", r"benchmarks/"),
+    ("redis-py", r"^(.*/)?redis/"),
+    ("sqlalchemy", r"^(.*/)?sqlalchemy/"),
+    ("psycopg", r"^(.*/)?psycopg"),
+    ("sqlite3", r"^(.*/)?sqlite3/"),
+    ("gunicorn", r"^(.*/)?gunicorn/"),
+    ("werkzeug/flask", r"^(.*/)?(werkzeug|flask)/"),
+    ("gevent", r"^(.*/)?gevent/"),
+    ("the benchmark app", r"^(.*/)?benchmarks/"),
 ]
 
 
@@ -95,8 +95,8 @@ def summary(paths: list[Path], top: int = 25) -> str:
             groups[group] += n
             seen = set()
             for func, file in frames:
-                if "sse_blueprint/" in file or "site-packages/redis/" in file:
-                    key = f"{file.rsplit('site-packages/', 1)[-1]}:{func}"
+                if file.startswith(("sse_blueprint/", "redis/")):
+                    key = f"{file}:{func}"
                     if key not in seen:
                         seen.add(key)
                         inclusive[key] += n

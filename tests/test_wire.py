@@ -124,3 +124,20 @@ def test_dumps_refuses_what_is_not_json() -> None:
         dumps({"x": {1, 2}})
     with pytest.raises(TypeError):
         dumps({("a", "b"): 1})  # keys are strings, numbers, booleans or null
+
+
+redis_part = st.one_of(
+    st.text(), st.binary(), st.integers(), st.floats(allow_nan=False, allow_infinity=False)
+)
+
+
+@given(st.lists(redis_part, min_size=1, max_size=20))
+def test_script_calls_are_packed_as_redis_py_packs_them(parts: list[object]) -> None:
+    """The Redis owner packs its appends itself (redis-py's encoder was most of an append's
+    cost): the bytes must be exactly redis-py's for the same command."""
+    import redis
+
+    from sse_blueprint.backends.redis.connection import _resp
+
+    theirs = b"".join(redis.Connection().pack_command("EVALSHA", *parts))
+    assert _resp(("EVALSHA", *parts)) == theirs

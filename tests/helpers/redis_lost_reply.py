@@ -38,18 +38,18 @@ Append = Callable[[int, Callable[[], Any], Callable[[], Any]], Any]
 
 def started_with(backend: RedisBackend, append: Append) -> Stream:
     """A stream of :func:`producer` on ``backend``, its appends made by
-    ``append(n, queue, run_alone)``: ``n`` counts them, ``queue()`` queues the real append
-    script in the batch's pipeline, ``run_alone()`` runs it in Redis at once, outside it."""
+    ``append(n, pack, run_alone)``: ``n`` counts them, ``pack()`` packs the real append script
+    call for the batch's round trip, ``run_alone()`` runs it in Redis at once, outside it."""
     script = backend.owners.append_script
-    queue = script.queue
+    pack = script.pack
     calls = 0
 
-    def counted(pipe: Any, keys: Any, args: Any) -> Any:
+    def counted(keys: Any, args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return append(calls, lambda: queue(pipe, keys, args), lambda: script(keys, args))
+        return append(calls, lambda: pack(keys, args), lambda: script(keys, args))
 
-    script.queue = counted  # type: ignore[method-assign]
+    script.pack = counted  # type: ignore[method-assign]
     stream = Stream(producer, backend=backend)
     stream.start()
     return stream
@@ -59,11 +59,11 @@ def lost_replies(url: str) -> dict[str, Any]:
     """Every third append runs in Redis, then its reply is 'lost'."""
     backend = RedisBackend(url, lease=5)
 
-    def lose_every_third_reply(n: int, queue: Callable[[], Any], now: Callable[[], Any]) -> Any:
+    def lose_every_third_reply(n: int, pack: Callable[[], Any], now: Callable[[], Any]) -> Any:
         if n % 3 == 0:
             now()  # it runs in Redis...
             raise redis.ConnectionError("the reply was lost")  # ...and its reply is lost
-        return queue()
+        return pack()
 
     stream = started_with(backend, lose_every_third_reply)
     ended = stream.wait(10)
@@ -85,10 +85,10 @@ def refused(url: str) -> dict[str, Any]:
     """Redis refuses every append after the start (not a fencing, not an end elsewhere)."""
     backend = RedisBackend(url, lease=1)
 
-    def refuse_after_the_start(n: int, queue: Callable[[], Any], _: Callable[[], Any]) -> Any:
+    def refuse_after_the_start(n: int, pack: Callable[[], Any], _: Callable[[], Any]) -> Any:
         if n > 1:
             raise redis.ResponseError("ERR something unexpected")
-        return queue()
+        return pack()
 
     stream = started_with(backend, refuse_after_the_start)
     ended = stream.wait(10)

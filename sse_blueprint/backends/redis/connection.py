@@ -155,6 +155,10 @@ def connect(url: str, **options: Any) -> tuple[Any, str]:
     return primary, "sentinel"
 
 
+#: A script call: the script, its keys and its arguments.
+ScriptCall = tuple["LuaScript", Sequence[str], Sequence[Any]]
+
+
 class RedisConnection:
     """The client of ``url`` and its retry rule; ``patience``: seconds a call may wait."""
 
@@ -270,6 +274,64 @@ class RedisConnection:
 
         return self._retry(run, self.patience if patience is None else patience)
 
+    def run_scripts(self, calls: Sequence[ScriptCall], *, patience: float | None = None) -> Any:
+        """Script calls in one round trip, each reply (or error reply) its own caller's, retried
+        as :meth:`pipelined` does (with ``replies``). On one Redis (or a Sentinel's primary) the
+        calls are packed here and sent on one pooled connection: redis-py's pipeline spends
+        most of an append's time encoding its arguments one by one. A cluster's go through
+        redis-py's cluster pipeline, which routes each call to its slot's node."""
+        if self.cluster:
+
+            def queue(pipe: Pipeline) -> None:
+                for script, keys, args in calls:
+                    script.queue(pipe, keys, args)
+
+            return self.pipelined(queue, replies=True, patience=patience)
+        return self._retry(
+            lambda: self._run_packed([script.pack(keys, args) for script, keys, args in calls]),
+            self.patience if patience is None else patience,
+        )
+
+    def _run_packed(self, commands: list[bytes]) -> list[Any]:
+        pool = self.redis.connection_pool
+        connection = pool.get_connection()
+        replies: list[Any] = []
+        try:
+            connection.send_packed_command([b"".join(commands)])
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            connection.disconnect()  # (replies may be left unread on it)
+            raise
+        finally:
+            pool.release(connection)
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                self.load_scripts()
+                raise redis.exceptions.TryAgainError("scripts loaded again")
+            if isinstance(reply, redis.RedisError) and is_transient(reply):
+                raise reply
+        return replies
+
+
+def _resp(parts: Sequence[Any]) -> bytes:
+    """A command in Redis's wire protocol (RESP): str (UTF-8), bytes, int or float parts."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        if isinstance(part, str):
+            part = part.encode()
+        elif isinstance(part, int) and not isinstance(part, bool):
+            part = b"%d" % part
+        elif isinstance(part, float):
+            part = repr(part).encode()
+        elif not isinstance(part, bytes):
+            raise redis.DataError(f"cannot send {type(part).__name__} to Redis")
+        out.append(b"$%d\r\n%b\r\n" % (len(part), part))
+    return b"".join(out)
+
 
 class LuaScript:
     """A Lua script, run by its SHA (``EVALSHA``): alone, or queued in a pipeline."""
@@ -285,6 +347,10 @@ class LuaScript:
         except redis.exceptions.NoScriptError:
             self.conn.load_scripts()
             return self.conn.redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    def pack(self, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+        """The call as it goes on the wire (see :meth:`RedisConnection.run_scripts`)."""
+        return _resp(("EVALSHA", self.sha, len(keys), *keys, *args))
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Queue the call in ``pipe`` (a NOSCRIPT reply: see :meth:`RedisConnection.pipelined`).

@@ -24,7 +24,7 @@ from ... import _wire
 from ..._batch import Batcher
 from ..._event import DURABLE
 from ...engine import Event, Stream, StreamClosed, StreamState, lost_data
-from .connection import REDIS_ERRORS, LuaScript, RedisConnection
+from .connection import REDIS_ERRORS, RedisConnection, ScriptCall
 from .pubsub import PubSub
 from .scripts import (
     APPEND,
@@ -39,8 +39,6 @@ from .scripts import (
 __all__ = ["Owners"]
 
 log = logging.getLogger("sse_blueprint")
-
-_Call = tuple[LuaScript, list[str], list[Any]]
 
 
 class Owners:
@@ -60,9 +58,9 @@ class Owners:
         # Owners' appends, and apart from them their lease renewals, batched across streams:
         # each caller waits for its own outcome. (Apart: a renewal must not wait behind appends
         # that are retrying while Redis is away, or the lease lapses just as Redis is back.)
-        self._calls: Batcher[_Call, Any] = Batcher(self._run_scripts)
+        self._calls: Batcher[ScriptCall, Any] = Batcher(self._run_scripts)
         # (Retried for a third of a lease at most: the next round comes soon anyway.)
-        self._renewals: Batcher[_Call, Any] = Batcher(
+        self._renewals: Batcher[ScriptCall, Any] = Batcher(
             partial(self._run_scripts, patience=lease / 3)
         )
         self.streams: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
@@ -148,19 +146,14 @@ class Owners:
 
     def _run_scripts(
         self,
-        batch: Sequence[_Call],
+        batch: Sequence[ScriptCall],
         patience: float | None = None,
     ) -> list[Any]:
         """Script calls that are waiting (every stream's appends; or the lease renewals due),
         in one pipeline: one round trip for all (each call's refusal is its own caller's).
         Retried whole while Redis cannot answer (an append that already ran answers 2 the
         second time), for ``patience`` seconds if given."""
-
-        def queue(pipe: Pipeline) -> None:
-            for script, keys, args in batch:
-                script.queue(pipe, keys, args)
-
-        results: list[Any] = self.conn.pipelined(queue, replies=True, patience=patience)
+        results: list[Any] = self.conn.run_scripts(batch, patience=patience)
         return results
 
     def _refused(self, stream: Stream, exc: Exception) -> None:
