@@ -51,6 +51,26 @@ class _ProducerSpec:
         self.timeout = timeout
 
 
+class Access:
+    """The app's access hooks as the views ask them: may this request do that, and what
+    metadata a new stream starts with (:meth:`SSE.authorize`, :meth:`SSE.stream_metadata`)."""
+
+    __slots__ = ("authorizer", "metadata_hook")
+
+    def __init__(self) -> None:
+        self.authorizer: Authorizer | None = None
+        self.metadata_hook: MetadataHook | None = None
+
+    def check(self, action: str, metadata: Mapping[str, Any]) -> None:
+        """Refuse the request with a 403 unless the authorizer allows ``action``."""
+        if self.authorizer is not None and not self.authorizer(action, metadata):
+            error(403, f"not allowed to {action} this stream")
+
+    def metadata_for(self, producer: str, input: Mapping[str, Any]) -> dict[str, Any]:
+        hook = self.metadata_hook
+        return dict(hook(producer, input)) if hook is not None else {}
+
+
 class SSE:
     """Resumable Server-Sent Events for a Flask app.
 
@@ -72,8 +92,7 @@ class SSE:
     def __init__(self, app: Flask | None = None, *, url_prefix: str = "/api") -> None:
         self.url_prefix = url_prefix
         self._producers: dict[str, _ProducerSpec] = {}
-        self._authorize: Authorizer | None = None
-        self._stream_metadata: MetadataHook | None = None
+        self.access = Access()
         self.blueprint = make_blueprint()
         if app is not None:
             self.init_app(app)
@@ -159,12 +178,12 @@ class SSE:
                     raise Unauthorized()
                 return metadata.get("owner") == current_user.id
         """
-        self._authorize = func
+        self.access.authorizer = func
         return func
 
     def stream_metadata(self, func: MetadataHook) -> MetadataHook:
         """Register the hook that gives a new stream its metadata (a decorator)."""
-        self._stream_metadata = func
+        self.access.metadata_hook = func
         return func
 
     def shutdown(self, grace: float | None = None, *, app: Flask | None = None) -> tuple[int, int]:
@@ -178,10 +197,6 @@ class SSE:
         when a worker is told to stop; call it yourself under another server.
         """
         return app_state(app).shutdown(grace)
-
-    def _check(self, action: str, metadata: Mapping[str, Any]) -> None:
-        if self._authorize is not None and not self._authorize(action, metadata):
-            error(403, f"not allowed to {action} this stream")
 
     @property
     def producers(self) -> tuple[str, ...]:
@@ -214,7 +229,7 @@ class SSE:
         state = app_state()
         found = find(state, stream_id)
         try:
-            self._check("read", found.metadata)
+            self.access.check("read", found.metadata)
         except HTTPException as exc:  # the hook's Unauthorized: JSON, as from the endpoint
             raise RequestRefused.from_http(exc) from None
         return answer(state, found, 0 if format == AI_SDK else last_event_id, format)

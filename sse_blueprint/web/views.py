@@ -95,11 +95,11 @@ def make_blueprint() -> Blueprint:
         input = body.get("input", {})
         if not isinstance(input, dict):
             error(400, '"input" must be a JSON object')
-        if name not in state.ext._producers:
-            error(400, f"unknown producer {name!r}")
         ext = state.ext
-        metadata = dict(ext._stream_metadata(name, input)) if ext._stream_metadata else {}
-        ext._check("create", metadata)
+        if name not in ext.producers:
+            error(400, f"unknown producer {name!r}")
+        metadata = ext.access.metadata_for(name, input)
+        ext.access.check("create", metadata)
         # Counted before it starts, counted down once when it ends (which may be before
         # ext.start returns: a producer that fails at once, a backend that refuses the claim)
         # or when it never starts.
@@ -137,7 +137,7 @@ def make_blueprint() -> Blueprint:
     def read_stream(stream_id: str) -> BaseResponse:
         state = app_state()
         found = find(state, stream_id)
-        state.ext._check("read", found.metadata)
+        state.ext.access.check("read", found.metadata)
         fmt = response_format()
         # The AI SDK reads every answer from the turn's start (its resume replaces the message).
         return answer(state, found, 0 if fmt == AI_SDK else last_event_id(), fmt)
@@ -146,7 +146,7 @@ def make_blueprint() -> Blueprint:
     def stream_status(stream_id: str) -> dict[str, Any]:
         state = app_state()
         found = find(state, stream_id)
-        state.ext._check("status", found.metadata)
+        state.ext.access.check("status", found.metadata)
         return store_call(state.streams.status, found).to_json()
 
     @route("/streams/<stream_id>/cancel", ["POST"])
@@ -154,7 +154,7 @@ def make_blueprint() -> Blueprint:
         state = app_state()
         check_post(request, state.config.cors_origins)
         found = find(state, stream_id)
-        state.ext._check("cancel", found.metadata)
+        state.ext.access.check("cancel", found.metadata)
         status, ended = store_call(state.streams.cancel, found)
         return status.to_json(), 202 if ended else 200
 
@@ -163,7 +163,7 @@ def make_blueprint() -> Blueprint:
         state = app_state()
         if not state.config.metrics:
             error(404, "metrics are off (set SSE_METRICS = true)")
-        state.ext._check("metrics", {})
+        state.ext.access.check("metrics", {})
         body, content_type = _observe.render_metrics()
         return current_app.response_class(body, content_type=content_type)
 
