@@ -264,12 +264,8 @@ class RedisConnection:
                 raise redis.exceptions.TryAgainError("scripts loaded again") from None
             finally:
                 pipe.reset()
-            for result in results if replies else ():
-                if isinstance(result, redis.exceptions.NoScriptError):
-                    self.load_scripts()
-                    raise redis.exceptions.TryAgainError("scripts loaded again")
-                if isinstance(result, redis.RedisError) and is_transient(result):
-                    raise result
+            if replies:
+                self._check_replies(results)
             return results
 
         return self._retry(run, self.patience if patience is None else patience)
@@ -308,13 +304,18 @@ class RedisConnection:
             raise
         finally:
             pool.release(connection)
+        self._check_replies(replies)
+        return replies
+
+    def _check_replies(self, replies: list[Any]) -> None:
+        """Raise, for the whole round trip to be retried, if a reply says Redis did not run a
+        call: it did not know a script (loaded now), or it could not (:func:`is_transient`)."""
         for reply in replies:
             if isinstance(reply, redis.exceptions.NoScriptError):
                 self.load_scripts()
                 raise redis.exceptions.TryAgainError("scripts loaded again")
             if isinstance(reply, redis.RedisError) and is_transient(reply):
                 raise reply
-        return replies
 
 
 def _resp(parts: Sequence[Any]) -> bytes:
