@@ -32,7 +32,7 @@ GROUPS = (
 #: The wait in which an idle reader's greenlet sleeps. What tracemalloc finds allocated at that
 #: line is, by all signs, the copy of the greenlet's C stack that greenlet keeps while it is
 #: switched out (its size follows how deep the C stack was at the switch).
-PARK = ("sse_blueprint/engine/readers.py", "wait(")
+PARK = ("sse_blueprint/engine/fanout.py", "wait(")
 
 
 def traced_server() -> Server:

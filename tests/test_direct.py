@@ -115,12 +115,12 @@ def test_parked_readers_are_released_at_once() -> None:
     readers = [gevent.spawn(read_direct, s, Recorder()) for s in subs]
     stream.start()
     gevent.sleep(0.05)
-    assert len(stream.readers.parked) == 10
+    assert len(stream.readers.fan_out.parked) == 10
     began = time.monotonic()
     assert stream.release_readers() == 10
     gevent.joinall(readers, timeout=5, raise_error=True)
     assert time.monotonic() - began < 1
-    assert not stream.readers.parked
+    assert not stream.readers.fan_out.parked
     stream.cancel()
 
 

@@ -320,7 +320,8 @@ def test_failed_persist_keeps_everything_then_persists() -> None:
     assert reader.text() == want
     assert stream.saved.wait(5)
     assert store.failures == 5
-    assert stream.persist_failures == 5
+    assert stream.persister is not None
+    assert stream.persister.failures == 5
     record = store.load_stream(stream.id)
     assert record is not None
     blocks = store.load_blocks(stream.id, 0)

@@ -120,7 +120,7 @@ class ProducerContext:
         Only call it once the stream's store can serve catch-up for those events. Events that a
         connected reader has not taken yet, and the newest event, stay. Returns how many went.
         """
-        return self._stream.trim(up_to_id)
+        return self._stream.readers.trim(up_to_id)
 
 
 class Block:

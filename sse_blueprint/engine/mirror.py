@@ -38,7 +38,7 @@ class Mirror(Stream):
         super().__init__(
             _no_producer, stream_id=stream_id, client_queue=client_queue, buffer_size=buffer_size
         )
-        self._store = store
+        self.store = store
 
     def start(self) -> NoReturn:
         raise RuntimeError("a mirror has no producer to start")

@@ -1,21 +1,19 @@
-"""A stream's readers: who follows it from where, how they are woken, fan-out, cuts for lagging,
-and the trim that spares what they have not taken.
+"""A stream's readers: who follows it from where, how they are woken, cuts for lagging, and the
+trim that spares what they have not taken.
 
 :class:`Readers` holds a stream's subscriptions. When the stream reveals new events, the readers
 wake on the event loop's next turn (a producer's burst becomes one write per reader). Readers
-that write directly to their sockets wait *parked*: a fan-out writes their new events for them,
-inline for a few (the chat shape) or from one greenlet for many, and wakes only those it cannot
-serve. A reader more than ``client_queue`` events behind is cut: its response ends and the client
-resumes from its last id. Nothing is dropped for a reader that stays.
+that write directly to their sockets wait *parked*: the fan-out (:class:`~.fanout.FanOut`)
+writes their new events for them. A reader more than ``client_queue`` events behind is cut: its
+response ends and the client resumes from its last id. Nothing is dropped for a reader that stays.
 
-Imports the subscription and gevent; the stream only for typing (it reads ``stream.buffer.visible``,
-the one position every reader may take up to).
+Imports the subscription, the fan-out and gevent; the stream only for typing (it reads
+``stream.buffer.visible``, the one position every reader may take up to).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,28 +21,23 @@ import gevent
 import gevent.event
 
 from .. import _observe
+from .fanout import FanOut
 from .subscription import Subscription
 
 if TYPE_CHECKING:
     from .stream import Stream
 
-__all__ = ["FAN_OUT_INLINE", "FAN_OUT_SLICE", "Readers"]
+__all__ = ["Readers"]
 
 log = logging.getLogger("sse_blueprint")
-
-#: Seconds a fan-out runs before it lets other greenlets run.
-FAN_OUT_SLICE = 0.02
-#: At most this many parked readers are written to from the wake-up itself, without a
-#: fan-out greenlet (a few dozen non-blocking sends take well under a millisecond).
-FAN_OUT_INLINE = 16
 
 
 class Readers:
     """The subscriptions of one stream (see the module docstring)."""
 
     __slots__ = (
-        "_fan_again", "_fanning_out", "_news", "_stream", "_wake_pending", "_wake_timer",
-        "client_queue", "min_pos_hint", "parked", "subscribers",
+        "_news", "_stream", "_wake_pending", "_wake_timer", "client_queue", "fan_out",
+        "min_pos_hint", "subscribers",
     )  # fmt: skip
 
     def __init__(self, stream: Stream, client_queue: int) -> None:
@@ -54,9 +47,7 @@ class Readers:
         # Lower bound of every subscriber's position, refreshed when a lag scan runs.
         self.min_pos_hint = 0
         self._news: gevent.event.Event | None = None
-        self.parked: set[Subscription] = set()  # direct subscribers waiting in poll
-        self._fanning_out = False  # a fan-out to the parked subscribers is scheduled or running
-        self._fan_again = False  # news came while a fan-out paused: it makes another pass
+        self.fan_out = FanOut(stream, self)  # writes for the readers parked in poll
         self._wake_pending = False
         self._wake_timer: Any = None  # a libev timer, made on first use
 
@@ -91,6 +82,18 @@ class Readers:
             self.min_pos_hint = max(self.min_pos_hint, buffer.base)
         return count
 
+    def trim_persisted(self, up_to_id: int) -> None:
+        """Everything up to ``up_to_id`` is in the store: drop it once no reader needs it."""
+        buffer = self._stream.buffer
+        buffer.trim_to = max(buffer.trim_to, up_to_id)
+        self.trim(buffer.trim_to)
+
+    def retrim(self) -> None:
+        """Trim what a reader that just left may have been holding back."""
+        buffer = self._stream.buffer
+        if buffer.trim_to > buffer.trimmed_id:
+            self.trim(buffer.trim_to)
+
     def discard(self, sub: Subscription) -> None:
         self.subscribers.discard(sub)
 
@@ -105,7 +108,7 @@ class Readers:
         """Events up to ``visible`` may be taken: cut laggards, wake readers on the next turn."""
         if visible - self.min_pos_hint > self.client_queue:
             self.cut_laggards(visible)
-        if (self._news is not None or self.parked) and not self._wake_pending:
+        if (self._news is not None or self.fan_out.parked) and not self._wake_pending:
             # Readers wake on the event loop's next turn, not now: a producer that appends
             # several events before it really waits (a burst, a block at once) gets them all
             # written in one write per reader instead of one write per event.
@@ -120,21 +123,12 @@ class Readers:
         self.notify()
 
     def notify(self) -> None:
-        """Wake every waiting reader now (parked ones through a fan-out)."""
+        """Wake every waiting reader now (parked ones through the fan-out)."""
         news = self._news
         if news is not None:
             self._news = None
             news.set()
-        if self.parked:
-            if self._fanning_out:
-                self._fan_again = True
-            elif len(self.parked) <= FAN_OUT_INLINE:
-                # A few readers (the chat shape): write to them right here. Their writes never
-                # block, and a greenlet per wake-up would cost more than the writes.
-                self._fan_out_once(inline=True)
-            else:
-                self._fanning_out = True
-                gevent.spawn_raw(self._fan_out)
+        self.fan_out.deliver()
 
     def wait_for_news(self, timeout: float | None) -> None:
         """Wait in :meth:`Subscription.poll` (a reader that writes for itself)."""
@@ -142,69 +136,6 @@ class Readers:
         if news is None:
             news = self._news = gevent.event.Event()
         news.wait(timeout)
-
-    def park(self, sub: Subscription, timeout: float | None) -> None:
-        """Wait in :meth:`Subscription.poll` while the fan-out delivers ``sub``'s events."""
-        wakeup = sub.wakeup
-        if wakeup is None:
-            wakeup = sub.wakeup = gevent.event.Event()
-        else:
-            wakeup.clear()
-        self.parked.add(sub)
-        try:
-            wakeup.wait(timeout)
-        finally:
-            # Before anything else runs: from here on only this greenlet writes to the client.
-            self.parked.discard(sub)
-
-    def _fan_out(self) -> None:
-        """Deliver new events to every parked subscriber; wake those it cannot serve."""
-        try:
-            self._fan_again = True
-            while self._fan_again:
-                self._fan_again = False
-                self._fan_out_once()
-        finally:
-            self._fanning_out = False
-
-    def _fan_out_once(self, inline: bool = False) -> None:
-        # A parked subscriber's connection belongs to this loop until the subscriber is woken
-        # (and unparked) or its wait times out, which it can only do while this loop pauses:
-        # hence the membership check. The pause lets the rest of the worker run when a round
-        # is long (many clients, big events); ``inline`` (a few readers, maybe in the hub's own
-        # callback) never pauses.
-        parked = self.parked
-        stream = self._stream
-        clock = time.perf_counter
-        began = clock()
-        for i, sub in enumerate(list(parked)):
-            if i & 63 == 63 and not inline and clock() - began > FAN_OUT_SLICE:
-                gevent.sleep(0)
-                began = clock()
-            if sub not in parked:
-                continue
-            try:
-                if not (sub.cut or sub.closed) and sub.pos < stream.buffer.visible:
-                    events = sub.take()
-                    if events and not sub.direct(events):  # type: ignore[misc]
-                        self._unpark(sub)  # its greenlet finishes the write, or ends
-                        continue
-                if sub.done:
-                    self._unpark(sub)
-            except Exception as exc:
-                # (Logged from a greenlet of its own: a log handler may block, the hub may not.)
-                gevent.spawn_raw(
-                    log.error, "stream %s: direct write failed", stream.id, exc_info=exc,
-                    extra={"stream_id": stream.id},
-                )  # fmt: skip
-                sub.cut = True  # the client resumes from its last id
-                self.subscribers.discard(sub)
-                self._unpark(sub)
-
-    def _unpark(self, sub: Subscription) -> None:
-        self.parked.discard(sub)
-        if sub.wakeup is not None:
-            sub.wakeup.set()
 
     def release(self, *, only_writing: bool = False) -> int:
         """Cut readers now (shutdown): all, or only those stuck in a write. How many."""
@@ -214,6 +145,7 @@ class Readers:
             self.subscribers.discard(sub)
         if subs:
             self.notify()
+            self.retrim()
         return len(subs)
 
     def cut_laggards(self, visible: int) -> None:

@@ -107,16 +107,15 @@ class Stream:
         self.terminal_event: Event | None = None
         # The turn's blocks and replayed events, built from the events (the aggregator).
         self.turn = TurnBuilder(max_meta_bytes=max_meta_bytes, max_events=max_replayed_events)
-        # Persistence.
-        self._store = store
+        # Persistence: where the blocks are written, and readers older than the buffer caught
+        # up from (a mirror's store is the owner's: it reads it, never writes).
+        self.store = store
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
         # A shared backend (Redis) sees every event first.
         self._backend = backend
         self._append_lock = gevent.lock.Semaphore()
-        self._persister: Persister | None = None
-        if store is not None:
-            self._persister = Persister(self, store, durable=durable)
-        else:
+        self.persister = Persister(self, store, durable=durable) if store is not None else None
+        if store is None:
             self.saved.set()
 
     # -- producer side -------------------------------------------------------------------------
@@ -197,14 +196,14 @@ class Stream:
         """Put an event (already numbered) in the live buffer and wake the readers."""
         self.buffer.append(ev)
         self._aggregate(ev)
-        if self._persister is None or not self._persister.durable:
+        if self.persister is None or not self.persister.durable:
             self.reveal(self.buffer.end)  # (durable: readers see it once it is written)
 
     def _aggregate(self, ev: Event) -> None:
         """Build the turn's blocks from the event, and have them written when due."""
         ended_block = self.turn.apply(ev)
-        if self._persister is not None:
-            self._persister.appended(self.buffer.end, ended_block)
+        if self.persister is not None:
+            self.persister.appended(self.buffer.end, ended_block)
 
     def reveal(self, pos: int) -> None:
         """Readers may now take the log up to ``pos``: wake them (on the loop's next turn)."""
@@ -258,14 +257,13 @@ class Stream:
     def trim_persisted(self, up_to_id: int) -> None:
         """Everything up to ``up_to_id`` is in the store (a mirror: the owner says so): drop it
         from the buffer as soon as no reader still needs it."""
-        self.buffer.trim_to = max(self.buffer.trim_to, up_to_id)
-        self.trim(self.buffer.trim_to)
+        self.readers.trim_persisted(up_to_id)
 
     # -- persistence ---------------------------------------------------------------------------
 
     def _request_flush(self) -> None:
-        if self._persister is not None:
-            self._persister.request()
+        if self.persister is not None:
+            self.persister.request()
 
     def covered(self, up_to_id: int) -> None:
         """The store holds every event up to ``up_to_id`` (the persister says so): trim the
@@ -274,23 +272,7 @@ class Stream:
         if self._backend is not None:
             self._backend.persisted(self, up_to_id)
 
-    @property
-    def persist_failures(self) -> int:
-        """Writes to the store that failed (and were retried)."""
-        return self._persister.failures if self._persister is not None else 0
-
-    def trim(self, up_to_id: int) -> int:
-        """Drop buffered events with id <= ``up_to_id``, sparing unread events and the newest.
-        Returns how many went."""
-        return self.readers.trim(up_to_id)
-
     # -- reader side ---------------------------------------------------------------------------
-
-    @property
-    def store(self) -> BlockStore | None:
-        """Where the stream's blocks are persisted (and readers older than the buffer caught
-        up from), if anywhere."""
-        return self._store
 
     @property
     def timeout(self) -> float | None:
@@ -342,15 +324,7 @@ class Stream:
         released; the others take what they have pending and end by themselves. Returns how
         many readers were released.
         """
-        released = self.readers.release(only_writing=only_writing)
-        if released:
-            self.retrim()
-        return released
-
-    def retrim(self) -> None:
-        """Trim what a reader that just left may have been holding back."""
-        if self.buffer.trim_to > self.buffer.trimmed_id:
-            self.trim(self.buffer.trim_to)
+        return self.readers.release(only_writing=only_writing)
 
     @property
     def trimmed_id(self) -> int:

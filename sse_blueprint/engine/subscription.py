@@ -57,8 +57,9 @@ class Subscription:
         catch_up: bool = False,
     ) -> None:
         self._stream = stream
-        # ``pos``, ``waiting``, ``wakeup`` and :meth:`take` are the reader set's handles on
-        # the cursor (:class:`~.readers.Readers` moves it, parks and wakes it).
+        # ``pos``, ``waiting``, ``wakeup`` and :meth:`take` are the handles the reader set
+        # (:class:`~.readers.Readers`) and the fan-out (:class:`~.fanout.FanOut`) move, park
+        # and wake the cursor by.
         self.pos = pos  # absolute index in the stream's log of the next event to deliver
         # Deliver only ids greater than this: the client's Last-Event-ID, then what its
         # catch-up covered.
@@ -109,7 +110,7 @@ class Subscription:
                 if self.direct is None:
                     stream.readers.wait_for_news(timeout)
                 else:
-                    stream.readers.park(self, timeout)
+                    stream.readers.fan_out.park(self, timeout)
             finally:
                 self.waiting = False
         if self.cut or self.closed:
@@ -170,4 +171,4 @@ class Subscription:
             self.closed = True
             stream = self._stream
             stream.readers.discard(self)
-            stream.retrim()  # this reader may have been holding it back
+            stream.readers.retrim()  # this reader may have been holding it back

@@ -82,7 +82,7 @@ def resources() -> dict[str, Any]:
             1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead
         ),
         "readers": sum(s.subscriber_count for s in streams + mirrors),
-        "parked": sum(len(s.readers.parked) for s in streams + mirrors),
+        "parked": sum(len(s.readers.fan_out.parked) for s in streams + mirrors),
         "running": state.registry.running,
         "db_checked_out": checked_out,
         "db_open": checked_out + (pool_.checkedin() if pooled else 0),
