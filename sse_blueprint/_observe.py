@@ -29,9 +29,22 @@ __all__ = [
     "current_stream",
     "enable_metrics",
     "render_metrics",
+    "stream_log",
 ]
 
 log = logging.getLogger("sse_blueprint")
+
+
+def stream_log(
+    level: int, stream_id: str, message: str, *args: object, exc_info: Any = None
+) -> None:
+    """Log ``"stream <id>: " + message % args`` with the id in the record (``stream_id``)."""
+    if log.isEnabledFor(level):
+        log.log(
+            level, "stream %s: " + message, stream_id, *args, exc_info=exc_info,
+            extra={"stream_id": stream_id}, stacklevel=2,
+        )  # fmt: skip
+
 
 #: The stream the current greenlet works for (greenlets each have their own context).
 current_stream: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -114,12 +114,15 @@ class Persister:
                 delay = backoff.delay()
                 self.failures += 1
                 _observe.METRICS.persist_failed()
-                log.warning(
-                    "stream %s: persisting %d block(s) failed (%s); retrying in %.1fs, the "
-                    "buffer keeps every event meanwhile",
-                    stream.id, len(todo.blocks), exc, delay,
-                    extra={"stream_id": stream.id},
-                )  # fmt: skip
+                _observe.stream_log(
+                    logging.WARNING,
+                    stream.id,
+                    "persisting %d block(s) failed (%s); retrying in %.1fs, the buffer keeps "
+                    "every event meanwhile",
+                    len(todo.blocks),
+                    exc,
+                    delay,
+                )
                 self._wanted.set()
                 gevent.sleep(delay)
                 continue
@@ -143,7 +146,7 @@ class Persister:
             stream.covered(self.persisted_id)
         if stream.finished and self.persisted_id >= stream.last_event_id:
             if not stream.saved.is_set():
-                log.debug("stream %s: saved", stream.id, extra={"stream_id": stream.id})
+                _observe.stream_log(logging.DEBUG, stream.id, "saved")
             stream.saved.set()
             return True
         return False

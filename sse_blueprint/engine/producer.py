@@ -109,10 +109,8 @@ class ProducerRun:
         stream in this process anyway. With Redis, this worker stops renewing its lease, so the
         other workers' watchdogs end it there once the lease lapses ("producer lost")."""
         stream = self._stream
-        log.error(
-            "stream %s: its end could not be written; ending it here",
-            stream.id,
-            extra={"stream_id": stream.id},
+        _observe.stream_log(
+            logging.ERROR, stream.id, "its end could not be written; ending it here"
         )
         data = {"stream_id": stream.id, "message": message}
         stream.adopt_end(Event(stream.last_event_id + 1, StreamState.ERROR.value, data))

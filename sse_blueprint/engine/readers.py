@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Readers"]
 
-log = logging.getLogger("sse_blueprint")
-
 
 class Readers:
     """The subscriptions of one stream (see the module docstring)."""
@@ -164,14 +162,16 @@ class Readers:
                     try:
                         sub.on_cut()
                     except Exception:
-                        log.exception(
-                            "stream %s: on_cut failed", stream_id, extra={"stream_id": stream_id}
+                        _observe.stream_log(
+                            logging.ERROR, stream_id, "on_cut failed", exc_info=True
                         )
-                log.info(
-                    "stream %s: cut a subscriber %d events behind (limit %d)",
-                    stream_id, visible - sub.pos, self.client_queue,
-                    extra={"stream_id": stream_id},
-                )  # fmt: skip
+                _observe.stream_log(
+                    logging.INFO,
+                    stream_id,
+                    "cut a subscriber %d events behind (limit %d)",
+                    visible - sub.pos,
+                    self.client_queue,
+                )
             elif sub.pos < low:
                 low = sub.pos
         self.min_pos_hint = low

@@ -25,8 +25,6 @@ from .turn import catch_up
 
 __all__ = ["LOST_ID_GAP", "StreamRegistry", "lost", "lost_data", "replay"]
 
-log = logging.getLogger("sse_blueprint")
-
 #: A stream found "running" in the store with no live producer ends with an ``error`` event whose
 #: id is this far past the last persisted id: past any event the lost producer could have sent.
 LOST_ID_GAP = 1_000_000_000
@@ -119,10 +117,8 @@ class StreamRegistry:
         record = self.store.load_stream(stream_id)
         if record is None or record.state != StreamState.RUNNING.value:
             return record
-        log.warning(
-            "stream %s: no producer runs it any more; ending it as lost",
-            stream_id,
-            extra={"stream_id": stream_id},
+        _observe.stream_log(
+            logging.WARNING, stream_id, "no producer runs it any more; ending it as lost"
         )
         self.store.save(lost(record), [])
         return self.store.load_stream(stream_id)
@@ -213,10 +209,10 @@ class StreamRegistry:
         deadline = time.monotonic() + save_timeout
         for stream in streams:
             if not stream.saved.wait(max(0.0, deadline - time.monotonic())):
-                log.warning(
-                    "stream %s: not fully persisted at shutdown (the store is unreachable)",
+                _observe.stream_log(
+                    logging.WARNING,
                     stream.id,
-                    extra={"stream_id": stream.id},
+                    "not fully persisted at shutdown (the store is unreachable)",
                 )
         # Readers take what they have pending (the terminal event); the few still stuck writing
         # to a slow client after two seconds are released (they resume from their last id).

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import gevent.event
 
+from .. import _observe
 from .._event import Event
 from .turn import catch_up
 
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from .stream import Stream
 
 __all__ = ["Subscription"]
-
-log = logging.getLogger("sse_blueprint")
 
 
 class Subscription:
@@ -140,11 +139,11 @@ class Subscription:
         try:
             stored = store.load_turn(stream.id, after)
         except Exception as exc:
-            log.warning(
-                "stream %s: catch-up from the store failed (%s); cutting reader",
+            _observe.stream_log(
+                logging.WARNING,
                 stream.id,
+                "catch-up from the store failed (%s); cutting reader",
                 exc,
-                extra={"stream_id": stream.id},
             )
             self.cut = True
             stream.readers.discard(self)

@@ -23,6 +23,7 @@ from typing import Any
 import gevent
 import gevent.event
 
+from ... import _observe
 from ..._event import DURABLE
 from ...engine import Event, Mirror, lost, lost_data
 from ...storage.records import BlockStore
@@ -31,8 +32,6 @@ from .pubsub import PubSub
 from .scripts import LOST_IN_REDIS, event_from_entry, stream_keys
 
 __all__ = ["Mirrors"]
-
-log = logging.getLogger("sse_blueprint")
 
 #: ``end(stream_id, state, data, if_lease_gone=...)``: the backend's end from any worker.
 Ender = Callable[..., "str | None"]
@@ -162,10 +161,12 @@ class Mirrors:
         from their last ids to a new mirror, which catches them up from the store first."""
         if self.streams.get(stream.id) is not stream:
             return
-        log.warning(
-            "stream %s: this worker's mirror missed events Redis no longer has; its readers "
-            "resume from the store", stream.id, extra={"stream_id": stream.id},
-        )  # fmt: skip
+        _observe.stream_log(
+            logging.WARNING,
+            stream.id,
+            "this worker's mirror missed events Redis no longer has; its readers resume from "
+            "the store",
+        )
         del self.streams[stream.id]
         self.pubsub.unsubscribe(stream_keys(stream.id)[3])
         stream.release_readers()
@@ -196,10 +197,12 @@ class Mirrors:
                     # Redis is away longer than the patience (a failover): the next
                     # confirmed subscription or published gap fills it; the watchdog
                     # ends it if its owner is gone.
-                    log.warning(
-                        "stream %s: could not fill this worker's mirror from Redis: %s",
-                        stream.id, exc, extra={"stream_id": stream.id},
-                    )  # fmt: skip
+                    _observe.stream_log(
+                        logging.WARNING,
+                        stream.id,
+                        "could not fill this worker's mirror from Redis: %s",
+                        exc,
+                    )
                     return
                 again = self._filling[stream.id]
         finally:
@@ -231,10 +234,11 @@ class Mirrors:
                     except REDIS_ERRORS:
                         continue
                     except Exception:
-                        log.exception(
-                            "stream %s: could not end a stream Redis lost; retrying",
+                        _observe.stream_log(
+                            logging.ERROR,
                             stream_id,
-                            extra={"stream_id": stream_id},
+                            "could not end a stream Redis lost; retrying",
+                            exc_info=True,
                         )
                         continue
                 if stream.finished:
@@ -266,8 +270,7 @@ class Mirrors:
             end = Event(record.terminal_id, record.terminal, record.terminal_data or {})
         else:  # no store, or it never heard of the stream
             end = Event(mirror.last_event_id + 1, "error", lost_data(mirror.id, LOST_IN_REDIS))
-        log.warning(
-            "stream %s: Redis lost this stream; it ended with %s", mirror.id, end.event,
-            extra={"stream_id": mirror.id},
-        )  # fmt: skip
+        _observe.stream_log(
+            logging.WARNING, mirror.id, "Redis lost this stream; it ended with %s", end.event
+        )
         mirror.ingest(end)

@@ -20,7 +20,7 @@ import gevent
 import redis
 from redis.client import Pipeline
 
-from ... import _wire
+from ... import _observe, _wire
 from ..._batch import Batcher
 from ..._event import DURABLE
 from ...engine import Event, Stream, StreamClosed, StreamState, lost_data
@@ -37,8 +37,6 @@ from .scripts import (
 )
 
 __all__ = ["Owners"]
-
-log = logging.getLogger("sse_blueprint")
 
 
 class Owners:
@@ -136,11 +134,13 @@ class Owners:
         got them yet): write them again from this owner's buffer, then ``event``. What the
         buffer no longer holds was persisted first: readers get it from the store."""
         missing = [ev for ev in stream.buffered_after(redis_last) if ev.id < event.id]
-        log.warning(
-            "stream %s: Redis lost events %d-%d it had acknowledged (a failover?); writing "
-            "them again", stream.id, redis_last + 1, event.id - 1,
-            extra={"stream_id": stream.id},
-        )  # fmt: skip
+        _observe.stream_log(
+            logging.WARNING,
+            stream.id,
+            "Redis lost events %d-%d it had acknowledged (a failover?); writing them again",
+            redis_last + 1,
+            event.id - 1,
+        )
         for n, ev in enumerate([*missing, event]):
             self._calls.submit((self.append_script, *self._append_call(stream, ev, gap=n == 0)))
 
@@ -163,7 +163,7 @@ class Owners:
         if "LOST" in text or "FENCED" in text:
             # Not ours any more, or nobody's: end it here (for this worker's readers), unwritten.
             why = LOST_IN_REDIS if "LOST" in text else "producer fenced out"
-            log.error("stream %s: %s; stopping", stream.id, why, extra={"stream_id": stream.id})
+            _observe.stream_log(logging.ERROR, stream.id, "%s; stopping", why)
             end = Event(stream.last_event_id + 1, "error", lost_data(stream.id, why))
             stream.adopt_end(end)
         else:
@@ -186,11 +186,11 @@ class Owners:
             pipe.execute_command(self.conn.publish, channel, json.dumps({"persisted": up_to_id}))
             pipe.execute()
         except REDIS_ERRORS as exc:
-            log.warning(
-                "stream %s: trimming Redis failed (%s); it will be trimmed later",
+            _observe.stream_log(
+                logging.WARNING,
                 stream.id,
+                "trimming Redis failed (%s); it will be trimmed later",
                 exc,
-                extra={"stream_id": stream.id},
             )
 
     def _adopt_remote_end(self, stream: Stream) -> None:
@@ -211,12 +211,7 @@ class Owners:
             try:
                 state = self._renewals.submit((self._renew, [meta, lease], [gen, self._lease_ms]))
             except REDIS_ERRORS as exc:
-                log.warning(
-                    "stream %s: lease renewal failed (%s)",
-                    stream.id,
-                    exc,
-                    extra={"stream_id": stream.id},
-                )
+                _observe.stream_log(logging.WARNING, stream.id, "lease renewal failed (%s)", exc)
                 pause = 0.05  # it was retried for a third of the lease: go on trying
                 continue
             pause = self.lease / 3
