@@ -5,7 +5,8 @@
     context       what a producer gets (ProducerContext, Block)
     producer      the producer's run on its greenlet: start, sleep, stop, timeout
     log           the live buffer (EventLog): positions, visibility, trimming
-    readers       the reader set: positions, wake-ups, fan-out, lag cuts
+    readers       the reader set: where readers start, wake-ups, lag cuts, the trim that spares them
+    fanout        the parked readers of a stream, written to by one greenlet or the wake-up
     subscription  a reader's cursor into the live buffer, and its catch-up from the store
     persister     writes the turn to the store in the background, and retries
     mirror        another worker's stream, followed here for this worker's readers

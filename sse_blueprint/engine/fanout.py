@@ -6,7 +6,7 @@ A reader that writes directly to its socket (``Subscription.direct``) waits *par
 writes them for it, inline for a few (the chat shape) or from one greenlet for many, and wakes
 only the readers it cannot serve (a partial or failed write, the end, a cut).
 
-Imports gevent; the stream and its reader set only for typing.
+Imports gevent and the log helper; the stream and its reader set only for typing.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 import gevent
 import gevent.event
 
+from .._observe import stream_log
+
 if TYPE_CHECKING:
     from .readers import Readers
     from .stream import Stream
     from .subscription import Subscription
 
 __all__ = ["FAN_OUT_INLINE", "FAN_OUT_SLICE", "FanOut"]
-
-log = logging.getLogger("sse_blueprint")
 
 #: Seconds a fan-out runs before it lets other greenlets run.
 FAN_OUT_SLICE = 0.02
@@ -110,9 +110,8 @@ class FanOut:
             except Exception as exc:
                 # (Logged from a greenlet of its own: a log handler may block, the hub may not.)
                 gevent.spawn_raw(
-                    log.error, "stream %s: direct write failed", stream.id, exc_info=exc,
-                    extra={"stream_id": stream.id},
-                )  # fmt: skip
+                    stream_log, logging.ERROR, stream.id, "direct write failed", exc_info=exc
+                )
                 sub.cut = True  # the client resumes from its last id
                 self._readers.discard(sub)
                 self._unpark(sub)

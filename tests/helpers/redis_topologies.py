@@ -48,10 +48,15 @@ __all__ = [
 ]
 
 
-def _cluster_port() -> int:
-    """A free loopback port below 55536 whose cluster bus port (10000 above) is free too."""
-    while True:
+def _cluster_ports(n: int) -> list[int]:
+    """``n`` free loopback ports below 55536 whose cluster bus ports (10000 above) are free too,
+    and none of them another's bus port (a node on 44663 would find 34663's bus there)."""
+    ports: list[int] = []
+    taken: set[int] = set()
+    while len(ports) < n:
         port = random.randint(20000, 45000)
+        if {port, port + 10000} & taken:
+            continue
         with contextlib.ExitStack() as stack:
             try:
                 for p in (port, port + 10000):
@@ -59,7 +64,9 @@ def _cluster_port() -> int:
                     probe.bind(("127.0.0.1", p))
             except OSError:
                 continue
-        return port
+        ports.append(port)
+        taken |= {port, port + 10000}
+    return ports
 
 
 def _start_redis(port: int, where: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -76,11 +83,14 @@ def _start_redis(port: int, where: Path, *args: str) -> subprocess.Popen[bytes]:
         )  # fmt: skip
     janitor.started("pid", proc.pid)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-            return proc
+    while time.monotonic() < deadline and proc.poll() is None:
+        # (Its own answer: something else listening on the port would not say PONG.)
+        with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=1) as r:
+            if r.ping():
+                return proc
         time.sleep(0.02)
-    raise RuntimeError(f"redis-server on {port} did not start")
+    log_tail = (where / "redis.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"redis-server on {port} did not start:\n{log_tail}")
 
 
 def cut_replication(replica: Any) -> None:
@@ -135,7 +145,7 @@ class LocalCluster(_Servers):
     def __init__(self, primaries: int = 3, replicas: int = 0) -> None:
         super().__init__("sse-cluster-")
         self.primaries, self.replicas = primaries, replicas
-        self.ports = [_cluster_port() for _ in range(primaries * (1 + replicas))]
+        self.ports = _cluster_ports(primaries * (1 + replicas))
 
     @property
     def url(self) -> str:
@@ -152,11 +162,13 @@ class LocalCluster(_Servers):
     def start(self) -> LocalCluster:
         for port in self.ports:
             self.start_node(port)
-        subprocess.run(
+        made = subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
+            capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+        if made.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}")
         self.wait_healthy()
         return self
 
@@ -267,7 +279,7 @@ class LocalSentinel(_Servers):
 
     def __init__(self) -> None:
         super().__init__("sse-sentinel-")
-        self.primary, self.replica, self.sentinel = (_cluster_port() for _ in range(3))
+        self.primary, self.replica, self.sentinel = _cluster_ports(3)
 
     @property
     def url(self) -> str:
