@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from playwright.sync_api import Browser, sync_playwright
 
 from tests.helpers.janitor import as_postgres, pg_bin
@@ -374,6 +375,20 @@ def postgres() -> Iterator[PostgresServer]:
 # -- Redis -----------------------------------------------------------------------------------------
 
 
+def wait_for_redis(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Until the redis-server ``proc`` answers ``PING`` on ``port``: its own answer, not just
+    something listening there (another node's cluster bus, a process that took the port while
+    this one was down). Raises with the tail of its ``log`` if it exits or takes 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=1) as r:
+            if r.ping():
+                return
+        time.sleep(0.02)
+    tail = log.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"redis-server on {port} did not start:\n{tail}")
+
+
 class RedisServer:
     """A throw-away redis-server on a loopback port, with an append-only file (fsync always);
     with ``persistent=False``, none: a restart comes back empty, as a Redis that lost its data."""
@@ -398,12 +413,8 @@ class RedisServer:
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         janitor.started("pid", self.proc.pid)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        wait_for_redis(self.proc, self.port, self.dir / "redis.log")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -28,7 +28,14 @@ import redis
 from redis.cluster import RedisCluster
 
 from sse_blueprint.backends.redis.connection import RedisConnection
-from tests.conftest import LiveServer, PostgresServer, janitor, read_stream, start_stream
+from tests.conftest import (
+    LiveServer,
+    PostgresServer,
+    janitor,
+    read_stream,
+    start_stream,
+    wait_for_redis,
+)
 from tests.helpers.sse_parser import Transcript
 
 #: The turn the tests stream: paragraphs (so blocks end and are persisted as it goes).
@@ -82,15 +89,8 @@ def _start_redis(port: int, where: Path, *args: str) -> subprocess.Popen[bytes]:
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     janitor.started("pid", proc.pid)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        # (Its own answer: something else listening on the port would not say PONG.)
-        with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=1) as r:
-            if r.ping():
-                return proc
-        time.sleep(0.02)
-    log_tail = (where / "redis.log").read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"redis-server on {port} did not start:\n{log_tail}")
+    wait_for_redis(proc, port, where / "redis.log")
+    return proc
 
 
 def cut_replication(replica: Any) -> None:
