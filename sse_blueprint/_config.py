@@ -39,6 +39,7 @@ class SSEConfig:
     metrics: bool = False
     log_format: str = ""
     direct_writes: bool = True
+    hold_idle: bool = True
     body_timeout: float = 10.0
     max_streams_per_address: int = 100
     delivery: str = "live"
@@ -80,6 +81,7 @@ class SSEConfig:
             metrics=_boolean(config, "SSE_METRICS", d.metrics),
             log_format=_choice(config, "SSE_LOG_FORMAT", ("", "text", "json")),
             direct_writes=_boolean(config, "SSE_DIRECT_WRITES", d.direct_writes),
+            hold_idle=_boolean(config, "SSE_HOLD_IDLE_READERS", d.hold_idle),
             body_timeout=_number(config, "SSE_BODY_TIMEOUT", d.body_timeout),
             max_streams_per_address=_integer(
                 config, "SSE_MAX_STREAMS_PER_ADDRESS", d.max_streams_per_address, minimum=1

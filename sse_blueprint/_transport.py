@@ -2,9 +2,9 @@
 
 Holds the response body generator (catch-up, live events, heartbeats), the direct writes that
 send a stream's live events to idle clients' sockets as HTTP/1.1 chunks (gunicorn's gevent
-worker; enabled by :mod:`sse_blueprint.gunicorn`), and the sweeper that cuts clients whose writes
-stay blocked. The only bytes made here are HTTP chunk framing; events are encoded by the wire
-module, once.
+worker; enabled by :mod:`sse_blueprint.gunicorn`), the hand-over of an idle reader's connection
+(to :mod:`sse_blueprint._held`), and the sweeper that cuts clients whose writes stay blocked.
+The only bytes made here are HTTP chunk framing; events are encoded by the wire module, once.
 
 Imports the engine and gevent; must not import Flask, the extension or the backends.
 """
@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import gevent
@@ -35,16 +36,17 @@ class WriteWatch:
     A client that stops reading but keeps its connection open is cut by the lag check while its
     stream runs; once the stream has ended nothing more is appended, so a write that the client
     never takes would hold the connection (and its greenlet) forever. One sweeper per app
-    shuts such connections; a response only stamps ``writing_since`` around each write.
+    shuts such connections (the subscription's ``on_cut``); a response only stamps
+    ``writing_since`` around each write.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.readers: dict[Subscription, Callable[[], None]] = {}
+        self.readers: set[Subscription] = set()
         self._sweeper: gevent.Greenlet | None = None
 
-    def add(self, sub: Subscription, closer: Callable[[], None]) -> None:
-        self.readers[sub] = closer
+    def add(self, sub: Subscription) -> None:
+        self.readers.add(sub)
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)
 
@@ -52,15 +54,15 @@ class WriteWatch:
         while True:
             gevent.sleep(min(1.0, self.timeout / 4))
             limit = time.monotonic() - self.timeout
-            for sub, closer in list(self.readers.items()):
-                if 0 < sub.writing_since < limit:
-                    del self.readers[sub]
+            for sub in list(self.readers):
+                if 0 < sub.writing_since < limit and sub.on_cut is not None:
+                    self.readers.discard(sub)
                     _observe.METRICS.cut()
                     log.info(
                         "cut a client that took nothing for %.0f s", self.timeout,
                         extra={"stream_id": sub.stream_id},
                     )  # fmt: skip
-                    closer()
+                    sub.on_cut()
 
 
 def encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
@@ -74,6 +76,9 @@ def encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
 #: Set by :func:`sse_blueprint.gunicorn.post_worker_init` when this process is a gunicorn
 #: gevent worker speaking plain HTTP/1.x, the only server whose sockets we write to directly.
 direct_writes_possible = False
+#: gunicorn's sockets whose connection a held reader took (:meth:`DirectWriter.take_socket`):
+#: gunicorn's last write to one fails, which the hook in ``sse_blueprint.gunicorn`` expects.
+handed_over: set[Any] = set()
 
 
 class DirectWriter:
@@ -90,7 +95,7 @@ class DirectWriter:
     __slots__ = ("backlog", "failed", "ndjson", "raw", "sock")
 
     def __init__(self, sock: Any, raw: _socket.socket, ndjson: bool) -> None:
-        self.sock = sock  # gevent's socket: blocking writes from the reader's greenlet
+        self.sock: Any = sock  # gevent's socket, blocking writes from the reader's greenlet
         self.raw = raw  # the non-blocking socket under it
         self.ndjson = ndjson
         self.backlog: bytes | memoryview = b""
@@ -119,6 +124,12 @@ class DirectWriter:
     def __call__(self, events: list[Event]) -> bool:
         """Send ``events`` as one chunk; False if the reader's greenlet must take over."""
         data, size = _chunk(events, self.ndjson)
+        _observe.METRICS.sent(len(events), size)
+        return self.send(data)
+
+    def send(self, data: bytes) -> bool:
+        """Send what the socket takes now; False if there is a rest (the ``backlog``) or the
+        client has gone (``failed``)."""
         try:
             sent = self.raw.send(data, _MSG_NOSIGNAL)
         except BlockingIOError:
@@ -126,7 +137,6 @@ class DirectWriter:
         except OSError:
             self.failed = True  # the client went away; the reader ends its response
             return False
-        _observe.METRICS.sent(len(events), size)
         if sent < len(data):
             self.backlog = memoryview(data)[sent:]  # no copy of a big chunk
             return False
@@ -138,11 +148,27 @@ class DirectWriter:
             return False
         backlog, self.backlog = self.backlog, b""
         try:
-            self.sock.sendall(backlog)
+            if self.sock is not None:
+                self.sock.sendall(backlog)
+            else:  # held (see :mod:`sse_blueprint._held`): the bare socket, gevent's waits
+                view = memoryview(backlog)
+                while view:
+                    try:
+                        view = view[self.raw.send(view, _MSG_NOSIGNAL) :]
+                    except BlockingIOError:
+                        gevent.socket.wait_write(self.raw.fileno())
         except OSError:
             self.failed = True
             return False
         return True
+
+    def take_socket(self) -> None:
+        """Take the connection from the server: gevent's socket (and so gunicorn's) lets go of
+        the descriptor, which this writer's bare socket then owns (and closes)."""
+        sock, self.sock = self.sock, None
+        handed_over.add(sock)
+        self.raw = _socket.socket(fileno=sock.detach())
+        self.raw.setblocking(False)
 
 
 _MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -176,6 +202,7 @@ def follow(
     first: list[Event] | None = None,
     translate: Callable[[list[Event]], bytes] | None = None,
     cut_notice: bytes = b"",
+    hold: Callable[[Subscription, DirectWriter, Callable[[], None]], object | None] | None = None,
 ) -> Iterator[bytes]:
     """The response body: catch-up, then live events, heartbeats while idle.
 
@@ -190,13 +217,19 @@ def follow(
     SDK's); such a response gets no direct writes. ``cut_notice`` ends a response whose reader
     was cut or released before the stream's end, for a format whose clients do not reconnect by
     themselves (an EventSource does, from its last id).
+
+    ``hold`` (see :class:`sse_blueprint._held.HeldReaders`) may take the connection over once
+    the reader is idle: this body then ends without closing the response, and the reader,
+    holding what ``finally`` would release, goes on with no greenlet.
     """
     metrics = _observe.METRICS
     metrics.client_connected()
     counts[address] = counts.get(address, 0) + 1
+    leave = partial(_leave, sub, watch, counts, address, release)
     monotonic = time.monotonic
     if translate is not None:
         direct = None
+    held = False
     try:
         if first:  # the catch-up, read before the response began
             data = preamble + translate(first) if translate else encode(first, ndjson, preamble)
@@ -207,6 +240,16 @@ def follow(
             yield preamble
             sub.direct = direct
         while True:
+            if (
+                hold is not None
+                and direct is not None
+                and sub.direct is direct
+                and sub.lag <= 0
+                and not (sub.done or direct.backlog or direct.failed)
+            ):
+                held = hold(sub, direct, leave) is not None
+                if held:
+                    return  # the connection is the held reader's now
             events = sub.poll(heartbeat_interval)
             if direct is not None and (direct.backlog or direct.failed):
                 # A direct write did not finish: its rest goes first, before ``events``.
@@ -236,11 +279,23 @@ def follow(
         if sub.cut and cut_notice:
             yield cut_notice  # ended before the stream did, for a client that does not resume
     finally:
-        watch.readers.pop(sub, None)
-        sub.close()
-        metrics.client_disconnected()
-        counts[address] -= 1
-        if not counts[address]:
-            del counts[address]
-        if release is not None:
-            release()
+        if not held:
+            leave()
+
+
+def _leave(
+    sub: Subscription,
+    watch: WriteWatch,
+    counts: dict[str, int],
+    address: str,
+    release: Callable[[], None] | None,
+) -> None:
+    """A response has ended: its subscription, counts and place across workers go."""
+    watch.readers.discard(sub)
+    sub.close()
+    _observe.METRICS.client_disconnected()
+    counts[address] -= 1
+    if not counts[address]:
+        del counts[address]
+    if release is not None:
+        release()

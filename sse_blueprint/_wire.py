@@ -126,6 +126,10 @@ def encode_comment(text: str = "") -> bytes:
     return ("".join(": " + line + "\n" if line else ":\n" for line in lines) + "\n").encode("utf-8")
 
 
+#: The comment an idle SSE response sends every ``SSE_HEARTBEAT_INTERVAL`` seconds.
+HEARTBEAT = encode_comment("heartbeat")
+
+
 def encode_retry(milliseconds: int) -> bytes:
     """Encode the reconnection-time hint ``retry: N`` (a non-negative integer)."""
     if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:

@@ -15,7 +15,9 @@ hooks make it quick and lossless:
 
 ``post_worker_init`` also lets live events be written straight to the clients' sockets (one
 greenlet per stream serves all its idle readers; see ``SSE_DIRECT_WRITES``) when the worker is
-gevent's and speaks plain HTTP/1.x (not the uWSGI protocol, not HTTP/2).
+gevent's and speaks plain HTTP/1.x (not the uWSGI protocol, not HTTP/2), and lets idle readers
+take their connections from gunicorn (``SSE_HOLD_IDLE_READERS``, :mod:`sse_blueprint._held`):
+its greenlet for such a connection then ends quietly, and the shutdown waits for them.
 
 Add them to ``gunicorn.conf.py``; import inside the functions, because the config file is read
 by the arbiter before gevent patches the workers::
@@ -41,6 +43,7 @@ from typing import Any
 import gevent
 
 from . import _transport
+from ._transport import handed_over
 from .web import shutdown
 from .web import state as web_state
 from .web.guard import shut_connection
@@ -106,7 +109,14 @@ def post_worker_init(worker: Any) -> None:
         conns.busy[sock] = True
         try:
             return handle_request(listener_name, req, sock, addr)
+        except OSError:
+            if sock in handed_over:
+                # A held reader took the connection (see sse_blueprint._held): gunicorn's
+                # last chunk found no descriptor. This greenlet is done with it.
+                raise StopIteration from None
+            raise
         finally:
+            handed_over.discard(sock)
             conns.busy[sock] = False
             if conns.draining:
                 # The response is complete: no more requests on this connection.
@@ -121,6 +131,10 @@ def post_worker_init(worker: Any) -> None:
         conns.draining = True
         conns.close_idle()
         shutdown()
+        # The readers held without a greenlet were shown their end (or released); gunicorn
+        # does not wait for them, so this does, before the worker may exit.
+        for state in list(web_state.STATES):
+            state.held.join(worker.cfg.graceful_timeout)
 
     worker._sse_shutdown = gevent.spawn(watch)
 

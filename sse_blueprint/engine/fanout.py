@@ -2,9 +2,10 @@
 it, instead of each reader's greenlet waking to write its own.
 
 A reader that writes directly to its socket (``Subscription.direct``) waits *parked* in
-:meth:`FanOut.park`. When news comes, the fan-out takes each parked reader's pending events and
-writes them for it, inline for a few (the chat shape) or from one greenlet for many, and wakes
-only the readers it cannot serve (a partial or failed write, the end, a cut).
+:meth:`FanOut.park`, or is *held* (:meth:`FanOut.hold`) with no greenlet of its own at all. When
+news comes, the fan-out takes each parked reader's pending events and writes them for it, inline
+for a few (the chat shape) or from one greenlet for many, and wakes only the readers it cannot
+serve (a partial or failed write, the end, a cut): it calls their ``wakeup.set()``.
 
 Imports gevent and the log helper; the stream and its reader set only for typing.
 """
@@ -49,7 +50,7 @@ class FanOut:
     def park(self, sub: Subscription, timeout: float | None) -> None:
         """Wait in :meth:`Subscription.poll` while the fan-out delivers ``sub``'s events."""
         wakeup = sub.wakeup
-        if wakeup is None:
+        if not isinstance(wakeup, gevent.event.Event):
             wakeup = sub.wakeup = gevent.event.Event()
         else:
             wakeup.clear()
@@ -59,6 +60,20 @@ class FanOut:
         finally:
             # Before anything else runs: from here on only this greenlet writes to the client.
             self.parked.discard(sub)
+
+    def hold(self, sub: Subscription) -> None:
+        """Park ``sub`` with no greenlet waiting: its ``wakeup.set()`` brings one when needed.
+
+        The caller has checked that nothing is pending (``sub.lag == 0``) and not blocked since.
+        """
+        sub.waiting = True  # a cut wakes it, as it would a parked reader, instead of shutting it
+        self.parked.add(sub)
+
+    def unpark(self, sub: Subscription) -> None:
+        """Take ``sub`` off the parked set and wake it (a held reader's writes need a greenlet)."""
+        self.parked.discard(sub)
+        if sub.wakeup is not None:
+            sub.wakeup.set()
 
     def deliver(self) -> None:
         """Write the new events to the parked readers (now, or from a greenlet for many)."""
@@ -103,10 +118,10 @@ class FanOut:
                 if not (sub.cut or sub.closed) and sub.pos < stream.buffer.visible:
                     events = sub.take()
                     if events and not sub.direct(events):  # type: ignore[misc]
-                        self._unpark(sub)  # its greenlet finishes the write, or ends
+                        self.unpark(sub)  # its greenlet finishes the write, or ends
                         continue
                 if sub.done:
-                    self._unpark(sub)
+                    self.unpark(sub)
             except Exception as exc:
                 # (Logged from a greenlet of its own: a log handler may block, the hub may not.)
                 gevent.spawn_raw(
@@ -114,9 +129,4 @@ class FanOut:
                 )
                 sub.cut = True  # the client resumes from its last id
                 self._readers.discard(sub)
-                self._unpark(sub)
-
-    def _unpark(self, sub: Subscription) -> None:
-        self.parked.discard(sub)
-        if sub.wakeup is not None:
-            sub.wakeup.set()
+                self.unpark(sub)

@@ -1,16 +1,14 @@
 """A reader's cursor into a stream's live buffer (:class:`Subscription`), and its catch-up from
 the store when it resumes from further back than the buffer holds.
 
-Imports the event type, the turn's merge and gevent; the stream only for typing.
+Imports the event type and the turn's merge; the stream only for typing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-import gevent.event
+from typing import TYPE_CHECKING, Protocol
 
 from .. import _observe
 from .._event import Event
@@ -19,7 +17,14 @@ from .turn import catch_up
 if TYPE_CHECKING:
     from .stream import Stream
 
-__all__ = ["Subscription"]
+__all__ = ["Subscription", "Wakeup"]
+
+
+class Wakeup(Protocol):
+    """What the fan-out calls to wake a parked reader: a gevent ``Event``, or a held reader's
+    own handle that spawns a greenlet for it."""
+
+    def set(self) -> None: ...
 
 
 class Subscription:
@@ -70,7 +75,7 @@ class Subscription:
         self.on_cut = on_cut
         self.writing_since = 0.0  # when the web layer began a write still under way (0: none)
         self.direct: Callable[[list[Event]], bool] | None = None
-        self.wakeup: gevent.event.Event | None = None  # what a direct subscriber waits on
+        self.wakeup: Wakeup | None = None  # what wakes a direct subscriber (see FanOut)
 
     @property
     def stream_id(self) -> str:
@@ -163,6 +168,14 @@ class Subscription:
         self.pos = max(buffer.visible, buffer.position_after(covered))
         self._after = max(after, covered)
         return out
+
+    def hold(self) -> None:
+        """Park with no greenlet waiting (a held reader; see :meth:`.FanOut.hold`)."""
+        self._stream.readers.fan_out.hold(self)
+
+    def wake(self) -> None:
+        """Unpark and wake (through ``wakeup``) a parked or held reader."""
+        self._stream.readers.fan_out.unpark(self)
 
     def close(self) -> None:
         """Stop following the stream. Idempotent."""

@@ -37,7 +37,6 @@ FORMAT_SSE, NDJSON, AI_SDK = "sse", "ndjson", "ai-sdk"
 FORMATS = (FORMAT_SSE, NDJSON, AI_SDK)
 STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 EVENT_ID = re.compile(r"[0-9]{1,18}\Z")
-HEARTBEAT = _wire.encode_comment("heartbeat")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -98,12 +97,12 @@ def answer(state: AppState, found: Stream | StreamRecord, last_id: int, fmt: str
                     release()
                 storage_unavailable()
         if closer is not None:
-            state.write_watch.add(sub, closer)
+            state.write_watch.add(sub)
         body: Iterator[bytes] = follow(
             sub,
             config.heartbeat_interval,
             preamble,
-            _wire.NDJSON_KEEPALIVE if ndjson else HEARTBEAT,
+            _wire.NDJSON_KEEPALIVE if ndjson else _wire.HEARTBEAT,
             ndjson,
             watch=state.write_watch,
             counts=state.clients_by_address,
@@ -113,6 +112,7 @@ def answer(state: AppState, found: Stream | StreamRecord, last_id: int, fmt: str
             first=first,
             translate=translate,
             cut_notice=cut_notice,
+            hold=state.held.take_over if direct is not None and config.hold_idle else None,
         )
     else:  # only in the store: it has ended
         if found.terminal_id is not None and last_id >= found.terminal_id:

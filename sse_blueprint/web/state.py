@@ -16,6 +16,7 @@ from flask import Flask, current_app
 
 from .. import _wire
 from .._config import SSEConfig
+from .._held import HeldReaders
 from .._transport import WriteWatch
 from ..engine import Mirror, SharedBackend, StreamRegistry
 from ..storage.records import BlockStore
@@ -69,6 +70,7 @@ class AppState:
         self.url_prefix = ""  # where the blueprint is mounted
         self.warned_multiprocess = False
         self.write_watch = WriteWatch(config.write_timeout)
+        self.held = HeldReaders(config.heartbeat_interval, _wire.HEARTBEAT, _wire.NDJSON_KEEPALIVE)
         STATES.add(self)
 
     @property

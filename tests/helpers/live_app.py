@@ -83,6 +83,7 @@ def resources() -> dict[str, Any]:
         ),
         "readers": sum(s.subscriber_count for s in streams + mirrors),
         "parked": sum(len(s.readers.fan_out.parked) for s in streams + mirrors),
+        "held": len(state.held),
         "running": state.registry.running,
         "db_checked_out": checked_out,
         "db_open": checked_out + (pool_.checkedin() if pooled else 0),
