@@ -7,7 +7,7 @@ Once its response has begun and it is idle, a reader that writes directly to its
 :class:`~sse_blueprint._transport.DirectWriter`) is *held* instead: it takes the connection from
 gunicorn (whose greenlet then ends), is parked on its stream's fan-out with no greenlet
 waiting, and gets one only while a write needs to wait (a full socket, the response's end).
-What stays per client is the subscription, the writer and its socket: under 1 KB. One greenlet
+What stays per client is the subscription, the writer and its socket: about 1 KB. One greenlet
 per app sends heartbeats to all held readers.
 
 A held connection ends as a response that gunicorn ends would (the last chunk), and is then
@@ -72,7 +72,6 @@ class HeldReader:
 
     def set(self) -> None:
         """The fan-out's wake-up: serve this reader from a greenlet of its own."""
-        self.sub.waiting = False
         if not self._busy:
             self._busy = True
             gevent.spawn_raw(self._serve)
@@ -89,6 +88,9 @@ class HeldReader:
                 dup.close()
 
     def _serve(self) -> None:
+        # Waiting until now, as a parked reader is until its greenlet runs: a cut before this
+        # only marks it (it ends its response below) instead of shutting the connection.
+        self.sub.waiting = False
         ended = True
         try:
             ended = self._write()
