@@ -165,10 +165,11 @@ class DirectWriter:
     def take_socket(self) -> None:
         """Take the connection from the server: gevent's socket (and so gunicorn's) lets go of
         the descriptor, which this writer's bare socket then owns (and closes)."""
-        sock, self.sock = self.sock, None
+        sock = self.sock
+        raw = _socket.socket(fileno=sock.detach())  # (if that raises, nothing was taken)
+        raw.setblocking(False)
         handed_over.add(sock)
-        self.raw = _socket.socket(fileno=sock.detach())
-        self.raw.setblocking(False)
+        self.sock, self.raw = None, raw
 
 
 _MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)

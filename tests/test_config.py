@@ -12,6 +12,8 @@ from sse_blueprint._config import ConfigError, SSEConfig
 def test_defaults_and_strings_from_the_environment() -> None:
     config = SSEConfig.from_mapping({})
     assert config.gc_thresholds == (50_000, 50, 10)
+    assert config.hold_idle is True
+    assert SSEConfig.from_mapping({"SSE_HOLD_IDLE_READERS": "false"}).hold_idle is False
     config = SSEConfig.from_mapping(
         {"SSE_GC_THRESHOLDS": "20000, 20,5", "SSE_BUFFER_SIZE": "64", "SSE_DIRECT_WRITES": "no"}
     )
