@@ -173,23 +173,29 @@ class HeldReaders:
         reader.sub.hold()
 
     def _beat(self) -> None:
-        clock = time.perf_counter
         while True:
             gevent.sleep(self.interval)
-            began = clock()
-            for i, reader in enumerate(list(self.readers)):
-                if i & 63 == 63 and clock() - began > BEAT_SLICE:
-                    gevent.sleep(0)
-                    began = clock()
-                if not reader.held:
-                    continue
-                sub = reader.sub
-                if sub.done:
-                    sub.wake()  # ended while nothing woke it
-                elif reader.direct.send(reader.heartbeat):
-                    _observe.METRICS.sent(0, len(reader.heartbeat))
-                else:
-                    sub.wake()  # a partial write, or gone
+            try:
+                self._beat_once()
+            except Exception:  # a round's failure must not end the heartbeats of every reader
+                log.exception("sending heartbeats to held readers failed")
+
+    def _beat_once(self) -> None:
+        clock = time.perf_counter
+        began = clock()
+        for i, reader in enumerate(list(self.readers)):
+            if i & 63 == 63 and clock() - began > BEAT_SLICE:
+                gevent.sleep(0)
+                began = clock()
+            if not reader.held:
+                continue
+            sub = reader.sub
+            if sub.done:
+                sub.wake()  # ended while nothing woke it
+            elif reader.direct.send(reader.heartbeat):
+                _observe.METRICS.sent(0, len(reader.heartbeat))
+            else:
+                sub.wake()  # a partial write, or gone
 
     def join(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every held reader to end; whether they did."""
