@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable
 
 import gevent
 
 from . import _observe
-from ._transport import DirectWriter
+from ._transport import LAST_CHUNK, DirectWriter, frame_chunk, shut_connection
 from .engine import Subscription
 
 __all__ = ["HeldReader", "HeldReaders"]
 
 log = logging.getLogger("sse_blueprint")
 
-#: The last chunk of an HTTP/1.1 chunked body: the response is complete.
-LAST_CHUNK = b"0\r\n\r\n"
 #: Seconds a heartbeat round runs before it lets other greenlets run.
 BEAT_SLICE = 0.02
 
@@ -78,14 +75,8 @@ class HeldReader:
 
     def shut(self) -> None:
         """Shut the connection (a cut reader blocked in a write, a write that never ends): a
-        write under way then fails at once. Through a duplicate, as the web layer does."""
-        with contextlib.suppress(OSError):
-            raw = self.direct.raw
-            dup = socket.fromfd(raw.fileno(), raw.family, raw.type)
-            try:
-                dup.shutdown(socket.SHUT_RDWR)
-            finally:
-                dup.close()
+        write under way then fails at once."""
+        shut_connection(self.direct.raw)
 
     def _serve(self) -> None:
         # Waiting until now, as a parked reader is until its greenlet runs: a cut before this
@@ -95,7 +86,9 @@ class HeldReader:
         try:
             ended = self._write()
         except Exception:
-            log.exception("a held reader's write failed", extra={"stream_id": self.sub.stream_id})
+            _observe.stream_log(
+                logging.ERROR, self.sub.stream_id, "a held reader's write failed", exc_info=True
+            )
         finally:
             self._busy = False
             if ended:
@@ -104,14 +97,9 @@ class HeldReader:
     def _write(self) -> bool:
         """Write what is pending; hold the reader again once idle. True if the response ended."""
         sub, direct = self.sub, self.direct
-        monotonic = time.monotonic
         while True:
-            if direct.backlog or direct.failed:
-                sub.writing_since = monotonic()
-                written = direct.flush()
-                sub.writing_since = 0.0
-                if not written:
-                    return True  # the client has gone
+            if (direct.backlog or direct.failed) and not direct.flush(sub):
+                return True  # the client has gone
             if sub.cut or sub.closed:
                 break
             events = sub.take()
@@ -120,12 +108,10 @@ class HeldReader:
                 continue
             if sub.done:
                 break
-            self.owner.hold(self)  # idle again (nothing blocked since ``take``)
+            sub.hold()  # idle again (nothing blocked since ``take``)
             return False
         if not direct.send(LAST_CHUNK):
-            sub.writing_since = monotonic()
-            direct.flush()
-            sub.writing_since = 0.0
+            direct.flush(sub)
         return True
 
     def _end(self) -> None:
@@ -145,7 +131,7 @@ class HeldReaders:
     ) -> None:
         self.interval = heartbeat_interval
         # Each format's heartbeat, framed as a chunk (shared by every reader of that format).
-        self.heartbeats = {False: _chunk(heartbeat), True: _chunk(ndjson_heartbeat)}
+        self.heartbeats = {False: frame_chunk(heartbeat), True: frame_chunk(ndjson_heartbeat)}
         self.readers: set[HeldReader] = set()
         self._beats: gevent.Greenlet | None = None
 
@@ -164,13 +150,10 @@ class HeldReaders:
         sub.on_cut = reader.shut
         sub.wakeup = reader
         self.readers.add(reader)
-        self.hold(reader)
+        sub.hold()
         if self._beats is None:
             self._beats = gevent.spawn(self._beat)
         return reader
-
-    def hold(self, reader: HeldReader) -> None:
-        reader.sub.hold()
 
     def _beat(self) -> None:
         while True:
@@ -206,7 +189,3 @@ class HeldReaders:
 
     def __len__(self) -> int:
         return len(self.readers)
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%X\r\n%b\r\n" % (len(data), data)

@@ -3,7 +3,8 @@
 Holds the response body generator (catch-up, live events, heartbeats), the direct writes that
 send a stream's live events to idle clients' sockets as HTTP/1.1 chunks (gunicorn's gevent
 worker; enabled by :mod:`sse_blueprint.gunicorn`), the hand-over of an idle reader's connection
-(to :mod:`sse_blueprint._held`), and the sweeper that cuts clients whose writes stay blocked.
+(to :mod:`sse_blueprint._held`), the shutting of a client's connection (a cut), and the sweeper
+that cuts clients whose writes stay blocked.
 The only bytes made here are HTTP chunk framing; events are encoded by the wire module, once.
 
 Imports the engine and gevent; must not import Flask, the extension or the backends.
@@ -12,6 +13,7 @@ Imports the engine and gevent; must not import Flask, the extension or the backe
 from __future__ import annotations
 
 import _socket
+import contextlib
 import logging
 import socket
 import time
@@ -25,7 +27,16 @@ import gevent.socket
 from . import _observe
 from .engine import Event, Subscription
 
-__all__ = ["DirectWriter", "WriteWatch", "encode", "follow"]
+__all__ = [
+    "LAST_CHUNK",
+    "DirectWriter",
+    "WriteWatch",
+    "connection_shutter",
+    "encode",
+    "follow",
+    "frame_chunk",
+    "shut_connection",
+]
 
 log = logging.getLogger("sse_blueprint")
 
@@ -63,6 +74,29 @@ class WriteWatch:
                         extra={"stream_id": sub.stream_id},
                     )  # fmt: skip
                     sub.on_cut()
+
+
+def shut_connection(sock: socket.socket | _socket.socket) -> None:
+    """Shut a client's connection through a duplicate of its descriptor.
+
+    A greenlet blocked reading it sees end-of-file, one blocked writing it gets EPIPE: gunicorn
+    treats both as a client that went away. (gevent's own ``shutdown`` would cancel a blocked
+    write with EBADF, which gunicorn logs as an error.)
+    """
+    with contextlib.suppress(OSError):
+        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+
+
+def connection_shutter(environ: Mapping[str, Any]) -> Callable[[], None] | None:
+    """A function that shuts this request's connection (gunicorn exposes its socket), or None."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+    return lambda: shut_connection(sock)
 
 
 def encode(events: list[Event], ndjson: bool, preamble: bytes) -> bytes:
@@ -142,11 +176,13 @@ class DirectWriter:
             return False
         return True
 
-    def flush(self) -> bool:
-        """Write the backlog (blocking this greenlet); False if the client has gone."""
+    def flush(self, sub: Subscription) -> bool:
+        """Write the backlog (blocking this greenlet); False if the client has gone. The write
+        is stamped on ``sub`` (``writing_since``) for the write watch while it lasts."""
         if self.failed:
             return False
         backlog, self.backlog = self.backlog, b""
+        sub.writing_since = time.monotonic()
         try:
             if self.sock is not None:
                 self.sock.sendall(backlog)
@@ -160,6 +196,8 @@ class DirectWriter:
         except OSError:
             self.failed = True
             return False
+        finally:
+            sub.writing_since = 0.0
         return True
 
     def take_socket(self) -> None:
@@ -173,6 +211,15 @@ class DirectWriter:
 
 
 _MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
+#: The last chunk of an HTTP/1.1 chunked body: the response is complete.
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def frame_chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk."""
+    return b"%X\r\n%b\r\n" % (len(data), data)
+
+
 # The last chunk made, per format: readers at the same position share it.
 _last_chunk: dict[bool, tuple[Event, int, bytes, int]] = {}
 
@@ -183,7 +230,7 @@ def _chunk(events: list[Event], ndjson: bool) -> tuple[bytes, int]:
     if last is not None and last[0] is events[0] and last[1] == len(events):
         return last[2], last[3]
     data = encode(events, ndjson, b"")
-    chunk = b"%X\r\n%b\r\n" % (len(data), data)
+    chunk = frame_chunk(data)
     _last_chunk[ndjson] = (events[0], len(events), chunk, len(data))
     return chunk, len(data)
 
@@ -254,10 +301,7 @@ def follow(
             events = sub.poll(heartbeat_interval)
             if direct is not None and (direct.backlog or direct.failed):
                 # A direct write did not finish: its rest goes first, before ``events``.
-                sub.writing_since = monotonic()
-                written = direct.flush()
-                sub.writing_since = 0.0
-                if not written:
+                if not direct.flush(sub):
                     return
                 if not events:
                     if sub.done:

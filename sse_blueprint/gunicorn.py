@@ -43,10 +43,9 @@ from typing import Any
 import gevent
 
 from . import _transport
-from ._transport import handed_over
+from ._transport import handed_over, shut_connection
 from .web import shutdown
 from .web import state as web_state
-from .web.guard import shut_connection
 
 __all__ = ["post_worker_init", "worker_exit"]
 

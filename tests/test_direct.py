@@ -19,6 +19,7 @@ import pytest
 from sse_blueprint import ProducerContext, Stream
 from sse_blueprint.engine import Event, Subscription
 from tests.conftest import LIVE_APP, LiveServer, start_stream, wait_done
+from tests.helpers.http1 import open_stream, read_response
 from tests.helpers.sse_parser import SSEParser, Transcript
 
 
@@ -217,37 +218,11 @@ def test_a_reader_behind_a_full_socket_gets_every_byte_through_partial_writes(
     server: LiveServer = server_factory({"SSE_CLIENT_QUEUE": 4096}, app=LIVE_APP)
     size, count = 100_000, 200
     stream_id = start_stream(server.url, "flood", count=count, size=size, interval_ms=5)
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    sock.settimeout(10)
-    sock.connect((host, int(port)))
-    chunks: list[bytes] = []
-    with sock:
-        sock.sendall(f"GET /api/streams/{stream_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    with open_stream(server.url, f"/api/streams/{stream_id}", rcvbuf=8192) as sock:
         time.sleep(1.0)  # the producer runs ahead; the buffers fill; writes go out in parts
-        while True:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection before the end of the body"
-            chunks.append(chunk)
-            if chunk.endswith(b"0\r\n\r\n") and b"".join(chunks[-2:]).endswith(b"\r\n0\r\n\r\n"):
-                break
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
+        head, payload, _ = read_response(sock)  # the chunked framing undone by the rules
     assert b"transfer-encoding: chunked" in head.lower()
-    # Undo the chunked framing by the rules: a stray or missing byte breaks the sizes.
-    parts: list[bytes] = []
-    at = 0
-    while True:
-        eol = body.index(b"\r\n", at)
-        length = int(body[at:eol], 16)
-        if not length:
-            break
-        parts.append(body[eol + 2 : eol + 2 + length])
-        assert body[eol + 2 + length : eol + 4 + length] == b"\r\n"
-        at = eol + 4 + length
-    events = SSEParser().feed(b"".join(parts), final=True)
+    events = SSEParser().feed(payload, final=True)
     transcript = Transcript()
     for event in events:
         transcript.apply(event.id, event.type, event.json())

@@ -12,7 +12,7 @@ import gevent.socket
 from sse_blueprint import ProducerContext, Stream, _wire
 from sse_blueprint._held import HeldReaders
 from sse_blueprint._transport import DirectWriter
-from tests.helpers.http1 import LAST_CHUNK, dechunk
+from tests.helpers.http1 import read_chunked
 from tests.helpers.sse_parser import SSEParser
 
 
@@ -36,18 +36,8 @@ def held(stream: Stream, readers: HeldReaders) -> tuple[socket.socket, list[int]
 
 def read_to_end(sock: Any) -> tuple[bytes, bool]:
     """The dechunked body up to the last chunk, and whether the peer then closed."""
-    data = bytearray()
     with gevent.Timeout(20):
-        while True:
-            chunk = sock.recv(65536)
-            assert chunk, "closed before the last chunk"
-            data += chunk
-            if data.endswith(LAST_CHUNK):
-                try:
-                    body = dechunk(bytes(data))
-                except ValueError:
-                    continue  # "0\r\n\r\n" inside an event
-                break
+        _, body = read_chunked(sock, head=False)
         closed = sock.recv(1) == b""
     return body, closed
 

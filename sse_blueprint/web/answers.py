@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 from flask import Response, current_app, request
 
 from .. import _observe, _wire
-from .._transport import DirectWriter, encode, follow
+from .._transport import DirectWriter, connection_shutter, encode, follow
 from ..engine import Event, Stream, Unavailable
 from ..storage.records import StreamRecord
 from .aisdk import HEADERS as AI_SDK_HEADERS
 from .aisdk import UIMessageStream
-from .guard import RequestRefused, connection_shutter
+from .guard import RequestRefused
 from .state import MULTIPROCESS_REFUSAL, AppState
 
 if TYPE_CHECKING:

@@ -11,10 +11,8 @@ Imports Flask/Werkzeug and gevent only; must not import the engine, storage or b
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import gevent
@@ -25,10 +23,8 @@ from werkzeug.routing import RequestRedirect
 __all__ = [
     "RequestRefused",
     "check_post",
-    "connection_shutter",
     "read_json_body",
     "routing_refusal",
-    "shut_connection",
 ]
 
 JSON_MIMETYPE = "application/json"
@@ -133,26 +129,3 @@ def _methods_served(request: Request) -> list[str]:
         if not str(rule.endpoint).endswith(REFUSAL_SUFFIX):
             served.append(method)
     return served
-
-
-def shut_connection(sock: socket.socket) -> None:
-    """Shut a client's connection through a duplicate of its descriptor.
-
-    A greenlet blocked reading it sees end-of-file, one blocked writing it gets EPIPE: gunicorn
-    treats both as a client that went away. (gevent's own ``shutdown`` would cancel a blocked
-    write with EBADF, which gunicorn logs as an error.)
-    """
-    with contextlib.suppress(OSError):
-        dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
-        try:
-            dup.shutdown(socket.SHUT_RDWR)
-        finally:
-            dup.close()
-
-
-def connection_shutter(environ: Mapping[str, Any]) -> Callable[[], None] | None:
-    """A function that shuts this request's connection (gunicorn exposes its socket), or None."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return None
-    return lambda: shut_connection(sock)

@@ -30,21 +30,28 @@ def read_until(sock: socket.socket, data: bytes, marker: bytes) -> bytes:
     return bytes(buf)
 
 
-def read_response(sock: socket.socket, raw: bytes = b"") -> tuple[bytes, bytes, bool]:
-    """The head and the dechunked body of a chunked response read to its last chunk (``raw``
-    is what came already), and whether the server then closed the connection."""
+def read_chunked(
+    sock: socket.socket, raw: bytes = b"", *, head: bool = True
+) -> tuple[bytes, bytes]:
+    """Read a chunked body to its last chunk (``raw`` is what came already): the response's head
+    (none if ``head`` is False: the bytes are only chunks) and the dechunked body."""
     buf = bytearray(raw)
     while True:
         chunk = sock.recv(65536)
         assert chunk, "the server closed the connection before the end of the body"
         buf += chunk
         if buf.endswith(LAST_CHUNK):
-            head, _, body = bytes(buf).partition(b"\r\n\r\n")
+            top, _, body = bytes(buf).partition(b"\r\n\r\n") if head else (b"", b"", bytes(buf))
             try:
-                payload = dechunk(body)
+                return top, dechunk(body)
             except ValueError:
                 continue  # "0\r\n\r\n" inside an event; the body goes on
-            break
+
+
+def read_response(sock: socket.socket, raw: bytes = b"") -> tuple[bytes, bytes, bool]:
+    """The head and the dechunked body of a chunked response read to its last chunk (``raw``
+    is what came already), and whether the server then closed the connection."""
+    head, payload = read_chunked(sock, raw)
     assert head.startswith(b"HTTP/1.1 200"), head
     try:
         closed = sock.recv(1) == b""
