@@ -46,7 +46,7 @@ test: lint typecheck system-deps
 FAST_TESTS := tests/test_engine.py tests/test_turn_api.py tests/test_persistence.py \
 	tests/test_batch.py tests/test_wire.py tests/test_config.py tests/test_views.py \
 	tests/test_relay_units.py tests/test_aisdk_units.py tests/test_mirror.py \
-	tests/test_log.py tests/test_workers.py tests/test_held_units.py
+	tests/test_log.py tests/test_workers.py tests/test_held_units.py tests/test_outbox.py
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(FAST_TESTS)
 

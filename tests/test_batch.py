@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import gevent
@@ -56,3 +57,25 @@ def test_a_failed_write_fails_its_batch_only_and_a_killed_writer_is_replaced() -
     gevent.joinall([slow, waiting], timeout=2)
     assert isinstance(slow.exception, RuntimeError)
     assert waiting.value == "AFTER"  # served by a new writer
+
+
+def test_enqueued_items_are_answered_through_their_callbacks_even_if_one_fails() -> None:
+    def write(items: Sequence[int]) -> list[int | BaseException]:
+        gevent.sleep(0.005)
+        return [ValueError(i) if i == 3 else i * 10 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(write)
+    answers: dict[int, object] = {}
+
+    def answered(i: int, outcome: int | BaseException) -> None:
+        answers[i] = outcome
+        if i == 5:
+            raise RuntimeError("a callback that fails")  # logged; the others still answered
+
+    for i in range(10):
+        batcher.enqueue(i, partial(answered, i))
+    assert answers == {}  # nothing is written before the loop turns
+    assert batcher.submit(10) == 100  # (after the others: one writer, in order)
+    assert sorted(answers) == list(range(10))
+    assert isinstance(answers[3], ValueError)
+    assert all(answers[i] == i * 10 for i in range(10) if i != 3)

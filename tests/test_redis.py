@@ -719,3 +719,20 @@ def test_readers_everywhere_end_when_redis_loses_its_data(
         other.stop()
     finally:
         volatile.remove()
+
+
+def test_a_producers_events_of_one_pause_take_one_script_call(redis_server: RedisServer) -> None:
+    """Five events before each of 20 pauses: one append script call per pause (and one each
+    for the start and the end), every event in Redis once, in order, as in the owner's
+    buffer."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.redis_calls", redis_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    outcome = json.loads(result.stdout)
+    events = 2 + 5 * outcome["pauses"]
+    assert outcome["xadds"] == events
+    assert outcome["ids"] == outcome["buffer"] == list(range(1, events + 1))
+    assert outcome["events"][0] == "start"
+    assert outcome["events"][-1] == "done"
+    assert outcome["script_calls"] <= outcome["pauses"] + 2

@@ -20,10 +20,11 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
-from ..engine import Event, Mirror, Stream, StreamClosed, StreamStatus
+from ..engine import Appended, Event, Mirror, Stream, StreamClosed, StreamStatus
 
 __all__ = ["MemoryBackend", "MemoryHub"]
 
@@ -70,6 +71,7 @@ class MemoryBackend:
         self.hub = hub
         self.make_mirror = make_mirror
         self.mirrors: dict[str, Mirror] = {}
+        self.calls = 0  # appends made (each one producer's events of one pause, or fewer)
         hub.workers.append(self)
 
     # -- the owner's side (StreamBackend) -------------------------------------------------------
@@ -79,15 +81,19 @@ class MemoryBackend:
             stream, stream.producer_name, stream.created_at, dict(stream.metadata)
         )
 
-    def append(self, stream: Stream, event: Event) -> None:
+    def append(self, stream: Stream, events: Sequence[Event], done: Appended) -> None:
+        self.calls += 1
         shared = self.hub.streams[stream.id]
         if shared.state != "running" or shared.owner is not stream:
-            raise StreamClosed(stream.id)  # ended elsewhere: the owner adopted that end
-        shared.events.append(event)
-        shared.last_id = event.id
-        if event.terminal:
-            shared.state, shared.finished_at = event.event, time.time()
-        self.hub.publish(stream.id, lambda mirror: mirror.ingest(event))
+            done(StreamClosed(stream.id))  # ended elsewhere: the owner adopted that end
+            return
+        for event in events:
+            shared.events.append(event)
+            shared.last_id = event.id
+            if event.terminal:
+                shared.state, shared.finished_at = event.event, time.time()
+            self.hub.publish(stream.id, partial(_ingest, event))
+        done(None)
 
     def persisted(self, stream: Stream, up_to_id: int) -> None:
         shared = self.hub.streams[stream.id]
@@ -172,3 +178,7 @@ class MemoryBackend:
 
     def release_client(self, token: str) -> None:
         self.hub.clients.pop(token, None)
+
+
+def _ingest(event: Event, mirror: Mirror) -> None:
+    mirror.ingest(event)

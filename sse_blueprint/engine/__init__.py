@@ -31,13 +31,14 @@ from .lifecycle import (
     StreamState,
 )
 from .mirror import Mirror
-from .ports import SharedBackend, StreamBackend
+from .ports import Appended, SharedBackend, StreamBackend
 from .registry import LOST_ID_GAP, StreamRegistry, lost, lost_data, replay
 from .status import StreamStatus, status_of
 from .stream import Stream, new_stream_id
 from .subscription import Subscription
 
 __all__ = [
+    "Appended",
     "Block",
     "Event",
     "LOST_ID_GAP",

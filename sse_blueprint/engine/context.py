@@ -21,6 +21,11 @@ __all__ = ["Block", "Producer", "ProducerContext"]
 class ProducerContext:
     """What a producer gets: its input, a way to send events, and the cancellation signal.
 
+    Sending never waits for a shared backend (Redis): the events a producer writes before it
+    pauses (:meth:`sleep`, a read from its model, any blocking call) go to Redis in one call,
+    and readers get them once Redis has them. If Redis refuses them (the stream was cancelled
+    elsewhere), they are dropped and the producer is stopped where it pauses.
+
     >>> def countdown(ctx: ProducerContext) -> dict[str, object]:
     ...     for n in range(ctx.input.get("from", 3), 0, -1):
     ...         ctx.send("tick", {"n": n})
@@ -111,7 +116,8 @@ class ProducerContext:
         return self._stream.append("block_end", data, check=True).id
 
     def snapshot(self) -> list[Event]:
-        """The events in the live buffer now (oldest first)."""
+        """The events in the live buffer now (oldest first; with a shared backend, not those
+        still on their way to it)."""
         return list(self._stream.buffer.events)
 
     def trim(self, up_to_id: int) -> int:

@@ -5,7 +5,7 @@ Imports only the event type (and the stream's, for typing).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._event import Event
@@ -15,7 +15,11 @@ if TYPE_CHECKING:
     from .status import StreamStatus
     from .stream import Stream
 
-__all__ = ["SharedBackend", "StreamBackend"]
+__all__ = ["Appended", "SharedBackend", "StreamBackend"]
+
+Appended = Callable[[BaseException | None], None]
+"""How a backend answers an append: None (written), :class:`StreamClosed` (refused: the stream
+ended elsewhere, and the backend adopts that end) or the error that stopped the write."""
 
 
 class StreamBackend(Protocol):
@@ -24,8 +28,9 @@ class StreamBackend(Protocol):
     def claim(self, stream: Stream) -> None:
         """Become the stream's one producer (before its first event)."""
 
-    def append(self, stream: Stream, event: Event) -> None:
-        """Write ``event`` for every worker, or raise :class:`StreamClosed` (ended elsewhere)."""
+    def append(self, stream: Stream, events: Sequence[Event], done: Appended) -> None:
+        """Write ``events`` (the stream's next ones, in id order) for every worker, in one
+        call, without blocking; then call ``done`` once, which must not block either."""
 
     def persisted(self, stream: Stream, up_to_id: int) -> None:
         """Events up to ``up_to_id`` are in the store: the shared copy may drop them."""

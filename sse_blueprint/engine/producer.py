@@ -9,7 +9,7 @@ through the stream's public :meth:`~Stream.end`, :meth:`~Stream.stop` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import gevent
@@ -121,12 +121,18 @@ class ProducerRun:
 
     def stop(self) -> None:
         """Stop the producer where it blocks (sleep, I/O); its ``finally`` blocks run."""
+        self.fail(StreamClosed(self._stream.id))
+
+    def fail(self, exc: BaseException, *, unless: Collection[object] = ()) -> None:
+        """Raise ``exc`` in the producer where it blocks, unless its greenlet is in ``unless``
+        (it is waiting for an outcome that raises it anyway)."""
         g = self._greenlet
         # One that has not begun (cancelled at once) is left to begin: its first send or sleep
         # raises StreamClosed, so its own clean-up runs too.
         begun = g is not None and g.gr_frame is not None
-        if g is not None and begun and not g.dead and g is not gevent.getcurrent():
-            g.kill(StreamClosed(self._stream.id), block=False)
+        if g is None or not begun or g.dead or g is gevent.getcurrent() or g in unless:
+            return
+        g.kill(exc, block=False)
 
     def sleep(self, seconds: float) -> None:
         """See :meth:`ProducerContext.sleep`."""

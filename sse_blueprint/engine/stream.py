@@ -28,15 +28,15 @@ the cursor without a lock, and no event can slip in between (see ARCHITECTURE.md
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gevent
 import gevent.event
-import gevent.lock
 
 from .. import _observe, _wire
 from .._event import DURABLE, Event
@@ -44,6 +44,7 @@ from ..storage.records import BlockStore
 from .context import Producer
 from .lifecycle import StreamClosed, StreamState
 from .log import EventLog
+from .outbox import Outbox
 from .persister import Persister
 from .ports import StreamBackend
 from .producer import ProducerRun
@@ -111,9 +112,10 @@ class Stream:
         # up from (a mirror's store is the owner's: it reads it, never writes).
         self.store = store
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
-        # A shared backend (Redis) sees every event first.
+        # A shared backend (Redis) sees every event first: the outbox sends them, and puts
+        # each in the log once the backend acknowledged it.
         self._backend = backend
-        self._append_lock = gevent.lock.Semaphore()
+        self._outbox = Outbox(self, backend.append) if backend is not None else None
         self.persister = Persister(self, store, durable=durable) if store is not None else None
         if store is None:
             self.saved.set()
@@ -154,11 +156,18 @@ class Stream:
         adopted that end: :meth:`adopt_end`)."""
         if self.terminal_event is not None:
             return False
+        if self._outbox is not None and self._outbox.closing:
+            # An end is on its way (a cancel while the producer returned): let it land first.
+            with contextlib.suppress(Exception):
+                self._outbox.join()
+            return False
         try:
             ev = self.append(state.value, {"stream_id": self.id, **data})
         except StreamClosed:
             return False  # it ended elsewhere first (the backend adopted that terminal event)
-        self._ended(ev)
+        if self.terminal_event is not ev:  # (the outbox marks it as it puts it in the log)
+            self._ended(ev)
+        self._completed()
         if stop_producer:
             self.producer.stop()
         return True
@@ -166,19 +175,32 @@ class Stream:
     def append(
         self, event: str, data: Mapping[str, Any], replay: str = DURABLE, *, check: bool = False
     ) -> Event:
-        """Number an event and put it in the stream (the producer's through
-        :class:`ProducerContext`, which passes ``check``: the turn's rules apply to it)."""
-        if self._backend is None:
-            return self._append_now(event, data, replay, check)  # no blocking call: atomic
-        # The backend's write blocks, and a cancel or a timeout may append meanwhile from
-        # another greenlet: one append at a time, or two events would get the same id.
-        with self._append_lock:
-            return self._append_now(event, data, replay, check)
+        """Number an event and put it in the stream.
 
-    def _append_now(self, event: str, data: Mapping[str, Any], replay: str, check: bool) -> Event:
+        ``check``: the producer's own, through :class:`ProducerContext`. The turn's rules apply
+        to it, and with a shared backend it is not waited for: it goes out with the others the
+        producer writes before it pauses, and into the log once the backend has it (see
+        :class:`~.outbox.Outbox`). Any other append waits for that.
+        """
+        outbox = self._outbox
+        if outbox is None:  # no blocking call: atomic
+            ev = self._numbered(self.buffer.last_id + 1, event, data, replay, check)
+            self._log_append(ev)
+            _observe.METRICS.event()
+            return ev
+        if outbox.closing:
+            raise StreamClosed(self.id)  # its end is on its way
+        ev = self._numbered(outbox.last_id + 1, event, data, replay, check)
+        self.turn.expect(ev)
+        outbox.put(ev, wait=not check)  # (raises StreamClosed if it was refused)
+        return ev
+
+    def _numbered(
+        self, event_id: int, event: str, data: Mapping[str, Any], replay: str, check: bool
+    ) -> Event:
         if self.terminal_event is not None:
             raise StreamClosed(self.id)
-        ev = Event(self.buffer.last_id + 1, event, data, replay)  # (refuses data that is not JSON)
+        ev = Event(event_id, event, data, replay)  # (refuses data that is not JSON)
         if check:
             self.turn.check(event, data, replay)
         if len(ev.sse) > self.max_event_bytes:
@@ -186,11 +208,24 @@ class Stream:
                 f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "
                 f"({self.max_event_bytes}); split it into several events"
             )
-        if self._backend is not None:
-            self._backend.append(self, ev)  # raises StreamClosed if it ended elsewhere
-        self._log_append(ev)
-        _observe.METRICS.event()
         return ev
+
+    def took(self, events: Sequence[Event]) -> None:
+        """The backend has these events (the outbox's, in order): put them in the log."""
+        for ev in events:
+            self._log_append(ev)
+            _observe.METRICS.event()
+            if ev.terminal:
+                self._ended(ev)
+
+    def dropped(self, failure: BaseException, *, waiting: Sequence[object]) -> None:
+        """The backend did not take the outbox's events: they never happened. Refused
+        (:class:`StreamClosed`): the backend has adopted the end written elsewhere. Failed: the
+        producer gets the failure where it blocks (unless it is one of the ``waiting``
+        greenlets, which get it anyway), as if its own send had failed."""
+        self.turn.forget_ahead()
+        if not isinstance(failure, StreamClosed):
+            self.producer.fail(failure, unless=waiting)
 
     def _log_append(self, ev: Event) -> None:
         """Put an event (already numbered) in the live buffer and wake the readers."""
@@ -222,15 +257,19 @@ class Stream:
         self._request_flush()
 
     def _ended(self, ev: Event) -> None:
-        """Bookkeeping once the terminal event ``ev`` is in the buffer."""
+        """Bookkeeping once the terminal event ``ev`` is in the buffer (blocks nothing)."""
         self.terminal_event = ev
         self.state = StreamState(ev.event)
         self.finished_at = time.time()
         self._closed.set()
         self.producer.ended()
         self._request_flush()
+
+    def _completed(self) -> None:
+        """After :meth:`_ended`, on the greenlet that ended the stream: the metrics and the
+        app's ``on_complete`` hook (which may block)."""
         if self.producer.started:
-            _observe.METRICS.stream_finished(self.producer_name, ev.event)
+            _observe.METRICS.stream_finished(self.producer_name, self.state.value)
         if self._on_complete is not None:
             try:
                 self._on_complete(self)
@@ -252,6 +291,7 @@ class Stream:
             return
         self._log_append(ev)
         self._ended(ev)
+        self._completed()
         self.producer.stop()
 
     def trim_persisted(self, up_to_id: int) -> None:

@@ -4,9 +4,11 @@ A *turn* is numbered blocks, each ``{kind, meta, content, complete}``, and the a
 events. :class:`TurnBuilder` follows a stream's events on the producer's side: it checks every
 event before it is numbered (a producer gets a ``ValueError`` naming the fault: a bad kind, text
 for a block that ended, meta too big, too many durable events), keeps the blocks and the events
-the store does not have yet, and hands them to the persister. :func:`catch_up` merges what the
-store holds with a stretch of the live buffer into one exact snapshot in id order; live catch-up
-and store-only replay both use it.
+the store does not have yet, and hands them to the persister. Events a shared backend has not
+acknowledged yet are *ahead* (:meth:`TurnBuilder.expect`): later checks count them, but they
+build nothing until they are applied, and are forgotten if the backend refuses them.
+:func:`catch_up` merges what the store holds with a stretch of the live buffer into one exact
+snapshot in id order; live catch-up and store-only replay both use it.
 
 Imports no Flask, SQLAlchemy or gevent.
 """
@@ -120,6 +122,12 @@ class TurnBuilder:
         self._latest: dict[str, Event] = {}  # the newest unsaved ``latest`` event of a name
         self._latest_names: set[str] = set()
         self._durable_count = 0
+        # Ahead (numbered, not applied yet: on their way to a shared backend): each block as
+        # those events leave it (meta, complete), their replayable events, the newest one's id.
+        self._ahead: dict[int, tuple[dict[str, Any], bool]] = {}
+        self._ahead_durable = 0
+        self._ahead_latest: set[str] = set()
+        self._ahead_last = 0
 
     # -- before an event is numbered ---------------------------------------------------------
 
@@ -135,19 +143,27 @@ class TurnBuilder:
             raise ValueError(f"replay must be one of {', '.join(REPLAY_MODES)}, not {replay!r}")
         if len(event) > MAX_EVENT_NAME:
             raise ValueError(f"event names are at most {MAX_EVENT_NAME} characters")
-        stored = self._durable_count + len(self._latest_names)
-        if (replay == DURABLE or (replay == LATEST and event not in self._latest_names)) and (
-            stored >= self.max_events
-        ):
+        names = self._latest_names
+        stored = self._durable_count + len(names) + self._ahead_durable + len(self._ahead_latest)
+        new_name = event not in names and event not in self._ahead_latest
+        if (replay == DURABLE or (replay == LATEST and new_name)) and stored >= self.max_events:
             raise ValueError(
                 f"this stream already has {stored} replayable events (SSE_MAX_DURABLE_EVENTS "
                 f"= {self.max_events}); send more as replay='latest' (one per name) or "
                 "'ephemeral', or put them in a block"
             )
 
+    def _view(self, index: int) -> tuple[Mapping[str, Any], bool] | None:
+        """Block ``index``'s meta and whether it ended, counting the events ahead."""
+        ahead = self._ahead.get(index)
+        if ahead is not None:
+            return ahead
+        block = self.blocks.get(index)
+        return None if block is None else (block.meta, block.complete)
+
     def _check_block_event(self, event: str, data: Mapping[str, Any]) -> None:
         index = _block_index(data)
-        block = self.blocks.get(index)
+        block = self._view(index)
         if event == "block_start":
             kind = data.get("kind")
             if not isinstance(kind, str) or KIND_PATTERN.fullmatch(kind) is None:
@@ -159,7 +175,7 @@ class TurnBuilder:
                 raise ValueError(f"block {index} was already started")
             self._check_meta_size(index, _meta(data, event))
             return
-        if block is not None and block.complete:
+        if block is not None and block[1]:
             raise ValueError(f"block {index} has ended; start a new block")
         if event == "text_delta":
             if not isinstance(data.get("text"), str):
@@ -167,7 +183,7 @@ class TurnBuilder:
             return
         meta = _meta(data, event)  # block_end
         if block is not None and meta:
-            self._check_meta_size(index, {**block.meta, **meta})
+            self._check_meta_size(index, {**block[0], **meta})
         else:
             self._check_meta_size(index, meta)
 
@@ -182,10 +198,42 @@ class TurnBuilder:
                 f"({self.max_meta_bytes}); stream large values as the block's content"
             )
 
+    def expect(self, ev: Event) -> None:
+        """``ev`` (checked) is numbered but on its way to a shared backend: count it in later
+        checks, until :meth:`apply` takes it or :meth:`forget_ahead` drops it."""
+        self._ahead_last = ev.id
+        name, data = ev.event, ev.data
+        if name in BLOCK_EVENTS:
+            index: int = data["block"]
+            self.next_block = max(self.next_block, index + 1)
+            if name == "block_start":
+                self._ahead[index] = (dict(data.get("meta") or {}), False)
+            elif name == "block_end":
+                view = self._view(index)
+                meta = {**(view[0] if view else {}), **(data.get("meta") or {})}
+                self._ahead[index] = (meta, True)
+            elif self._view(index) is None:  # text for a new block makes it a text block
+                self._ahead[index] = ({}, False)
+        elif name in RESERVED_EVENTS:
+            pass
+        elif ev.replay == DURABLE:
+            self._ahead_durable += 1
+        elif ev.replay == LATEST and name not in self._latest_names:
+            self._ahead_latest.add(name)
+
+    def forget_ahead(self) -> None:
+        """The events ahead were refused (the stream ended elsewhere): they never happened."""
+        self._ahead.clear()
+        self._ahead_latest.clear()
+        self._ahead_durable = 0
+        self._ahead_last = 0
+
     # -- once it is in the log ---------------------------------------------------------------
 
     def apply(self, ev: Event) -> bool:
         """Follow an event now in the stream; True when a block ended (worth persisting now)."""
+        if ev.id <= self._ahead_last:
+            self._arrived(ev)
         name = ev.event
         if name in BLOCK_EVENTS:
             index: int = ev.data["block"]
@@ -205,6 +253,16 @@ class TurnBuilder:
             self._latest[name] = ev
             self._latest_names.add(name)
         return False
+
+    def _arrived(self, ev: Event) -> None:
+        """An event that was ahead is applied now: it counts as applied, no longer as ahead."""
+        if ev.id == self._ahead_last:
+            self.forget_ahead()  # the last one: what was ahead is all applied
+        elif ev.event not in BLOCK_EVENTS and ev.event not in RESERVED_EVENTS:
+            if ev.replay == DURABLE:
+                self._ahead_durable -= 1
+            elif ev.replay == LATEST:
+                self._ahead_latest.discard(ev.event)
 
     # -- persistence ---------------------------------------------------------------------------
 

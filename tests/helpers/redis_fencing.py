@@ -1,5 +1,5 @@
 """Run as ``python -m tests.helpers.redis_fencing REDIS_URL``: a fenced producer's writes are
-refused.
+refused, and it is stopped where it pauses.
 
 A separate process because the Redis backend expects gevent's monkey-patched sockets, as in a
 gunicorn gevent worker; it prints what happened as JSON for the test to check.
@@ -30,7 +30,8 @@ def main(url: str) -> None:
         ctx.text(0, "mine")
         go.wait()
         try:
-            ctx.text(0, " stale")
+            ctx.text(0, " stale")  # (not waited for: it goes out when the producer pauses)
+            ctx.sleep(5)  # where the refusal stops it
         except StreamClosed as exc:
             refused.append(repr(exc))
             raise
@@ -43,6 +44,9 @@ def main(url: str) -> None:
     client.hset(meta, "gen", "someone-else")  # a new owner's generation
     go.set()
     ended = stream.wait(5)
+    greenlet = stream.producer.greenlet
+    assert greenlet is not None
+    greenlet.join(5)  # (the refusal stops it once the stream has ended)
     terminal = stream.terminal_event
     print(
         json.dumps(

@@ -49,13 +49,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis.client import Pipeline
 
 from ... import _wire
-from ...engine import Event, Mirror, Stream, StreamStatus, lost_data
+from ...engine import Appended, Event, Mirror, Stream, StreamStatus, lost_data
 from ...storage.records import BlockStore
 from .clients import ClientCounter
 from .connection import RedisConnection, is_transient
@@ -106,8 +106,8 @@ class RedisBackend:
     def claim(self, stream: Stream) -> None:
         self.owners.claim(stream)
 
-    def append(self, stream: Stream, event: Event) -> None:
-        self.owners.append(stream, event)
+    def append(self, stream: Stream, events: Sequence[Event], done: Appended) -> None:
+        self.owners.append(stream, events, done)
 
     def set_metadata(self, stream: Stream, metadata: Mapping[str, Any]) -> None:
         self.owners.set_metadata(stream, metadata)

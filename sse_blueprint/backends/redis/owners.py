@@ -23,7 +23,7 @@ from redis.client import Pipeline
 from ... import _observe, _wire
 from ..._batch import Batcher
 from ..._event import DURABLE
-from ...engine import Event, Stream, StreamClosed, StreamState, lost_data
+from ...engine import Appended, Event, Stream, StreamClosed, StreamState, lost_data
 from .connection import REDIS_ERRORS, RedisConnection, ScriptCall
 from .pubsub import PubSub
 from .scripts import (
@@ -95,54 +95,84 @@ class Owners:
         if event.terminal:
             stream.adopt_end(event)
 
-    def append(self, stream: Stream, event: Event) -> None:
+    def append(self, stream: Stream, events: Sequence[Event], done: Appended) -> None:
+        """One call for ``events`` (one producer's, of one pause), in the next round trip."""
+        call = (self.append_script, *self._append_call(stream, events))
+        self._calls.enqueue(call, partial(self._answered, stream, events, done))
+
+    def _answered(
+        self,
+        stream: Stream,
+        events: Sequence[Event],
+        done: Appended,
+        outcome: object,
+    ) -> None:
+        # (On the batch's writer: nothing here may block; a refusal is handled on its own.)
+        if isinstance(outcome, redis.ResponseError):
+            gevent.spawn(self._after_refusal, stream, events, done, outcome)
+        else:
+            done(outcome if isinstance(outcome, BaseException) else None)
+
+    def _after_refusal(
+        self,
+        stream: Stream,
+        events: Sequence[Event],
+        done: Appended,
+        exc: redis.ResponseError,
+    ) -> None:
+        """Redis refused the call: write again what a failover lost (then it is written), or
+        learn how the stream ended (then it is refused)."""
+        outcome: BaseException | None = RuntimeError("the refusal could not be handled")
         try:
-            try:
-                self._calls.submit((self.append_script, *self._append_call(stream, event)))
-            except redis.ResponseError as exc:
-                if not str(exc).startswith("GAP "):
-                    raise
-                self._fill_gap(stream, int(str(exc).split()[1]), event)
-        except redis.ResponseError as exc:
+            if str(exc).startswith("GAP "):
+                try:
+                    self._fill_gap(stream, int(str(exc).split()[1]), events)
+                    outcome = None
+                    return
+                except redis.ResponseError as again:
+                    exc = again
             self._refused(stream, exc)
-            raise StreamClosed(stream.id) from exc
+            outcome = StreamClosed(stream.id)
+        except Exception as failure:
+            outcome = failure
+        finally:
+            done(outcome)
 
     def _append_call(
-        self, stream: Stream, event: Event, *, gap: bool = False
+        self, stream: Stream, events: Sequence[Event], *, gap: bool = False
     ) -> tuple[list[str], list[Any]]:
-        meta, events, lease, channel = stream_keys(stream.id)
+        meta, events_key, lease, channel = stream_keys(stream.id)
         gen = self.streams[stream.id][1]
-        terminal = event.event if event.terminal else ""
-        args = [
+        last = events[-1]
+        args: list[Any] = [
             gen,
-            event.id,
-            event.event,
-            event.json,
-            terminal,
+            last.event if last.terminal else "",
             int(self.retention),
             time.time(),
             channel,
-            _wire.relay_message(event.id, event.event, event.json, own=True, replay=event.replay),
-            "" if event.replay == DURABLE else event.replay,
             self.conn.publish,
             "1" if gap else "",
         ]
-        return [meta, events, lease], args
+        for ev in events:
+            message = _wire.relay_message(ev.id, ev.event, ev.json, own=True, replay=ev.replay)
+            args += (ev.id, ev.event, ev.json, message, "" if ev.replay == DURABLE else ev.replay)
+        return [meta, events_key, lease], args
 
-    def _fill_gap(self, stream: Stream, redis_last: int, event: Event) -> None:
+    def _fill_gap(self, stream: Stream, redis_last: int, events: Sequence[Event]) -> None:
         """Redis has lost events it acknowledged (a failover promoted a replica that had not
-        got them yet): write them again from this owner's buffer, then ``event``. What the
+        got them yet): write them again from this owner's buffer, then ``events``. What the
         buffer no longer holds was persisted first: readers get it from the store."""
-        missing = [ev for ev in stream.buffered_after(redis_last) if ev.id < event.id]
+        first = events[0].id
+        missing = [ev for ev in stream.buffered_after(redis_last) if ev.id < first]
         _observe.stream_log(
             logging.WARNING,
             stream.id,
             "Redis lost events %d-%d it had acknowledged (a failover?); writing them again",
             redis_last + 1,
-            event.id - 1,
+            first - 1,
         )
-        for n, ev in enumerate([*missing, event]):
-            self._calls.submit((self.append_script, *self._append_call(stream, ev, gap=n == 0)))
+        call = self._append_call(stream, [*missing, *events], gap=True)
+        self._calls.submit((self.append_script, *call))
 
     def _run_scripts(
         self,

@@ -24,39 +24,44 @@ __all__ = [
 #: The end of a stream whose state Redis lost while it ran (the owner's, written to the store).
 LOST_IN_REDIS = "stream state lost in Redis"
 
-# KEYS: meta, events, lease.  ARGV: gen, id, event, data, terminal state or "", ttl, now, channel,
-# the message to publish (wire.relay_message), the replay mode of an app event that is not durable
-# or "" (entry field "r"), the publish command (PUBLISH, or SPUBLISH in a cluster)
-# "1" to write it after a gap (the owner writes again what a failover lost: what it no longer
-# buffers was persisted).
-# Returns 1, or 2 for an append that is already there: a retry whose first attempt ran but whose
+# One producer's next events, in one call. KEYS: meta, events, lease.
+# ARGV: gen, the terminal state of the last event or "", ttl, now, channel, the publish command
+# (PUBLISH, or SPUBLISH in a cluster), "1" to write them after a gap (the owner writes again what a
+# failover lost: what it no longer buffers was persisted), then five per event: id, event, data,
+# the message to publish (wire.relay_message), and the replay mode of an app event that is not
+# durable or "" (entry field "r").
+# Returns 1, or 2 for events that are already there: a retry whose first attempt ran but whose
 # reply was lost (Redis stopped, the connection broke). Only the generation's holder appends while
-# the stream runs, so an id it already has can only be that. An id past the next one is refused
-# ("GAP <last id>"): Redis lost events it had acknowledged (a failover promoted a replica that had
-# not got them yet), and the owner writes them again.
+# the stream runs, and a script runs whole or not at all, so a first id it already has can only
+# be that. A first id past the next one is refused ("GAP <last id>"): Redis lost events it had
+# acknowledged (a failover promoted a replica that had not got them yet), and the owner writes
+# them again.
 APPEND = """
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'last_id')
 if not meta[1] then return redis.error_reply('LOST') end
 if meta[1] ~= ARGV[1] then return redis.error_reply('FENCED') end
 if meta[2] ~= 'running' then return redis.error_reply('CLOSED') end
 local last = tonumber(meta[3] or '0')
-if tonumber(ARGV[2]) <= last then return 2 end
-if ARGV[12] ~= '1' and tonumber(ARGV[2]) > last + 1 then
+if tonumber(ARGV[8]) <= last then return 2 end
+if ARGV[7] ~= '1' and tonumber(ARGV[8]) > last + 1 then
   return redis.error_reply('GAP ' .. last)
 end
-if ARGV[10] == '' then
-  redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4])
-else
-  redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3], 'd', ARGV[4], 'r', ARGV[10])
+for i = 8, #ARGV, 5 do
+  if ARGV[i + 4] == '' then
+    redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+  else
+    redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2],
+      'r', ARGV[i + 4])
+  end
+  redis.call(ARGV[6], ARGV[5], ARGV[i + 3])
 end
-redis.call('HSET', KEYS[1], 'last_id', ARGV[2])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', ARGV[7])
+redis.call('HSET', KEYS[1], 'last_id', ARGV[#ARGV - 4])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[4])
   redis.call('DEL', KEYS[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-redis.call(ARGV[11], ARGV[8], ARGV[9])
 return 1
 """
 

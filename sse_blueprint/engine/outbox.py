@@ -1,0 +1,145 @@
+"""The way out to a shared backend (:class:`Outbox`): a stream's numbered events, sent in one
+call per pause of the producer, and put in the stream's log only once acknowledged.
+
+A producer's event is not waited for. It is queued, and at the end of the loop turn in which the
+producer pauses (any blocking call: ``ctx.sleep``, a read from the model), everything it queued
+goes to the backend as one call: with Redis, one script call, in a round trip shared with every
+other stream's. While a call is out, the next events gather for the next one.
+
+Once the backend acknowledges a call, its events go into the live buffer in order (readers see
+them, the turn builds them, the persister writes them). If it refuses them (the stream ended
+elsewhere, another producer took it over), they never happened: none is in the buffer, the turn
+or the store, and neither is anything queued after them. A write that fails for another reason
+(the backend unreachable for longer than its patience) drops them too, and raises the failure in
+the producer, which ends the stream with an error, as if its own send had failed.
+
+An engine append (the start, the end) waits for its call's outcome, and so does a producer that
+has queued ``max_events`` events or ``max_bytes`` bytes without pausing (backpressure while the
+backend is slow).
+
+Imports the event type and gevent; the stream only for typing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.event import AsyncResult
+
+from .._event import Event
+from .ports import Appended
+
+if TYPE_CHECKING:
+    from .stream import Stream
+
+__all__ = ["Outbox", "Send"]
+
+log = logging.getLogger("sse_blueprint")
+
+Send = Callable[["Stream", Sequence[Event], Appended], None]
+"""A backend's append (:meth:`StreamBackend.append`): sends without blocking, calls back once."""
+
+_Waiter = tuple["AsyncResult[None]", object]  # an outcome to set, and the greenlet waiting on it
+
+
+class Outbox:
+    """The events of ``stream`` on their way through ``send``. See the module docstring."""
+
+    __slots__ = (
+        "_in_flight", "_in_flight_waiters", "_queued", "_queued_bytes", "_scheduled", "_send",
+        "_stream", "_waiters", "closing", "max_bytes", "max_events",
+    )  # fmt: skip
+
+    def __init__(
+        self, stream: Stream, send: Send, *, max_events: int = 256, max_bytes: int = 1 << 20
+    ) -> None:
+        self._stream = stream
+        self._send = send
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._queued: list[Event] = []  # for the next call, in id order
+        self._queued_bytes = 0
+        self._waiters: list[_Waiter] = []  # who waits for the next call's outcome
+        self._in_flight: Sequence[Event] = ()  # the call out now (empty: none)
+        self._in_flight_waiters: list[_Waiter] = []
+        self._scheduled = False  # the next call goes out on the loop's next turn
+        self.closing = False  # a terminal event is queued or out: nothing may follow it
+
+    @property
+    def last_id(self) -> int:
+        """The newest id numbered: queued, out, or in the log."""
+        if self._queued:
+            return self._queued[-1].id
+        if self._in_flight:
+            return self._in_flight[-1].id
+        return self._stream.buffer.last_id
+
+    @property
+    def pending(self) -> int:
+        """Events queued or out, not in the log yet."""
+        return len(self._queued) + len(self._in_flight)
+
+    def put(self, ev: Event, *, wait: bool) -> None:
+        """Queue ``ev`` (numbered ``last_id + 1``, checked). With ``wait``, or when the queue is
+        full, block until its call's outcome: raise :class:`StreamClosed` if it was refused."""
+        self._queued.append(ev)
+        self._queued_bytes += len(ev.sse)
+        if ev.terminal:
+            self.closing = True
+        if not self._scheduled and not self._in_flight:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._send_queued)
+        if wait or len(self._queued) >= self.max_events or self._queued_bytes >= self.max_bytes:
+            self._wait(self._waiters)
+
+    def join(self) -> None:
+        """Wait until what is queued or out has its outcome (raise it if it was dropped)."""
+        if self._queued:
+            self._wait(self._waiters)
+        elif self._in_flight:
+            self._wait(self._in_flight_waiters)
+
+    @staticmethod
+    def _wait(waiters: list[_Waiter]) -> None:
+        outcome: AsyncResult[None] = AsyncResult()
+        waiters.append((outcome, gevent.getcurrent()))
+        outcome.get()
+
+    def _send_queued(self) -> None:
+        """Send what is queued as one call. (In the hub, or on the backend's writer when a call
+        was answered: nothing here may block.)"""
+        self._scheduled = False
+        if self._in_flight or not self._queued:
+            return
+        batch = self._queued
+        self._in_flight, self._in_flight_waiters = batch, self._waiters
+        self._queued, self._queued_bytes, self._waiters = [], 0, []
+        try:
+            self._send(self._stream, batch, partial(self._sent, batch))
+        except Exception as exc:  # (a backend that raises instead of calling back)
+            self._sent(batch, exc)
+
+    def _sent(self, batch: Sequence[Event], failure: BaseException | None) -> None:
+        """The backend's answer to one call. (Must not block: see :meth:`_send_queued`.)"""
+        waiters = self._in_flight_waiters
+        self._in_flight, self._in_flight_waiters = (), []
+        stream = self._stream
+        if failure is None:
+            stream.took(batch)
+        else:
+            # Nothing queued after a dropped call may go either: it would follow a gap.
+            waiters = waiters + self._waiters
+            self._queued, self._queued_bytes, self._waiters = [], 0, []
+            self.closing = False
+            stream.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
+        for outcome, _ in waiters:
+            if failure is None:
+                outcome.set(None)
+            else:
+                outcome.set_exception(failure)
+        if self._queued:  # what the producer wrote while the call was out: the next call
+            self._send_queued()
