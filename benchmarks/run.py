@@ -226,12 +226,12 @@ def chat_rows(
     return rows
 
 
-def redis_figures(urls: list[str]) -> tuple[int, float]:
-    """Commands the Redis servers (every node of a cluster) have run, and the CPU seconds they
-    have used, so far."""
+def redis_figures(urls: list[str]) -> tuple[int, float, int]:
+    """Commands the Redis servers (every node of a cluster) have run, the CPU seconds they
+    have used, and the script calls they have run (``EVALSHA`` that did not fail), so far."""
     import redis
 
-    calls, cpu_s = 0, 0.0
+    calls, cpu_s, scripts = 0, 0.0, 0
     for url in urls:
         client = redis.Redis.from_url(url)
         try:
@@ -241,13 +241,18 @@ def redis_figures(urls: list[str]) -> tuple[int, float]:
             client.close()
         calls += sum(int(v["calls"]) for v in stats.values())
         cpu_s += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-    return calls, cpu_s
+        evalsha = stats.get("cmdstat_evalsha", {})
+        scripts += int(evalsha.get("calls", 0)) - int(evalsha.get("failed_calls", 0))
+    return calls, cpu_s, scripts
 
 
-def redis_cost(before: tuple[int, float], after: tuple[int, float], sent: int) -> dict[str, float]:
+def redis_cost(
+    before: tuple[int, float, int], after: tuple[int, float, int], sent: int
+) -> dict[str, float]:
     return {
         "redis_commands_per_token": (after[0] - before[0]) / sent,
         "redis_cpu_us_per_token": (after[1] - before[1]) / sent * 1e6,
+        "redis_script_calls_per_token": (after[2] - before[2]) / sent,
     }
 
 

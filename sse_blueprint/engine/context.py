@@ -21,9 +21,10 @@ __all__ = ["Block", "Producer", "ProducerContext"]
 class ProducerContext:
     """What a producer gets: its input, a way to send events, and the cancellation signal.
 
-    Sending never waits for a shared backend (Redis): the events a producer writes before it
-    pauses (:meth:`sleep`, a read from its model, any blocking call) go to Redis in one call,
-    and readers get them once Redis has them. If Redis refuses them (the stream was cancelled
+    With a shared backend (Redis), sending does not wait for it: the events a producer writes
+    before it pauses (:meth:`sleep`, a read from its model, any blocking call) go to Redis in
+    one call, and readers get them once Redis has them. (A producer with 256 events or 1 MiB
+    still on their way waits for room.) If Redis refuses them (the stream was cancelled
     elsewhere), they are dropped and the producer is stopped where it pauses.
 
     >>> def countdown(ctx: ProducerContext) -> dict[str, object]:
