@@ -9,9 +9,11 @@ other stream's. While a call is out, the next events gather for the next one.
 Once the backend acknowledges a call, its events go into the live buffer in order (readers see
 them, the turn builds them, the persister writes them). If it refuses them (the stream ended
 elsewhere, another producer took it over), they never happened: none is in the buffer, the turn
-or the store, and neither is anything queued after them. A write that fails for another reason
-(the backend unreachable for longer than its patience) drops them too, and raises the failure in
-the producer, which ends the stream with an error, as if its own send had failed.
+or the store, and neither is anything queued after them. A call that gets no answer (the
+backend unreachable for longer than its patience) may or may not have been written: its events
+stay first in the queue and go again with the next call, which writes what the backend lacks
+of them, and the failure is raised in the producer (where it blocks, and at its next send), so
+the stream ends with an error once its end can be written, with every event it had sent.
 
 An engine append (the start, the end) waits for its call's outcome, and so does a producer that
 has queued ``max_events`` events or ``max_bytes`` bytes without pausing (backpressure while the
@@ -31,6 +33,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from .._event import Event
+from .lifecycle import StreamClosed
 from .ports import Appended
 
 if TYPE_CHECKING:
@@ -50,8 +53,8 @@ class Outbox:
     """The events of ``stream`` on their way through ``send``. See the module docstring."""
 
     __slots__ = (
-        "_in_flight", "_in_flight_waiters", "_queued", "_queued_bytes", "_scheduled", "_send",
-        "_stream", "_waiters", "closing", "max_bytes", "max_events",
+        "_in_flight", "_in_flight_waiters", "_numbered", "_queued", "_queued_bytes", "_scheduled",
+        "_send", "_stream", "_waiters", "closing", "failure", "max_bytes", "max_events",
     )  # fmt: skip
 
     def __init__(
@@ -68,15 +71,22 @@ class Outbox:
         self._in_flight_waiters: list[_Waiter] = []
         self._scheduled = False  # the next call goes out on the loop's next turn
         self.closing = False  # a terminal event is queued or out: nothing may follow it
+        self._numbered = 0  # the newest id queued so far (ids are never given twice)
+        self.failure: BaseException | None = None  # why a call failed: the producer's end
 
     @property
     def last_id(self) -> int:
-        """The newest id numbered: queued, out, or in the log."""
-        if self._queued:
-            return self._queued[-1].id
-        if self._in_flight:
-            return self._in_flight[-1].id
-        return self._stream.buffer.last_id
+        """The newest id given: in the log, or queued, out or failed. A failed call's ids are
+        not given again: Redis may have run it even though no answer came."""
+        return max(self._numbered, self._stream.buffer.last_id)
+
+    def check_open(self, *, producer: bool) -> None:
+        """Raise if nothing more may be queued: :class:`StreamClosed` once an end is on its
+        way; for the producer, the failure of an earlier call (its events are gone)."""
+        if self.closing:
+            raise StreamClosed(self._stream.id)
+        if producer and self.failure is not None:
+            raise self.failure
 
     @property
     def pending(self) -> int:
@@ -88,6 +98,7 @@ class Outbox:
         full, block until its call's outcome: raise :class:`StreamClosed` if it was refused."""
         self._queued.append(ev)
         self._queued_bytes += len(ev.sse)
+        self._numbered = ev.id
         if ev.terminal:
             self.closing = True
         if not self._scheduled and not self._in_flight:
@@ -97,8 +108,12 @@ class Outbox:
             self._wait(self._waiters)
 
     def join(self) -> None:
-        """Wait until what is queued or out has its outcome (raise it if it was dropped)."""
+        """Send what is queued (unless a call is out) and wait until it has its outcome; raise
+        it if it failed."""
         if self._queued:
+            if not self._scheduled and not self._in_flight:
+                self._scheduled = True
+                gevent.get_hub().loop.run_callback(self._send_queued)
             self._wait(self._waiters)
         elif self._in_flight:
             self._wait(self._in_flight_waiters)
@@ -125,21 +140,41 @@ class Outbox:
 
     def _sent(self, batch: Sequence[Event], failure: BaseException | None) -> None:
         """The backend's answer to one call. (Must not block: see :meth:`_send_queued`.)"""
-        waiters = self._in_flight_waiters
+        waiters = self._in_flight_waiters + (self._waiters if failure is not None else [])
         self._in_flight, self._in_flight_waiters = (), []
         stream = self._stream
         if failure is None:
             stream.took(batch)
-        else:
-            # Nothing queued after a dropped call may go either: it would follow a gap.
-            waiters = waiters + self._waiters
+        elif isinstance(failure, StreamClosed):
+            # Refused: these never happened, nor what was queued after them.
             self._queued, self._queued_bytes, self._waiters = [], 0, []
             self.closing = False
+            self._numbered = 0  # (the end adopted takes the next id)
+            stream.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
+        else:
+            # No answer: the backend may have written them or not. They stay first in the
+            # queue, to go again with the next call (the end, at the latest), which writes
+            # what it lacks of them; until then the producer's sends fail.
+            self._queued[:0] = batch
+            self._queued_bytes += sum(len(ev.sse) for ev in batch)
+            self._waiters = []
+            self.failure = failure
             stream.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
         for outcome, _ in waiters:
             if failure is None:
                 outcome.set(None)
             else:
                 outcome.set_exception(failure)
-        if self._queued:  # what the producer wrote while the call was out: the next call
+        if self._queued and failure is None:  # what was written while the call was out
             self._send_queued()
+
+    def abandon(self) -> int:
+        """The stream ends here without its backend (the last resort): drop what is queued
+        (an answer to the call out is ignored) and return the newest id given."""
+        waiters, self._waiters = self._waiters, []
+        last = self.last_id
+        self._queued, self._queued_bytes = [], 0
+        self.closing = True
+        for outcome, _ in waiters:
+            outcome.set_exception(StreamClosed(self._stream.id))
+        return last

@@ -17,7 +17,6 @@ import gevent.event
 from gevent import Greenlet
 
 from .. import _observe
-from .._event import Event
 from .context import Producer, ProducerContext
 from .lifecycle import ProducerError, StreamClosed, StreamState
 
@@ -84,36 +83,43 @@ class ProducerRun:
             pass  # cancelled or timed out: the terminal event is already there
         except ProducerError as exc:
             _observe.METRICS.producer_error(name)
-            stream.end(StreamState.ERROR, {"message": str(exc) or "producer failed"})
+            self._end(StreamState.ERROR, {"message": str(exc) or "producer failed"})
         except Exception:
             _observe.METRICS.producer_error(name)
             log.exception(
                 "producer %r of stream %s failed", name, stream.id, extra={"stream_id": stream.id}
             )
-            stream.end(StreamState.ERROR, {"message": "producer failed"})
+            self._end(StreamState.ERROR, {"message": "producer failed"})
         else:
             if not isinstance(result, Mapping):
                 if result is not None:
                     log.error("producer %r returned %r, not a mapping", name, result)
                 result = {}
-            stream.end(StreamState.DONE, dict(result))
+            self._end(StreamState.DONE, dict(result))
         finally:
             # A producer that returns or dies before its end leaves no stream "running forever".
             if not stream.finished:
-                stream.end(StreamState.ERROR, {"message": "producer stopped"})
+                self._end(StreamState.ERROR, {"message": "producer stopped"})
             if not stream.finished:
                 self._end_here("producer stopped")
 
+    def _end(self, state: StreamState, data: Mapping[str, object]) -> None:
+        """End the stream; a backend that cannot write the end (away for longer than its
+        patience) leaves it running, for the next attempt or :meth:`_end_here`."""
+        try:
+            self._stream.end(state, data)
+        except Exception as exc:
+            _observe.stream_log(
+                logging.WARNING, self._stream.id, "writing its end failed (%s)", exc
+            )
+
     def _end_here(self, message: str) -> None:
-        """The last resort when no end can be written (a backend that keeps refusing): end the
-        stream in this process anyway. With Redis, this worker stops renewing its lease, so the
-        other workers' watchdogs end it there once the lease lapses ("producer lost")."""
-        stream = self._stream
+        """The last resort when no end can be written (a backend that keeps failing): end the
+        stream in this process anyway (:meth:`Stream.end_locally`)."""
         _observe.stream_log(
-            logging.ERROR, stream.id, "its end could not be written; ending it here"
+            logging.ERROR, self._stream.id, "its end could not be written; ending it here"
         )
-        data = {"stream_id": stream.id, "message": message}
-        stream.adopt_end(Event(stream.last_event_id + 1, StreamState.ERROR.value, data))
+        self._stream.end_locally({"message": message})
 
     def _expire(self) -> None:
         self._timer = None

@@ -17,11 +17,11 @@ import gevent
 from .. import _observe
 from .._event import Event
 from ..storage.records import BlockStore, StoredTurn, StreamRecord
+from .catchup import catch_up
 from .context import Producer
 from .lifecycle import ShuttingDown, StreamLimitReached, StreamState
 from .ports import SharedBackend
 from .stream import Stream
-from .turn import catch_up
 
 __all__ = ["LOST_ID_GAP", "StreamRegistry", "lost", "lost_data", "replay"]
 

@@ -188,8 +188,7 @@ class Stream:
             self._log_append(ev)
             _observe.METRICS.event()
             return ev
-        if outbox.closing:
-            raise StreamClosed(self.id)  # its end is on its way
+        outbox.check_open(producer=check)
         ev = self._numbered(outbox.last_id + 1, event, data, replay, check)
         self.turn.expect(ev)
         outbox.put(ev, wait=not check)  # (raises StreamClosed if it was refused)
@@ -212,6 +211,8 @@ class Stream:
 
     def took(self, events: Sequence[Event]) -> None:
         """The backend has these events (the outbox's, in order): put them in the log."""
+        if self.terminal_event is not None:
+            return  # ended here without the backend meanwhile (:meth:`end_locally`)
         for ev in events:
             self._log_append(ev)
             _observe.METRICS.event()
@@ -219,13 +220,26 @@ class Stream:
                 self._ended(ev)
 
     def dropped(self, failure: BaseException, *, waiting: Sequence[object]) -> None:
-        """The backend did not take the outbox's events: they never happened. Refused
-        (:class:`StreamClosed`): the backend has adopted the end written elsewhere. Failed: the
-        producer gets the failure where it blocks (unless it is one of the ``waiting``
-        greenlets, which get it anyway), as if its own send had failed."""
-        self.turn.forget_ahead()
-        if not isinstance(failure, StreamClosed):
+        """The backend did not take the outbox's events. Refused (:class:`StreamClosed`): they
+        never happened, and the backend has adopted the end written elsewhere. Failed: they
+        wait to go again, and the producer gets the failure where it blocks (unless it is one
+        of the ``waiting`` greenlets, which get it anyway), as if its own send had failed."""
+        if isinstance(failure, StreamClosed):
+            self.turn.forget_ahead()
+        else:
             self.producer.fail(failure, unless=waiting)
+
+    def end_locally(self, data: Mapping[str, Any]) -> None:
+        """The last resort when no end can be written (a backend that keeps failing): end the
+        stream with ``error`` in this process anyway, after every id given. (With Redis, this
+        worker stops renewing the lease, so the other workers end it there once it lapses.)"""
+        if self.terminal_event is not None:
+            return
+        last = self._outbox.abandon() if self._outbox is not None else self.buffer.last_id
+        ev = Event(last + 1, StreamState.ERROR.value, {"stream_id": self.id, **data})
+        self._log_append(ev)
+        self._ended(ev)
+        self._completed()
 
     def _log_append(self, ev: Event) -> None:
         """Put an event (already numbered) in the live buffer and wake the readers."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import _observe
 from .._event import Event
-from .turn import catch_up
+from .catchup import catch_up
 
 if TYPE_CHECKING:
     from .stream import Stream

@@ -1,4 +1,4 @@
-"""Turns of typed blocks: what a producer's events build, and the catch-up merge.
+"""Turns of typed blocks: what a producer's events build (:class:`TurnBuilder`).
 
 A *turn* is numbered blocks, each ``{kind, meta, content, complete}``, and the app's replayable
 events. :class:`TurnBuilder` follows a stream's events on the producer's side: it checks every
@@ -6,9 +6,8 @@ event before it is numbered (a producer gets a ``ValueError`` naming the fault: 
 for a block that ended, meta too big, too many durable events), keeps the blocks and the events
 the store does not have yet, and hands them to the persister. Events a shared backend has not
 acknowledged yet are *ahead* (:meth:`TurnBuilder.expect`): later checks count them, but they
-build nothing until they are applied, and are forgotten if the backend refuses them.
-:func:`catch_up` merges what the store holds with a stretch of the live buffer into one exact
-snapshot in id order; live catch-up and store-only replay both use it.
+build nothing until they are applied, and are forgotten if the backend refuses them. The
+catch-up merge is :mod:`.catchup`'s.
 
 Imports no Flask, SQLAlchemy or gevent.
 """
@@ -21,73 +20,14 @@ from typing import Any
 
 from .. import _wire
 from .._event import BLOCK_EVENTS, DURABLE, LATEST, REPLAY_MODES, RESERVED_EVENTS, Event
-from ..storage.records import StoredTurn, TurnBlock, TurnEvent
+from ..storage.records import TurnBlock, TurnEvent
+from .blocks import BlockState
 
-__all__ = ["KIND_PATTERN", "TurnBuilder", "catch_up"]
+__all__ = ["KIND_PATTERN", "TurnBuilder"]
 
 #: A block kind: ``text``, ``reasoning``, ``tool_call``, ``tool_result`` or an app's own.
 KIND_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 MAX_EVENT_NAME = 128
-
-
-class _Block:
-    """A block as it is being streamed (or merged on catch-up), and how much the store has."""
-
-    __slots__ = ("complete", "first_id", "kind", "last_id", "meta", "parts", "saved_id")
-
-    def __init__(self, kind: str, meta: Mapping[str, Any], first_id: int) -> None:
-        self.kind = kind
-        self.meta: dict[str, Any] = dict(meta)
-        self.parts: list[str] = []
-        self.complete = False
-        self.first_id = first_id
-        self.last_id = first_id
-        self.saved_id = 0
-
-    @classmethod
-    def from_row(cls, row: TurnBlock) -> _Block:
-        block = cls(row.kind, row.meta, row.first_event_id)
-        block.parts.append(row.content)
-        block.complete = row.complete
-        block.last_id = row.last_event_id
-        return block
-
-    def content(self) -> str:
-        if len(self.parts) > 1:
-            self.parts[:] = ["".join(self.parts)]
-        return self.parts[0] if self.parts else ""
-
-    def apply(self, ev: Event) -> None:
-        """Apply one of the block's events (the contract's client rule)."""
-        data = ev.data
-        if ev.event == "text_delta":
-            self.parts.append(data["text"])
-        elif ev.event == "block_end":
-            self.meta.update(data.get("meta") or {})
-            self.complete = True
-        else:  # block_start
-            self.kind, self.meta, self.parts = data["kind"], dict(data.get("meta") or {}), []
-            self.complete = False
-        self.last_id = ev.id
-
-    def row(self, stream_id: str, index: int) -> TurnBlock:
-        return TurnBlock(
-            stream_id, index, self.kind, self.content(), self.first_id, self.last_id,
-            dict(self.meta), self.complete,
-        )  # fmt: skip
-
-    def catchup_event(self, index: int) -> Event:
-        return _catchup_event(
-            index, self.kind, self.meta, self.content(), self.complete, self.last_id
-        )
-
-
-def _catchup_event(
-    index: int, kind: str, meta: Mapping[str, Any], content: str, complete: bool, last_id: int
-) -> Event:
-    """The ``turnblock_catchup`` that replaces block ``index`` whole, under the id it covers."""
-    data = {"block": index, "kind": kind, "meta": meta, "content": content, "complete": complete}
-    return Event(last_id, "turnblock_catchup", data)
 
 
 def _block_index(data: Mapping[str, Any]) -> int:
@@ -115,7 +55,7 @@ class TurnBuilder:
     def __init__(self, *, max_meta_bytes: int = 65536, max_events: int = 1000) -> None:
         self.max_meta_bytes = max_meta_bytes
         self.max_events = max_events
-        self.blocks: dict[int, _Block] = {}
+        self.blocks: dict[int, BlockState] = {}
         self.next_block = 0  # what :meth:`ProducerContext.block` numbers next
         self._dirty: set[int] = set()  # blocks with events the store does not have yet
         self._events: list[Event] = []  # durable events not saved yet, in id order
@@ -239,7 +179,7 @@ class TurnBuilder:
             index: int = ev.data["block"]
             block = self.blocks.get(index)
             if block is None:
-                block = self.blocks[index] = _Block("text", {}, ev.id)
+                block = self.blocks[index] = BlockState("text", {}, ev.id)
                 self.next_block = max(self.next_block, index + 1)
             block.apply(ev)
             self._dirty.add(index)
@@ -289,64 +229,3 @@ class TurnBuilder:
             saved_newest = newest is not None and newest.id == saved_event.event_id
             if saved_event.replay == LATEST and saved_newest:
                 del self._latest[saved_event.event]
-
-
-def catch_up(stored: StoredTurn, buffered: Sequence[Event], after: int) -> list[Event]:
-    """One exact snapshot for a reader at ``after``: the store's blocks and events merged with
-    ``buffered`` (the live buffer from where the store's coverage may end), in id order.
-
-    Each block the store has past ``after`` becomes one ``turnblock_catchup`` (the buffer's
-    later events for it applied first) under the id of the last event it covers. Durable events
-    come once each; of ``latest`` events only the newest of each name; every other buffered
-    event past ``after`` as it is.
-    """
-    # A row no buffered event touches becomes its event directly (store-only replay: all).
-    blocks: dict[int, TurnBlock | _Block] = {row.block: row for row in stored.blocks}
-    out: list[Event] = []
-    latest: dict[str, Event] = {}
-    stored_ids: set[int] = set()
-    for row in stored.events:
-        stored_ids.add(row.event_id)
-        ev = Event(row.event_id, row.event, row.data, row.replay)
-        if row.replay == LATEST:
-            _keep_newest(latest, ev)
-        else:
-            out.append(ev)
-    for ev in buffered:
-        if ev.event in BLOCK_EVENTS:
-            index = ev.data["block"]
-            found = blocks.get(index)
-            if found is not None:
-                if isinstance(found, TurnBlock):
-                    if ev.id <= found.last_event_id:
-                        continue
-                    found = blocks[index] = _Block.from_row(found)
-                if ev.id > found.last_id:
-                    found.apply(ev)
-                continue
-        if ev.id <= after or ev.id in stored_ids:
-            continue
-        if ev.replay == LATEST:
-            _keep_newest(latest, ev)
-        else:
-            out.append(ev)
-    out.extend(ev for ev in latest.values() if ev.id > after)
-    for index, block in blocks.items():
-        if isinstance(block, TurnBlock):
-            kind, meta, content = block.kind, block.meta, block.content
-            event = _catchup_event(index, kind, meta, content, block.complete, block.last_event_id)
-            out.append(event)
-        else:
-            out.append(block.catchup_event(index))
-    out.sort(key=_event_id)
-    return out
-
-
-def _keep_newest(latest: dict[str, Event], ev: Event) -> None:
-    held = latest.get(ev.event)
-    if held is None or held.id < ev.id:
-        latest[ev.event] = ev
-
-
-def _event_id(event: Event) -> int:
-    return event.id

@@ -146,11 +146,11 @@ class Owners:
         last = events[-1]
         args: list[Any] = [
             gen,
-            last.event if last.terminal else "",
             int(self.retention),
-            time.time(),
             channel,
             self.conn.publish,
+            last.event if last.terminal else "",
+            time.time(),
             "1" if gap else "",
         ]
         for ev in events:
@@ -159,15 +159,18 @@ class Owners:
         return [meta, events_key, lease], args
 
     def _fill_gap(self, stream: Stream, redis_last: int, events: Sequence[Event]) -> None:
-        """Redis has lost events it acknowledged (a failover promoted a replica that had not
-        got them yet): write them again from this owner's buffer, then ``events``. What the
-        buffer no longer holds was persisted first: readers get it from the store."""
+        """Redis lacks events before ``events``: it lost them after acknowledging them (a
+        failover promoted a replica that had not got them yet), or a call that failed never
+        wrote them (those were dropped here too, and their ids are not given again). Write what
+        this owner's buffer has of them again, then ``events``. What the buffer no longer holds
+        was persisted first: readers get it from the store."""
         first = events[0].id
         missing = [ev for ev in stream.buffered_after(redis_last) if ev.id < first]
         _observe.stream_log(
             logging.WARNING,
             stream.id,
-            "Redis lost events %d-%d it had acknowledged (a failover?); writing them again",
+            "Redis lacks events %d-%d (lost in a failover, or never written: a call that "
+            "failed); writing what this worker has of them again",
             redis_last + 1,
             first - 1,
         )

@@ -25,42 +25,52 @@ __all__ = [
 LOST_IN_REDIS = "stream state lost in Redis"
 
 # One producer's next events, in one call. KEYS: meta, events, lease.
-# ARGV: gen, the terminal state of the last event or "", ttl, now, channel, the publish command
-# (PUBLISH, or SPUBLISH in a cluster), "1" to write them after a gap (the owner writes again what a
-# failover lost: what it no longer buffers was persisted), then five per event: id, event, data,
-# the message to publish (wire.relay_message), and the replay mode of an app event that is not
-# durable or "" (entry field "r").
-# Returns 1, or 2 for events that are already there: a retry whose first attempt ran but whose
-# reply was lost (Redis stopped, the connection broke). Only the generation's holder appends while
-# the stream runs, and a script runs whole or not at all, so a first id it already has can only
-# be that. A first id past the next one is refused ("GAP <last id>"): Redis lost events it had
-# acknowledged (a failover promoted a replica that had not got them yet), and the owner writes
-# them again.
+# ARGV: gen, ttl, channel, the publish command (PUBLISH, or SPUBLISH in a cluster), the terminal
+# state of the last event or "", now, "1" to write them after a gap (the owner writes again what
+# a failover lost: what it no longer buffers was persisted), then five per event: id, event,
+# data, the message to publish (wire.relay_message), and the replay mode of an app event that
+# is not durable or "" (entry field "r").
+# While the stream runs only the generation's holder appends, so an id Redis already has is
+# this owner's own earlier call: one whose reply was lost (Redis stopped, the connection broke),
+# or one that failed for want of an answer and is sent again. Such events are skipped, and a
+# call that is all there answers 2. So is a call that ended the stream itself ("ended_by"), sent
+# again; any other call to an ended stream is refused (CLOSED). A call's first new id past the
+# next one is refused ("GAP <last id>"): Redis lost events it had acknowledged (a failover
+# promoted a replica that had not got them yet), and the owner writes them again.
 APPEND = """
-local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'last_id')
+local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'last_id', 'ended_by')
 if not meta[1] then return redis.error_reply('LOST') end
 if meta[1] ~= ARGV[1] then return redis.error_reply('FENCED') end
-if meta[2] ~= 'running' then return redis.error_reply('CLOSED') end
 local last = tonumber(meta[3] or '0')
-if tonumber(ARGV[8]) <= last then return 2 end
-if ARGV[7] ~= '1' and tonumber(ARGV[8]) > last + 1 then
-  return redis.error_reply('GAP ' .. last)
+local final = tonumber(ARGV[#ARGV - 4])
+if meta[2] ~= 'running' then
+  if meta[4] == ARGV[1] and final <= last then return 2 end
+  return redis.error_reply('CLOSED')
 end
+if final <= last then return 2 end
+local first = true
 for i = 8, #ARGV, 5 do
-  if ARGV[i + 4] == '' then
-    redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
-  else
-    redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2],
-      'r', ARGV[i + 4])
+  local id = tonumber(ARGV[i])
+  if id > last then
+    if first and ARGV[7] ~= '1' and id > last + 1 then
+      return redis.error_reply('GAP ' .. last)
+    end
+    first = false
+    if ARGV[i + 4] == '' then
+      redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+    else
+      redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2],
+        'r', ARGV[i + 4])
+    end
+    redis.call(ARGV[4], ARGV[3], ARGV[i + 3])
   end
-  redis.call(ARGV[6], ARGV[5], ARGV[i + 3])
 end
-redis.call('HSET', KEYS[1], 'last_id', ARGV[#ARGV - 4])
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'last_id', final)
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', ARGV[6], 'ended_by', ARGV[1])
   redis.call('DEL', KEYS[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 return 1
 """
