@@ -143,3 +143,16 @@ def test_script_calls_are_packed_as_redis_py_packs_them(parts: list[object]) -> 
     connection: Any = redis.Connection  # (untyped in redis-py)
     theirs = b"".join(connection().pack_command("EVALSHA", *parts))
     assert _resp(("EVALSHA", *parts)) == theirs
+
+
+@given(st.lists(redis_part, max_size=6), st.lists(redis_part, max_size=12))
+def test_a_bound_script_packs_the_same_call(fixed: list[object], rest: list[object]) -> None:
+    """A stream's append script with its keys and first arguments encoded once packs every
+    call exactly as the whole call is packed."""
+    from sse_blueprint.backends.redis.connection import LuaScript, _resp
+
+    script = LuaScript.__new__(LuaScript)  # (no connection needed to pack)
+    script.sha = "0" * 40
+    keys = ["sse:{s}:meta", "sse:{s}:events", "sse:{s}:lease"]
+    whole = _resp(("EVALSHA", script.sha, 3, *keys, *fixed, *rest))
+    assert script.bind(keys, fixed).pack((), rest) == whole

@@ -25,6 +25,7 @@ from gevent.server import StreamServer  # noqa: E402
 
 from sse_blueprint import ProducerContext, Stream  # noqa: E402
 from sse_blueprint.backends.redis import RedisBackend  # noqa: E402
+from sse_blueprint.backends.redis.connection import BoundScript  # noqa: E402
 from tests.helpers.redis_busy import busy_redis  # noqa: E402
 
 
@@ -36,20 +37,34 @@ def producer(ctx: ProducerContext) -> None:
 Append = Callable[[int, Callable[[], Any], Callable[[], Any]], Any]
 
 
+HOOKS: dict[int, Callable[[BoundScript, Any, Any], Any]] = {}  # by the append script's id
+_pack = BoundScript.pack
+
+
+def _hooked_pack(self: BoundScript, keys: Any, args: Any) -> Any:
+    hook = HOOKS.get(id(self.script))
+    return _pack(self, keys, args) if hook is None else hook(self, keys, args)
+
+
+BoundScript.pack = _hooked_pack  # type: ignore[method-assign]
+
+
 def started_with(backend: RedisBackend, append: Append) -> Stream:
-    """A stream of :func:`producer` on ``backend``, its appends made by
+    """A stream of :func:`producer` on ``backend``, its append calls made by
     ``append(n, pack, run_alone)``: ``n`` counts them, ``pack()`` packs the real append script
     call for the batch's round trip, ``run_alone()`` runs it in Redis at once, outside it."""
-    script = backend.owners.append_script
-    pack = script.pack
     calls = 0
 
-    def counted(keys: Any, args: Any) -> Any:
+    def counted(bound: BoundScript, keys: Any, args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return append(calls, lambda: pack(keys, args), lambda: script(keys, args))
+        return append(
+            calls,
+            lambda: _pack(bound, keys, args),
+            lambda: bound.script(bound.keys, (*bound.fixed, *args)),
+        )
 
-    script.pack = counted  # type: ignore[method-assign]
+    HOOKS[id(backend.owners.append_script)] = counted
     stream = Stream(producer, backend=backend)
     stream.start()
     return stream

@@ -156,7 +156,7 @@ def connect(url: str, **options: Any) -> tuple[Any, str]:
 
 
 #: A script call: the script, its keys and its arguments.
-ScriptCall = tuple["LuaScript", Sequence[str], Sequence[Any]]
+ScriptCall = tuple["LuaScript | BoundScript", Sequence[str], Sequence[Any]]
 
 
 class RedisConnection:
@@ -320,18 +320,36 @@ class RedisConnection:
 
 def _resp(parts: Sequence[Any]) -> bytes:
     """A command in Redis's wire protocol (RESP): str (UTF-8), bytes, int or float parts."""
-    out = [b"*%d\r\n" % len(parts)]
+    return b"*%d\r\n" % len(parts) + _bulk(parts)
+
+
+def _bulk(parts: Sequence[Any]) -> bytes:
+    """``parts`` as RESP bulk strings, one after the other (a command's, after its header)."""
+    out = []
     for part in parts:
-        if isinstance(part, str):
+        kind = type(part)
+        if kind is str:
             part = part.encode()
-        elif isinstance(part, int) and not isinstance(part, bool):
+        elif kind is int:
             part = b"%d" % part
-        elif isinstance(part, float):
+        elif kind is float:
             part = repr(part).encode()
-        elif not isinstance(part, bytes):
-            raise redis.DataError(f"cannot send {type(part).__name__} to Redis")
+        elif kind is not bytes:
+            part = _encoded(part)  # (a subclass: a str enum's member, say)
         out.append(b"$%d\r\n%b\r\n" % (len(part), part))
     return b"".join(out)
+
+
+def _encoded(part: object) -> bytes:
+    if isinstance(part, str):
+        return part.encode()
+    if isinstance(part, int) and not isinstance(part, bool):
+        return b"%d" % part
+    if isinstance(part, float):
+        return repr(part).encode()
+    if isinstance(part, bytes):
+        return bytes(part)
+    raise redis.DataError(f"cannot send {type(part).__name__} to Redis")
 
 
 class LuaScript:
@@ -353,6 +371,11 @@ class LuaScript:
         """The call as it goes on the wire (see :meth:`RedisConnection.run_scripts`)."""
         return _resp(("EVALSHA", self.sha, len(keys), *keys, *args))
 
+    def bind(self, keys: Sequence[str], fixed: Sequence[Any]) -> BoundScript:
+        """This script with ``keys`` and its first arguments ``fixed`` (the same in every
+        call: a stream's append), encoded once."""
+        return BoundScript(self, keys, fixed)
+
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Queue the call in ``pipe`` (a NOSCRIPT reply: see :meth:`RedisConnection.pipelined`).
         Not redis-py's own script support: it asks ``SCRIPT EXISTS`` before every pipeline,
@@ -366,3 +389,25 @@ class LuaScript:
             else {}
         )
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **options)  # type: ignore[no-untyped-call]
+
+
+class BoundScript:
+    """A :class:`LuaScript` with its keys and first arguments fixed and already encoded: a
+    call then encodes only the rest. It is called as the script is, with no keys
+    (``(bound, (), rest)`` in :meth:`RedisConnection.run_scripts`)."""
+
+    __slots__ = ("_count", "_head", "fixed", "keys", "script")
+
+    def __init__(self, script: LuaScript, keys: Sequence[str], fixed: Sequence[Any]) -> None:
+        self.script = script
+        self.keys = tuple(keys)
+        self.fixed = tuple(fixed)
+        head = ("EVALSHA", script.sha, len(keys), *keys, *fixed)
+        self._head = _bulk(head)
+        self._count = len(head)
+
+    def pack(self, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+        return b"*%d\r\n" % (self._count + len(args)) + self._head + _bulk(args)
+
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
+        self.script.queue(pipe, self.keys, (*self.fixed, *args))

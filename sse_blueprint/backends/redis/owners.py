@@ -24,7 +24,7 @@ from ... import _observe, _wire
 from ..._batch import Batcher
 from ..._event import DURABLE
 from ...engine import Appended, Event, Stream, StreamClosed, StreamState, lost_data
-from .connection import REDIS_ERRORS, RedisConnection, ScriptCall
+from .connection import REDIS_ERRORS, BoundScript, RedisConnection, ScriptCall
 from .pubsub import PubSub
 from .scripts import (
     APPEND,
@@ -61,10 +61,11 @@ class Owners:
         self._renewals: Batcher[ScriptCall, Any] = Batcher(
             partial(self._run_scripts, patience=lease / 3)
         )
-        self.streams: dict[str, tuple[Stream, str]] = {}  # stream id -> (stream, generation)
+        # stream id -> (stream, generation, its append script bound to its keys)
+        self.streams: dict[str, tuple[Stream, str, BoundScript]] = {}
 
     def claim(self, stream: Stream) -> None:
-        meta, _, lease, _ = stream_keys(stream.id)
+        meta, events, lease, channel = stream_keys(stream.id)
         gen = secrets.token_hex(8)
 
         def start(pipe: Pipeline) -> None:
@@ -82,7 +83,10 @@ class Owners:
             pipe.set(lease, gen, px=self._lease_ms)
 
         self.conn.pipelined(start, transaction=True)
-        self.streams[stream.id] = (stream, gen)
+        append = self.append_script.bind(
+            [meta, events, lease], [gen, int(self.retention), channel, self.conn.publish]
+        )
+        self.streams[stream.id] = (stream, gen, append)
         # To hear of a cancel made elsewhere; not the stream's own channel, which would bring it
         # every event it appends (the Pub/Sub reader parsing them took a quarter of its time).
         self.pubsub.subscribe(
@@ -97,7 +101,7 @@ class Owners:
 
     def append(self, stream: Stream, events: Sequence[Event], done: Appended) -> None:
         """One call for ``events`` (one producer's, of one pause), in the next round trip."""
-        call = (self.append_script, *self._append_call(stream, events))
+        call = self._append_call(stream, events)
         self._calls.enqueue(call, partial(self._answered, stream, events, done))
 
     def _answered(
@@ -140,23 +144,14 @@ class Owners:
 
     def _append_call(
         self, stream: Stream, events: Sequence[Event], *, gap: bool = False
-    ) -> tuple[list[str], list[Any]]:
-        meta, events_key, lease, channel = stream_keys(stream.id)
-        gen = self.streams[stream.id][1]
+    ) -> ScriptCall:
+        append = self.streams[stream.id][2]
         last = events[-1]
-        args: list[Any] = [
-            gen,
-            int(self.retention),
-            channel,
-            self.conn.publish,
-            last.event if last.terminal else "",
-            time.time(),
-            "1" if gap else "",
-        ]
+        args: list[Any] = [last.event if last.terminal else "", time.time(), "1" if gap else ""]
         for ev in events:
             message = _wire.relay_message(ev.id, ev.event, ev.json, own=True, replay=ev.replay)
             args += (ev.id, ev.event, ev.json, message, "" if ev.replay == DURABLE else ev.replay)
-        return [meta, events_key, lease], args
+        return append, (), args
 
     def _fill_gap(self, stream: Stream, redis_last: int, events: Sequence[Event]) -> None:
         """Redis lacks events before ``events``: it lost them after acknowledging them (a
@@ -174,8 +169,7 @@ class Owners:
             redis_last + 1,
             first - 1,
         )
-        call = self._append_call(stream, [*missing, *events], gap=True)
-        self._calls.submit((self.append_script, *call))
+        self._calls.submit(self._append_call(stream, [*missing, *events], gap=True))
 
     def _run_scripts(
         self,
