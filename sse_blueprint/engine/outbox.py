@@ -24,7 +24,6 @@ Imports the event type and gevent; the stream only for typing.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
     from .stream import Stream
 
 __all__ = ["Outbox", "Send"]
-
-log = logging.getLogger("sse_blueprint")
 
 Send = Callable[["Stream", Sequence[Event], Appended], None]
 """A backend's append (:meth:`StreamBackend.append`): sends without blocking, calls back once."""
@@ -71,31 +68,27 @@ class Outbox:
         self._in_flight_waiters: list[_Waiter] = []
         self._scheduled = False  # the next call goes out on the loop's next turn
         self.closing = False  # a terminal event is queued or out: nothing may follow it
-        self._numbered = 0  # the newest id queued so far (ids are never given twice)
-        self.failure: BaseException | None = None  # why a call failed: the producer's end
+        self._numbered = 0  # the newest id queued so far (0 after a refusal)
+        self.failure: BaseException | None = None  # a call got no answer: the producer's sends fail
 
     @property
     def last_id(self) -> int:
-        """The newest id given: in the log, or queued, out or failed. A failed call's ids are
-        not given again: Redis may have run it even though no answer came."""
+        """The newest id given: in the log, queued or out."""
         return max(self._numbered, self._stream.buffer.last_id)
 
     def check_open(self, *, producer: bool) -> None:
         """Raise if nothing more may be queued: :class:`StreamClosed` once an end is on its
-        way; for the producer, the failure of an earlier call (its events are gone)."""
+        way; for the producer, the failure of a call that got no answer (its events wait to go
+        again with the stream's end)."""
         if self.closing:
             raise StreamClosed(self._stream.id)
         if producer and self.failure is not None:
             raise self.failure
 
-    @property
-    def pending(self) -> int:
-        """Events queued or out, not in the log yet."""
-        return len(self._queued) + len(self._in_flight)
-
     def put(self, ev: Event, *, wait: bool) -> None:
         """Queue ``ev`` (numbered ``last_id + 1``, checked). With ``wait``, or when the queue is
-        full, block until its call's outcome: raise :class:`StreamClosed` if it was refused."""
+        full, block until its call's outcome: raise :class:`StreamClosed` if it was refused, or
+        the failure of a call that got no answer."""
         self._queued.append(ev)
         self._queued_bytes += len(ev.sse)
         self._numbered = ev.id
