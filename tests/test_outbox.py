@@ -31,6 +31,7 @@ class FakeBackend:
         self.refuse_call = refuse_call
         self.fail_call = fail_call
         self.ran = ran  # the failed call was written all the same (its answer was lost)
+        self.cancel_after_fail = False  # and then the stream is cancelled elsewhere
         self.calls: list[list[Event]] = []
         self.taken: list[Event] = []
 
@@ -52,6 +53,10 @@ class FakeBackend:
         elif n == self.fail_call:
             if self.ran:
                 self.taken += events
+            if self.cancel_after_fail:
+                end = Event(self.taken[-1].id + 1, "cancelled", {"stream_id": stream.id})
+                self.taken.append(end)
+                stream.adopt_end(end)  # (it follows events the owner has not taken yet)
             done(ConnectionError("Redis is away"))
         else:
             # As the append script: what it has already is skipped; no gap.
@@ -231,3 +236,20 @@ def test_a_cancel_while_events_are_on_their_way_comes_after_them() -> None:
     assert [e.id for e in got] == [e.id for e in backend.taken] == list(range(1, len(got) + 1))
     with pytest.raises(StreamClosed):
         stream.append("late", {})
+
+
+def test_an_end_written_after_an_unanswered_call_is_taken_even_so() -> None:
+    """The backend ran a call whose answer was lost, then the stream was cancelled elsewhere:
+    the call's events go again and are refused. The owner takes the end all the same (it used
+    to wait for those events for ever), after a gap: only the backend has them."""
+    backend = FakeBackend(0.005, fail_call=4, ran=True)
+    backend.cancel_after_fail = True
+    stream = Stream(paced(30, burst), backend=backend)
+    sub = stream.subscribe(0)
+    stream.start()
+    assert stream.wait(10)
+    assert stream.state is StreamState.CANCELLED
+    got = sub.poll(1000)
+    assert got[-1].id == backend.taken[-1].id  # the backend's end, under its id
+    assert [e.id for e in got] == sorted({e.id for e in got})
+    assert not {ev.id for ev in backend.calls[3]} & {e.id for e in got}

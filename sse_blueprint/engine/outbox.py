@@ -85,6 +85,11 @@ class Outbox:
         if producer and self.failure is not None:
             raise self.failure
 
+    @property
+    def busy(self) -> bool:
+        """Events are queued or out (not in the log yet)."""
+        return bool(self._queued or self._in_flight)
+
     def put(self, ev: Event, *, wait: bool) -> None:
         """Queue ``ev`` (numbered ``last_id + 1``, checked). With ``wait``, or when the queue is
         full, block until its call's outcome: raise :class:`StreamClosed` if it was refused, or

@@ -27,6 +27,9 @@ __all__ = ["ProducerRun"]
 
 log = logging.getLogger("sse_blueprint")
 
+#: Seconds a producer's end waits for an end written elsewhere to be adopted (see _adopted).
+ADOPTION_WAIT = 1.0
+
 
 class WakeUp(Exception):
     """Thrown into a producer asleep in :meth:`ProducerRun.sleep` when its stream ends."""
@@ -100,8 +103,16 @@ class ProducerRun:
             # A producer that returns or dies before its end leaves no stream "running forever".
             if not stream.finished:
                 self._end(StreamState.ERROR, {"message": "producer stopped"})
-            if not stream.finished:
+            if not stream.finished and not self._adopted():
                 self._end_here("producer stopped")
+
+    def _adopted(self) -> bool:
+        """Whether an end refused because the stream ended elsewhere has been adopted, within
+        a second (the backend learns that end and takes it: :meth:`Stream.adopt_end`)."""
+        try:
+            return self._stream.wait(ADOPTION_WAIT)
+        except StreamClosed:  # (the adoption stops this greenlet: it has been adopted)
+            return True
 
     def _end(self, state: StreamState, data: Mapping[str, object]) -> None:
         """End the stream; a backend that cannot write the end (away for longer than its

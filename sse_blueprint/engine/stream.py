@@ -300,9 +300,20 @@ class Stream:
         if self.terminal_event is not None or ev.id <= self.buffer.last_id:
             return
         if ev.id > self.buffer.last_id + 1:
-            # Our own appends before it are still on their way back: take it after them.
-            gevent.spawn_later(0.005, self.adopt_end, ev)
-            return
+            if self._outbox is not None and self._outbox.busy:
+                # Our own appends before it are still on their way back: take it after them.
+                gevent.spawn_later(0.005, self.adopt_end, ev)
+                return
+            # (Nothing is on its way: the backend has events this worker never took, from a
+            # call that got no answer and was then refused. Take the end all the same.)
+            _observe.stream_log(
+                logging.WARNING,
+                self.id,
+                "its end %d follows events %d-%d that only the backend has",
+                ev.id,
+                self.buffer.last_id + 1,
+                ev.id - 1,
+            )
         self._log_append(ev)
         self._ended(ev)
         self._completed()
