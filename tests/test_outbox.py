@@ -109,14 +109,23 @@ def rebuilt(events: Sequence[Event]) -> dict[int, str]:
     return transcript.blocks
 
 
-@pytest.mark.parametrize("delay", [0, 0.01])
-def test_the_events_of_one_pause_go_in_one_call_and_arrive_whole(delay: float) -> None:
-    backend = FakeBackend(delay)
-    stream = Stream(paced(30, burst), backend=backend)
+def ended(
+    backend: FakeBackend, state: StreamState, producer: Any = None, **options: Any
+) -> tuple[Stream, list[Event]]:
+    """Run ``producer`` (30 pauses of :func:`burst`) on ``backend`` to its end, which must be
+    ``state``: the stream, and what a reader subscribed from the start got."""
+    stream = Stream(producer or paced(30, burst), backend=backend, **options)
     sub = stream.subscribe(0)
     stream.start()
     assert stream.wait(10)
-    assert stream.state is StreamState.DONE
+    assert stream.state is state, stream.terminal_event
+    return stream, sub.poll(5000)
+
+
+@pytest.mark.parametrize("delay", [0, 0.01])
+def test_the_events_of_one_pause_go_in_one_call_and_arrive_whole(delay: float) -> None:
+    backend = FakeBackend(delay)
+    stream, got = ended(backend, StreamState.DONE)
     calls_of: dict[int, set[int]] = {}
     for n, call in enumerate(backend.calls):
         for ev in call:
@@ -127,7 +136,6 @@ def test_the_events_of_one_pause_go_in_one_call_and_arrive_whole(delay: float) -
     assert all(len(calls) == 1 for calls in calls_of.values())  # no pause split across calls
     assert len(backend.calls) <= 30 + 2  # at most one per pause, the start's and the end's
     # Every event once, in order, as the backend has them; the readers and the turn agree.
-    got = sub.poll(1000)
     assert [e.id for e in got] == [e.id for e in backend.taken] == list(range(1, len(got) + 1))
     assert rebuilt(got) == {p: f"[{p}]" for p in range(30)}
     assert [b.content() for b in stream.turn.blocks.values()] == [f"[{p}]" for p in range(30)]
@@ -166,13 +174,8 @@ def test_checks_count_the_events_still_on_their_way() -> None:
 def test_a_refused_call_never_happened_anywhere(tmp_path: Any) -> None:
     store = SQLStore(f"sqlite:///{tmp_path}/turns.sqlite3")
     backend = FakeBackend(0.005, refuse_call=6)
-    stream = Stream(paced(30, burst), backend=backend, store=store)
-    sub = stream.subscribe(0)
-    stream.start()
-    assert stream.wait(10)
-    assert stream.state is StreamState.CANCELLED
+    stream, got = ended(backend, StreamState.CANCELLED, store=store)
     assert stream.saved.wait(10)
-    got = sub.poll(1000)
     # The reader, the buffer and the store have exactly what the backend took, and its end.
     assert [e.id for e in got] == [e.id for e in backend.taken] == list(range(1, len(got) + 1))
     assert got[-1].event == "cancelled"
@@ -190,12 +193,7 @@ def test_a_refused_call_never_happened_anywhere(tmp_path: Any) -> None:
 @pytest.mark.parametrize("ran", [False, True])
 def test_a_call_with_no_answer_goes_again_with_the_end_and_the_producer_fails(ran: bool) -> None:
     backend = FakeBackend(0.005, fail_call=4, ran=ran)
-    stream = Stream(paced(30, burst), backend=backend)
-    sub = stream.subscribe(0)
-    stream.start()
-    assert stream.wait(10)
-    assert stream.state is StreamState.ERROR
-    got = sub.poll(1000)
+    _, got = ended(backend, StreamState.ERROR)
     # Every event once, in order, as the backend has them: the unanswered call's too.
     assert [e.id for e in got] == [e.id for e in backend.taken] == list(range(1, len(got) + 1))
     assert got[-1].data["message"] == "producer failed"
@@ -212,14 +210,10 @@ def test_a_producer_that_never_pauses_waits_for_room() -> None:
                 block.write(f"{n} ")
 
     backend = FakeBackend(0.001)
-    stream = Stream(flood, backend=backend)
-    sub = stream.subscribe(0)
-    stream.start()
-    assert stream.wait(10)
-    assert stream.state is StreamState.DONE
+    _, got = ended(backend, StreamState.DONE, flood)
     assert max(len(call) for call in backend.calls) <= 256
     assert len(backend.calls) >= 2000 // 256
-    assert rebuilt(sub.poll(5000)) == {0: "".join(f"{n} " for n in range(2000))}
+    assert rebuilt(got) == {0: "".join(f"{n} " for n in range(2000))}
 
 
 def test_a_cancel_while_events_are_on_their_way_comes_after_them() -> None:
@@ -244,12 +238,7 @@ def test_an_end_written_after_an_unanswered_call_is_taken_even_so() -> None:
     to wait for those events for ever), after a gap: only the backend has them."""
     backend = FakeBackend(0.005, fail_call=4, ran=True)
     backend.cancel_after_fail = True
-    stream = Stream(paced(30, burst), backend=backend)
-    sub = stream.subscribe(0)
-    stream.start()
-    assert stream.wait(10)
-    assert stream.state is StreamState.CANCELLED
-    got = sub.poll(1000)
+    _, got = ended(backend, StreamState.CANCELLED)
     assert got[-1].id == backend.taken[-1].id  # the backend's end, under its id
     assert [e.id for e in got] == sorted({e.id for e in got})
     assert not {ev.id for ev in backend.calls[3]} & {e.id for e in got}
