@@ -71,7 +71,6 @@ class MemoryBackend:
         self.hub = hub
         self.make_mirror = make_mirror
         self.mirrors: dict[str, Mirror] = {}
-        self.calls = 0  # appends made (each one producer's events of one pause, or fewer)
         hub.workers.append(self)
 
     # -- the owner's side (StreamBackend) -------------------------------------------------------
@@ -82,7 +81,6 @@ class MemoryBackend:
         )
 
     def append(self, stream: Stream, events: Sequence[Event], done: Appended) -> None:
-        self.calls += 1
         shared = self.hub.streams[stream.id]
         if shared.state != "running" or shared.owner is not stream:
             done(StreamClosed(stream.id))  # ended elsewhere: the owner adopted that end

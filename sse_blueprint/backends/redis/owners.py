@@ -154,18 +154,15 @@ class Owners:
         return append, (), args
 
     def _fill_gap(self, stream: Stream, redis_last: int, events: Sequence[Event]) -> None:
-        """Redis lacks events before ``events``: it lost them after acknowledging them (a
-        failover promoted a replica that had not got them yet), or a call that failed never
-        wrote them (those were dropped here too, and their ids are not given again). Write what
-        this owner's buffer has of them again, then ``events``. What the buffer no longer holds
-        was persisted first: readers get it from the store."""
+        """Redis has lost events it acknowledged (a failover promoted a replica that had not
+        got them yet): write them again from this owner's buffer, then ``events``. What the
+        buffer no longer holds was persisted first: readers get it from the store."""
         first = events[0].id
         missing = [ev for ev in stream.buffered_after(redis_last) if ev.id < first]
         _observe.stream_log(
             logging.WARNING,
             stream.id,
-            "Redis lacks events %d-%d (lost in a failover, or never written: a call that "
-            "failed); writing what this worker has of them again",
+            "Redis lacks events %d-%d it had acknowledged (a failover?); writing them again",
             redis_last + 1,
             first - 1,
         )
