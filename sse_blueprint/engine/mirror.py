@@ -39,12 +39,10 @@ class Mirror(Stream):
             _no_producer, stream_id=stream_id, client_queue=client_queue, buffer_size=buffer_size
         )
         self.store = store
+        self.writer.aggregates = False  # the owner builds and writes the turn, not a mirror
 
     def start(self) -> NoReturn:
         raise RuntimeError("a mirror has no producer to start")
-
-    def _aggregate(self, ev: Event) -> None:
-        """Nothing: the owner builds and writes the turn's blocks, not a mirror."""
 
     def ingest(self, ev: Event) -> None:
         """An event the owner wrote. One already here, or one after the end, is ignored."""
@@ -52,9 +50,9 @@ class Mirror(Stream):
             return
         if ev.id == 1:
             self.start_event = ev
-        self._log_append(ev)
+        self.writer.put(ev)
         if ev.terminal:
-            self._ended(ev)
+            self.writer.ended(ev)
 
     def follow_from(self, first_id: int) -> None:
         """Start at ``first_id``, the oldest event the backend still holds: what came before was

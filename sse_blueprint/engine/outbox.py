@@ -142,13 +142,13 @@ class Outbox:
         self._in_flight, self._in_flight_waiters = (), []
         stream = self._stream
         if failure is None:
-            stream.took(batch)
+            stream.writer.took(batch)
         elif isinstance(failure, StreamClosed):
             # Refused: these never happened, nor what was queued after them.
             self._queued, self._queued_bytes, self._waiters = [], 0, []
             self.closing = False
             self._numbered = 0  # (the end adopted takes the next id)
-            stream.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
+            stream.writer.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
         else:
             # No answer: the backend may have written them or not. They stay first in the
             # queue, to go again with the next call (the end, at the latest), which writes
@@ -157,7 +157,7 @@ class Outbox:
             self._queued_bytes += sum(len(ev.sse) for ev in batch)
             self._waiters = []
             self.failure = failure
-            stream.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
+            stream.writer.dropped(failure, waiting=[greenlet for _, greenlet in waiters])
         for outcome, _ in waiters:
             if failure is None:
                 outcome.set(None)

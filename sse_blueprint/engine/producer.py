@@ -126,11 +126,11 @@ class ProducerRun:
 
     def _end_here(self, message: str) -> None:
         """The last resort when no end can be written (a backend that keeps failing): end the
-        stream in this process anyway (:meth:`Stream.end_locally`)."""
+        stream in this process anyway (:meth:`Writer.end_locally`)."""
         _observe.stream_log(
             logging.ERROR, self._stream.id, "its end could not be written; ending it here"
         )
-        self._stream.end_locally({"message": message})
+        self._stream.writer.end_locally({"message": message})
 
     def _expire(self) -> None:
         self._timer = None

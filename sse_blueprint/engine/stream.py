@@ -18,8 +18,9 @@ event id *before* writing and, once the write succeeded, the buffer is trimmed o
 A reader whose position is older than the buffer gets the turn from the store merged with the
 buffer into one exact snapshot (:func:`~.turn.catch_up`), then the live events.
 
-Every end (the producer's return or failure, a cancel, a timeout, shutdown) goes through
-:meth:`Stream.end`; an end written elsewhere comes in through :meth:`Stream.adopt_end`.
+Every append and every end goes through the stream's :class:`~.writer.Writer`: an end this
+process writes (the producer's return or failure, a cancel, a timeout, shutdown) through
+:meth:`Stream.end`, an end written elsewhere through :meth:`Stream.adopt_end`.
 
 Everything here runs on one OS thread under gevent. Greenlets switch only at blocking calls, so a
 method that does not block is atomic: :meth:`Stream.subscribe` takes its snapshot and registers
@@ -28,11 +29,9 @@ the cursor without a lock, and no event can slip in between (see ARCHITECTURE.md
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
@@ -44,17 +43,15 @@ from ..storage.records import BlockStore
 from .context import Producer
 from .lifecycle import StreamClosed, StreamState
 from .log import EventLog
-from .outbox import Outbox
 from .persister import Persister
 from .ports import StreamBackend
 from .producer import ProducerRun
 from .readers import Readers
 from .subscription import Subscription
 from .turn import TurnBuilder
+from .writer import Writer
 
 __all__ = ["Stream", "new_stream_id"]
-
-log = logging.getLogger("sse_blueprint")
 
 
 def new_stream_id() -> str:
@@ -90,7 +87,6 @@ class Stream:
         max_replayed_events: int = 1000,
     ) -> None:
         self.id = stream_id or new_stream_id()
-        self.max_event_bytes = max_event_bytes
         self.producer_name = producer_name
         self.input: Mapping[str, Any] = input or {}
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -99,9 +95,8 @@ class Stream:
         self.finished_at: float | None = None
         self.client_queue = client_queue
         self.buffer_size = buffer_size
-        self._on_complete = on_complete
-        self._closed = gevent.event.Event()  # set when the terminal event is in the log
-        self.producer = ProducerRun(self, producer, timeout, self._closed)
+        self.closed = gevent.event.Event()  # set when the terminal event is in the log
+        self.producer = ProducerRun(self, producer, timeout, self.closed)
         self.buffer = EventLog()  # the live buffer: every reader is a cursor into it
         self.readers = Readers(self, client_queue)
         self.start_event: Event | None = None
@@ -112,10 +107,10 @@ class Stream:
         # up from (a mirror's store is the owner's: it reads it, never writes).
         self.store = store
         self.saved = gevent.event.Event()  # set once the store holds the whole finished stream
-        # A shared backend (Redis) sees every event first: the outbox sends them, and puts
-        # each in the log once the backend acknowledged it.
         self._backend = backend
-        self._outbox = Outbox(self, backend.append) if backend is not None else None
+        self.writer = Writer(
+            self, backend, max_event_bytes=max_event_bytes, on_complete=on_complete
+        )
         self.persister = Persister(self, store, durable=durable) if store is not None else None
         if store is None:
             self.saved.set()
@@ -131,7 +126,7 @@ class Stream:
         self.start_event = self.append(
             "start", {"stream_id": self.id, "producer": self.producer_name}
         )
-        self._request_flush()  # the record exists in the store from the start
+        self.request_flush()  # the record exists in the store from the start
         self.producer.start()
         _observe.METRICS.stream_started(self.producer_name)
 
@@ -154,23 +149,7 @@ class Stream:
         a timeout, shutdown): append the terminal event, which every worker sees, and stop the
         producer if asked. False if the stream had ended, here or elsewhere (then the backend
         adopted that end: :meth:`adopt_end`)."""
-        if self.terminal_event is not None:
-            return False
-        if self._outbox is not None and self._outbox.closing:
-            # An end is on its way (a cancel while the producer returned): let it land first.
-            with contextlib.suppress(Exception):
-                self._outbox.join()
-            return False
-        try:
-            ev = self.append(state.value, {"stream_id": self.id, **data})
-        except StreamClosed:
-            return False  # it ended elsewhere first (the backend adopted that terminal event)
-        if self.terminal_event is not ev:  # (the outbox marks it as it puts it in the log)
-            self._ended(ev)
-        self._completed()
-        if stop_producer:
-            self.producer.stop()
-        return True
+        return self.writer.end(state, data, stop_producer=stop_producer)
 
     def append(
         self, event: str, data: Mapping[str, Any], replay: str = DURABLE, *, check: bool = False
@@ -182,77 +161,7 @@ class Stream:
         producer writes before it pauses, and into the log once the backend has it (see
         :class:`~.outbox.Outbox`). Any other append waits for that.
         """
-        outbox = self._outbox
-        if outbox is None:  # no blocking call: atomic
-            ev = self._numbered(self.buffer.last_id + 1, event, data, replay, check)
-            self._log_append(ev)
-            _observe.METRICS.event()
-            return ev
-        outbox.check_open(producer=check)
-        ev = self._numbered(outbox.last_id + 1, event, data, replay, check)
-        self.turn.expect(ev)
-        outbox.put(ev, wait=not check)  # (raises StreamClosed if it was refused)
-        return ev
-
-    def _numbered(
-        self, event_id: int, event: str, data: Mapping[str, Any], replay: str, check: bool
-    ) -> Event:
-        if self.terminal_event is not None:
-            raise StreamClosed(self.id)
-        ev = Event(event_id, event, data, replay)  # (refuses data that is not JSON)
-        if check:
-            self.turn.check(event, data, replay)
-        if len(ev.sse) > self.max_event_bytes:
-            raise ValueError(
-                f"event {event!r} is {len(ev.sse)} bytes, more than max_event_bytes "
-                f"({self.max_event_bytes}); split it into several events"
-            )
-        return ev
-
-    def took(self, events: Sequence[Event]) -> None:
-        """The backend has these events (the outbox's, in order): put them in the log."""
-        if self.terminal_event is not None:
-            return  # ended here without the backend meanwhile (:meth:`end_locally`)
-        for ev in events:
-            self._log_append(ev)
-            _observe.METRICS.event()
-            if ev.terminal:
-                self._ended(ev)
-
-    def dropped(self, failure: BaseException, *, waiting: Sequence[object]) -> None:
-        """The backend did not take the outbox's events. Refused (:class:`StreamClosed`): they
-        never happened, and the backend has adopted the end written elsewhere. Failed: they
-        wait to go again, and the producer gets the failure where it blocks (unless it is one
-        of the ``waiting`` greenlets, which get it anyway), as if its own send had failed."""
-        if isinstance(failure, StreamClosed):
-            self.turn.forget_ahead()
-        else:
-            self.producer.fail(failure, unless=waiting)
-
-    def end_locally(self, data: Mapping[str, Any]) -> None:
-        """The last resort when no end can be written (a backend that keeps failing): end the
-        stream with ``error`` in this process anyway, after every id given. (With Redis, this
-        worker stops renewing the lease, so the other workers end it there once it lapses.)"""
-        if self.terminal_event is not None:
-            return
-        last = self._outbox.abandon() if self._outbox is not None else self.buffer.last_id
-        ev = Event(last + 1, StreamState.ERROR.value, {"stream_id": self.id, **data})
-        self._log_append(ev)
-        self._ended(ev)
-        self._completed()
-
-    def _log_append(self, ev: Event) -> None:
-        """Put an event (already numbered) in the live buffer and wake the readers."""
-        self.buffer.append(ev)
-        self._aggregate(ev)
-        if self.persister is None or not self.persister.durable:
-            self.reveal(self.buffer.end)  # (durable: readers see it once it is written)
-
-    def _aggregate(self, ev: Event) -> None:
-        """Build the turn's blocks from the event, and have them written when due."""
-        ended_block = self.turn.apply(ev)
-        if self.persister is not None:
-            self.persister.appended(self.buffer.end, ended_block)
+        return self.writer.append(event, data, replay, check=check)
 
     def reveal(self, pos: int) -> None:
         """Readers may now take the log up to ``pos``: wake them (on the loop's next turn)."""
@@ -268,56 +177,14 @@ class Stream:
         if self._backend is not None:
             self._backend.set_metadata(self, merged)
         self.metadata = merged
-        self._request_flush()
-
-    def _ended(self, ev: Event) -> None:
-        """Bookkeeping once the terminal event ``ev`` is in the buffer (blocks nothing)."""
-        self.terminal_event = ev
-        self.state = StreamState(ev.event)
-        self.finished_at = time.time()
-        self._closed.set()
-        self.producer.ended()
-        self._request_flush()
-
-    def _completed(self) -> None:
-        """After :meth:`_ended`, on the greenlet that ended the stream: the metrics and the
-        app's ``on_complete`` hook (which may block)."""
-        if self.producer.started:
-            _observe.METRICS.stream_finished(self.producer_name, self.state.value)
-        if self._on_complete is not None:
-            try:
-                self._on_complete(self)
-            except Exception:
-                log.exception(
-                    "on_complete hook of stream %s failed", self.id, extra={"stream_id": self.id}
-                )
+        self.request_flush()
 
     # -- a backend's feed: the only methods a backend calls to change a stream (and Mirror's) --
 
     def adopt_end(self, ev: Event) -> None:
         """The owner learns that its stream ended elsewhere (a cancel, a lease lost): take that
         terminal event after its own appends and stop the producer."""
-        if self.terminal_event is not None or ev.id <= self.buffer.last_id:
-            return
-        if ev.id > self.buffer.last_id + 1:
-            if self._outbox is not None and self._outbox.busy:
-                # Our own appends before it are still on their way back: take it after them.
-                gevent.spawn_later(0.005, self.adopt_end, ev)
-                return
-            # (Nothing is on its way: the backend has events this worker never took, from a
-            # call that got no answer and was then refused. Take the end all the same.)
-            _observe.stream_log(
-                logging.WARNING,
-                self.id,
-                "its end %d follows events %d-%d that only the backend has",
-                ev.id,
-                self.buffer.last_id + 1,
-                ev.id - 1,
-            )
-        self._log_append(ev)
-        self._ended(ev)
-        self._completed()
-        self.producer.stop()
+        self.writer.adopt_end(ev)
 
     def trim_persisted(self, up_to_id: int) -> None:
         """Everything up to ``up_to_id`` is in the store (a mirror: the owner says so): drop it
@@ -326,7 +193,7 @@ class Stream:
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def _request_flush(self) -> None:
+    def request_flush(self) -> None:
         if self.persister is not None:
             self.persister.request()
 
@@ -363,7 +230,7 @@ class Stream:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stream has ended; True if it has."""
-        return bool(self._closed.wait(timeout))
+        return bool(self.closed.wait(timeout))
 
     def subscribe(
         self, last_event_id: int = 0, *, on_cut: Callable[[], None] | None = None
