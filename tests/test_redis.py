@@ -524,11 +524,13 @@ def test_metrics_move_and_add_up_across_workers(shared: Any) -> None:
     """Two workers: whichever serves the endpoint, it shows both workers' sums."""
     server: LiveServer = shared.instance_with({"SSE_METRICS": True}, workers=2)
     before = _scrape(server.url)
-    stream_id = demo(server.url, PARAGRAPHS, chunk=20, interval=60)  # about 1.7 s
+    stream_id = demo(server.url, PARAGRAPHS, chunk=20, interval=150)  # about 4 s
     with ThreadPoolExecutor(4) as pool:
         readers = [pool.submit(read_stream, server.url, stream_id) for _ in range(4)]
-        time.sleep(0.3)
         during = _scrape(server.url)
+        while during["sse_clients_connected{}"] < 4 and not all(r.done() for r in readers):
+            time.sleep(0.1)  # (on a loaded machine the readers take a while to connect)
+            during = _scrape(server.url)
         results = [r.result(timeout=30) for r in readers]
     events = len(results[0].events)
     wait_done(server.url, stream_id)
