@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -316,6 +317,36 @@ def test_a_mirror_that_missed_what_redis_trimmed_is_replaced(shared: Any) -> Non
     with open(reading.log_path, encoding="utf-8") as log:
         log.seek(log_size)
         assert "mirror missed events Redis no longer has" in log.read()
+
+
+def test_a_mirror_made_after_a_failover_lost_persisted_events_is_exact(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A promoted replica lacks events that the owner has since persisted and dropped from its
+    buffer: the owner writes again what it still buffers, and Redis must not hold the hole
+    between. A mirror made afterwards holds no hole, and a reader resuming there from an id
+    the replica still had gets the rest of the turn exactly (the store fills what Redis lost)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.redis_gap", redis_server.url,
+         str(tmp_path / "gap.sqlite3")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "Redis lacks events" in result.stderr  # the gap was there
+    outcome = json.loads(result.stdout)
+    mirrored = outcome["mirror"]
+    assert mirrored == list(range(mirrored[0], mirrored[0] + len(mirrored)))
+    events = outcome["events"]
+    ids = [ev["id"] for ev in events]
+    assert ids == sorted(set(ids))
+    assert ids[0] > outcome["resume"]
+    assert events[-1]["event"] == "done"
+    text = ""
+    for ev in events:
+        if ev["event"] == "turnblock_catchup":
+            text = ev["data"]["content"]
+        elif ev["event"] == "text_delta":
+            text += ev["data"]["text"]
+    assert text == outcome["text"]
 
 
 def test_a_busy_redis_delays_streams_and_loses_nothing(shared: Any) -> None:

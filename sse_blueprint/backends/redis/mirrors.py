@@ -145,15 +145,23 @@ class Mirrors:
         _, events, _, _ = stream_keys(stream.id)
         start = f"{stream.last_event_id + 1}-0"
         entries = self.conn.retrying(self.conn.redis.xrange, events, min=start)
-        if first and entries:
-            # Everything before the first entry was trimmed after being persisted: a reader
-            # older than that is caught up from the store (the engine's usual two tiers).
-            stream.follow_from(event_from_entry(*entries[0]).id)
-        if not first and entries and event_from_entry(*entries[0]).id > stream.last_event_id + 1:
+        found = [event_from_entry(*entry) for entry in entries]
+        # Where the events Redis holds run on without a hole: what came before was persisted
+        # (trimmed after the owner's writes; or written again by the owner past what it no
+        # longer buffered, after a failover lost it: the script trims before that).
+        begin = 0
+        for n in range(1, len(found)):
+            if found[n].id > found[n - 1].id + 1:
+                begin = n
+        if first and found:
+            # A reader older than that is caught up from the store (the usual two tiers).
+            stream.follow_from(found[begin].id)
+            found = found[begin:]
+        elif found and (begin or found[0].id > stream.last_event_id + 1):
             self._restart(stream)
             return
-        for entry in entries:
-            stream.ingest(event_from_entry(*entry))
+        for event in found:
+            stream.ingest(event)
 
     def _restart(self, stream: Mirror) -> None:
         """The mirror missed events that Redis has since trimmed (they are persisted): it

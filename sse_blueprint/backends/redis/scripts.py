@@ -36,7 +36,10 @@ LOST_IN_REDIS = "stream state lost in Redis"
 # call that is all there answers 2. So is a call that ended the stream itself ("ended_by"), sent
 # again; any other call to an ended stream is refused (CLOSED). A call's first new id past the
 # next one is refused ("GAP <last id>"): Redis lost events it had acknowledged (a failover
-# promoted a replica that had not got them yet), and the owner writes them again.
+# promoted a replica that had not got them yet), and the owner writes them again. What it no
+# longer buffers it had persisted: when it cannot write from the next id, the entries before
+# its first are trimmed, so that Redis never holds a hole (a mirror filled from it follows from
+# there, and its older readers catch up from the store).
 APPEND = """
 local meta = redis.call('HMGET', KEYS[1], 'gen', 'state', 'last_id', 'ended_by')
 if not meta[1] then return redis.error_reply('LOST') end
@@ -52,8 +55,9 @@ local first = true
 for i = 8, #ARGV, 5 do
   local id = tonumber(ARGV[i])
   if id > last then
-    if first and ARGV[7] ~= '1' and id > last + 1 then
-      return redis.error_reply('GAP ' .. last)
+    if first and id > last + 1 then
+      if ARGV[7] ~= '1' then return redis.error_reply('GAP ' .. last) end
+      redis.call('XTRIM', KEYS[2], 'MINID', ARGV[i] .. '-0')
     end
     first = false
     if ARGV[i + 4] == '' then
