@@ -145,3 +145,21 @@ def test_a_reader_caught_up_on_a_mirror_behind_the_store_gets_no_event_twice() -
         transcript.apply(e.id, e.event, e.data)
     assert transcript.text() == "".join(WORDS)
     assert transcript.terminal == "done"
+
+
+def test_a_reader_that_subscribes_to_a_retired_mirror_resumes_elsewhere() -> None:
+    """A reader found a mirror and waited (a call to Redis) while the backend dropped it: its
+    subscription, made after, ends at once, so that it resumes from its last id on the mirror
+    that replaces it, instead of following one that nothing feeds any more (for ever, kept
+    alive by heartbeats)."""
+    mirror = Mirror("s")
+    for n in range(1, 4):
+        mirror.ingest(Event(n, "start" if n == 1 else "text_delta", {"block": 0, "text": "x"}))
+    early = mirror.subscribe(1)
+    mirror.retire()
+    assert early.done
+    late = mirror.subscribe(2)
+    assert late.cut
+    assert late.done
+    assert late.poll(0) == []
+    assert mirror.subscriber_count == 0

@@ -10,11 +10,13 @@ Imports the stream only; it must not import a backend, a store or the web layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .._event import Event
 from ..storage.records import BlockStore
 from .stream import Stream
+from .subscription import Subscription
 
 __all__ = ["Mirror"]
 
@@ -40,6 +42,24 @@ class Mirror(Stream):
         )
         self.store = store
         self.writer.aggregates = False  # the owner builds and writes the turn, not a mirror
+        self.retired = False  # dropped by the backend: nothing feeds it any more
+
+    def retire(self) -> None:
+        """The backend drops this mirror (it missed what Redis no longer has, or nobody read
+        it): end its readers' responses, now and from now on, so that each resumes from its
+        last id on the mirror that replaces it."""
+        self.retired = True
+        self.release_readers()
+
+    def subscribe(
+        self, last_event_id: int = 0, *, on_cut: Callable[[], None] | None = None
+    ) -> Subscription:
+        """As :meth:`Stream.subscribe`; on a retired mirror (a reader that found it before it
+        was dropped, and subscribes after), a subscription that is already cut."""
+        sub = super().subscribe(last_event_id, on_cut=on_cut)
+        if self.retired:
+            self.release_readers()
+        return sub
 
     def start(self) -> NoReturn:
         raise RuntimeError("a mirror has no producer to start")

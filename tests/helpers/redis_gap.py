@@ -78,7 +78,10 @@ def main(url: str, db: str) -> None:
         pipe.hset(meta, "last_id", saved_last)
         pipe.execute()
     go[1].set()
-    until(lambda: int(cast(bytes, client.hget(meta, "last_id"))) > stream.trimmed_id, "the gap written")
+    until(
+        lambda: int(cast(bytes, client.hget(meta, "last_id"))) > stream.trimmed_id,
+        "the gap written",
+    )
 
     other = RedisBackend(url, lease=60, make_mirror=lambda sid: Mirror(sid, store=store))
     mirror = other.mirror(stream.id)

@@ -165,8 +165,9 @@ class Mirrors:
 
     def _restart(self, stream: Mirror) -> None:
         """The mirror missed events that Redis has since trimmed (they are persisted): it
-        cannot be filled from Redis. It is dropped and its readers released: they reconnect
-        from their last ids to a new mirror, which catches them up from the store first."""
+        cannot be filled from Redis. It is dropped and retired: its readers (and any that
+        found it and subscribe later) reconnect from their last ids to a new mirror, which
+        catches them up from the store first."""
         if self.streams.get(stream.id) is not stream:
             return
         _observe.stream_log(
@@ -177,7 +178,7 @@ class Mirrors:
         )
         del self.streams[stream.id]
         self.pubsub.unsubscribe(stream_keys(stream.id)[3])
-        stream.release_readers()
+        stream.retire()
 
     def _deliver(self, stream: Mirror, event: Event) -> None:
         if event.id > stream.last_event_id + 1:
@@ -255,8 +256,10 @@ class Mirrors:
                     idle.pop(stream_id, None)
                 elif now - idle.setdefault(stream_id, now) > max(30.0, self.lease):
                     idle.pop(stream_id, None)
-                    self.streams.pop(stream_id, None)
-                    self.pubsub.unsubscribe(stream_keys(stream_id)[3])
+                    if self.streams.get(stream_id) is stream:  # (not replaced meanwhile)
+                        del self.streams[stream_id]
+                        self.pubsub.unsubscribe(stream_keys(stream_id)[3])
+                        stream.retire()  # (a reader that found it may yet subscribe: it resumes)
 
     def _end_from_store(self, mirror: Mirror, missing_since: float) -> None:
         """End a mirror of a stream that Redis no longer knows (restarted empty, flushed,
