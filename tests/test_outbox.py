@@ -232,13 +232,23 @@ def test_a_cancel_while_events_are_on_their_way_comes_after_them() -> None:
         stream.append("late", {})
 
 
-def test_an_end_written_after_an_unanswered_call_is_taken_even_so() -> None:
+def test_an_end_written_after_an_unanswered_call_is_taken_with_what_the_backend_has(
+    tmp_path: Any,
+) -> None:
     """The backend ran a call whose answer was lost, then the stream was cancelled elsewhere:
-    the call's events go again and are refused. The owner takes the end all the same (it used
-    to wait for those events for ever), after a gap: only the backend has them."""
+    the call's events go again and are refused. The owner takes them all the same, as the
+    backend has them (every other worker's readers got them), then the end (it used to wait
+    for those events for ever, then to take the end after a gap): its readers, its buffer and
+    its store hold what the backend holds."""
     backend = FakeBackend(0.005, fail_call=4, ran=True)
     backend.cancel_after_fail = True
-    _, got = ended(backend, StreamState.CANCELLED)
+    store = SQLStore(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    stream, got = ended(backend, StreamState.CANCELLED, store=store)
     assert got[-1].id == backend.taken[-1].id  # the backend's end, under its id
-    assert [e.id for e in got] == sorted({e.id for e in got})
-    assert not {ev.id for ev in backend.calls[3]} & {e.id for e in got}
+    assert {ev.id for ev in backend.calls[3]} <= {e.id for e in got}  # the call that ran
+    assert [(e.id, e.event, e.data) for e in got] == [
+        (e.id, e.event, e.data) for e in backend.taken
+    ]
+    assert stream.saved.wait(10)
+    turn = store.load_turn(stream.id, 0)
+    assert {b.block: b.content for b in turn.blocks} == rebuilt(backend.taken)

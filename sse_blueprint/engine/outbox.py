@@ -13,7 +13,10 @@ or the store, and neither is anything queued after them. A call that gets no ans
 backend unreachable for longer than its patience) may or may not have been written: its events
 stay first in the queue and go again with the next call, which writes what the backend lacks
 of them, and the failure is raised in the producer (where it blocks, and at its next send), so
-the stream ends with an error once its end can be written, with every event it had sent.
+the stream ends with an error once its end can be written, with every event it had sent. If
+such a call did run and the stream is ended elsewhere before its events go again, they are
+refused, yet the backend holds them: the end adopted then takes them first (from
+:attr:`Outbox.unanswered`), so that this worker has what every other has.
 
 An engine append (the start, the end) waits for its call's outcome, and so does a producer that
 has queued ``max_events`` events or ``max_bytes`` bytes without pausing (backpressure while the
@@ -52,6 +55,7 @@ class Outbox:
     __slots__ = (
         "_in_flight", "_in_flight_waiters", "_numbered", "_queued", "_queued_bytes", "_scheduled",
         "_send", "_stream", "_waiters", "closing", "failure", "max_bytes", "max_events",
+        "unanswered",
     )  # fmt: skip
 
     def __init__(
@@ -70,6 +74,10 @@ class Outbox:
         self.closing = False  # a terminal event is queued or out: nothing may follow it
         self._numbered = 0  # the newest id queued so far (0 after a refusal)
         self.failure: BaseException | None = None  # a call got no answer: the producer's sends fail
+        # The events of the last call that got no answer, in id order: the backend may hold
+        # them (it ran the call; the answer was lost), even if it refuses them when they go
+        # again (the stream was ended elsewhere meanwhile).
+        self.unanswered: list[Event] = []
 
     @property
     def last_id(self) -> int:
@@ -142,6 +150,7 @@ class Outbox:
         self._in_flight, self._in_flight_waiters = (), []
         stream = self._stream
         if failure is None:
+            self.unanswered = []
             stream.writer.took(batch)
         elif isinstance(failure, StreamClosed):
             # Refused: these never happened, nor what was queued after them.
@@ -154,6 +163,7 @@ class Outbox:
             # queue, to go again with the next call (the end, at the latest), which writes
             # what it lacks of them; until then the producer's sends fail.
             self._queued[:0] = batch
+            self.unanswered = list(batch)  # (those of an earlier one come first in it)
             self._queued_bytes += sum(len(ev.sse) for ev in batch)
             self._waiters = []
             self.failure = failure

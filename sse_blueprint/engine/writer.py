@@ -156,20 +156,35 @@ class Writer:
                 # Our own appends before it are still on their way back: take it after them.
                 gevent.spawn_later(0.005, self.adopt_end, ev)
                 return
-            # (Nothing is on its way: the backend has events this worker never took, from a
-            # call that got no answer and was then refused. Take the end all the same.)
-            _observe.stream_log(
-                logging.WARNING,
-                stream.id,
-                "its end %d follows events %d-%d that only the backend has",
-                ev.id,
-                last + 1,
-                ev.id - 1,
-            )
+            self._take_what_the_backend_has(ev)
         self.put(ev)
         self.ended(ev)
         self.completed()
         stream.producer.stop()
+
+    def _take_what_the_backend_has(self, end: Event) -> None:
+        """The end written elsewhere follows events this worker never took: a call that got
+        no answer yet ran, then was refused when it went again. While the stream ran only
+        this worker wrote to it, so the backend's events before ``end`` are those of that
+        call, under the same ids: take them into the log first, as every other worker has
+        them."""
+        stream = self._stream
+        last = stream.buffer.last_id
+        unanswered = self.outbox.unanswered if self.outbox is not None else []
+        held = [ev for ev in unanswered if last < ev.id < end.id]
+        if [ev.id for ev in held] == list(range(last + 1, end.id)):
+            for ev in held:
+                self.put(ev)
+                _observe.METRICS.event()
+            return
+        _observe.stream_log(
+            logging.WARNING,
+            stream.id,
+            "its end %d follows events %d-%d that only the backend has",
+            end.id,
+            last + 1,
+            end.id - 1,
+        )
 
     def end_locally(self, data: Mapping[str, Any]) -> None:
         """The last resort when no end can be written (a backend that keeps failing): end the
