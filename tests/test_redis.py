@@ -325,7 +325,9 @@ def test_a_mirror_made_after_a_failover_lost_persisted_events_is_exact(
     """A promoted replica lacks events that the owner has since persisted and dropped from its
     buffer: the owner writes again what it still buffers, and Redis must not hold the hole
     between. A mirror made afterwards holds no hole, and a reader resuming there from an id
-    the replica still had gets the rest of the turn exactly (the store fills what Redis lost)."""
+    the replica still had gets the rest of the turn exactly (the store fills what Redis lost).
+    Once that mirror is replaced, a reader that found it and subscribes only then is cut (it
+    resumes on the new one) instead of following a mirror that nothing feeds."""
     result = subprocess.run(
         [sys.executable, "-m", "tests.helpers.redis_gap", redis_server.url,
          str(tmp_path / "gap.sqlite3")],
@@ -347,6 +349,9 @@ def test_a_mirror_made_after_a_failover_lost_persisted_events_is_exact(
         elif ev["event"] == "text_delta":
             text += ev["data"]["text"]
     assert text == outcome["text"]
+    assert outcome["late_cut"]  # a reader of the mirror it replaced resumes
+    assert outcome["replaced"]
+    assert outcome["replaced_ends"]
 
 
 def test_a_busy_redis_delays_streams_and_loses_nothing(shared: Any) -> None:

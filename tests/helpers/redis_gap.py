@@ -7,7 +7,8 @@ would hold). The owner's next write is refused with the gap, and it writes again
 buffers: the events between are only in the store. Another worker (a second backend in this
 process) then makes its mirror, and a reader resumes there from an id the promoted replica
 still had. Prints, as JSON, the mirror's buffered ids when made, the resume id, the events the
-reader got and the text the producer wrote.
+reader got and the text the producer wrote; then whether a reader that subscribes to that
+mirror after it was replaced is cut, and whether the next one gets a new, ended mirror.
 
 A separate process because the Redis backend expects gevent's monkey-patched sockets.
 """
@@ -95,8 +96,22 @@ def main(url: str, db: str) -> None:
     while not reader.done:
         got += [{"id": ev.id, "event": ev.event, "data": ev.data} for ev in reader.poll(5)]
     reader.close()
+    # The mirror replaced (as when it misses what Redis trimmed), while a reader that found it
+    # has not subscribed yet: that reader is cut at once, and the next one gets a new mirror.
+    other._mirrors._restart(mirror)
+    late = mirror.subscribe(resume)
+    replaced = other.mirror(stream.id)
     text = "".join(f"{phase}.{n} " for phase, writes in enumerate(WRITES) for n in range(writes))
-    print(json.dumps({"mirror": made_with, "resume": resume, "events": got, "text": text}))
+    print(
+        json.dumps(
+            {
+                "mirror": made_with, "resume": resume, "events": got, "text": text,
+                "late_cut": late.cut and late.done,
+                "replaced": replaced is not None and replaced is not mirror,
+                "replaced_ends": replaced is not None and replaced.finished,
+            }
+        )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
