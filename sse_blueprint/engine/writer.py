@@ -173,9 +173,7 @@ class Writer:
         unanswered = self.outbox.unanswered if self.outbox is not None else []
         held = [ev for ev in unanswered if last < ev.id < end.id]
         if [ev.id for ev in held] == list(range(last + 1, end.id)):
-            for ev in held:
-                self.put(ev)
-                _observe.METRICS.event()
+            self.took(held)
             return
         _observe.stream_log(
             logging.WARNING,

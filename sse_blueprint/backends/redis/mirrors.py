@@ -168,17 +168,23 @@ class Mirrors:
         cannot be filled from Redis. It is dropped and retired: its readers (and any that
         found it and subscribe later) reconnect from their last ids to a new mirror, which
         catches them up from the store first."""
+        if self._drop(stream):
+            _observe.stream_log(
+                logging.WARNING,
+                stream.id,
+                "this worker's mirror missed events Redis no longer has; its readers resume "
+                "from the store",
+            )
+
+    def _drop(self, stream: Mirror) -> bool:
+        """Stop following ``stream`` and retire it (a reader that found it and has yet to
+        subscribe resumes then). False if it is not this worker's mirror any more."""
         if self.streams.get(stream.id) is not stream:
-            return
-        _observe.stream_log(
-            logging.WARNING,
-            stream.id,
-            "this worker's mirror missed events Redis no longer has; its readers resume from "
-            "the store",
-        )
+            return False
         del self.streams[stream.id]
         self.pubsub.unsubscribe(stream_keys(stream.id)[3])
         stream.retire()
+        return True
 
     def _deliver(self, stream: Mirror, event: Event) -> None:
         if event.id > stream.last_event_id + 1:
@@ -256,10 +262,7 @@ class Mirrors:
                     idle.pop(stream_id, None)
                 elif now - idle.setdefault(stream_id, now) > max(30.0, self.lease):
                     idle.pop(stream_id, None)
-                    if self.streams.get(stream_id) is stream:  # (not replaced meanwhile)
-                        del self.streams[stream_id]
-                        self.pubsub.unsubscribe(stream_keys(stream_id)[3])
-                        stream.retire()  # (a reader that found it may yet subscribe: it resumes)
+                    self._drop(stream)
 
     def _end_from_store(self, mirror: Mirror, missing_since: float) -> None:
         """End a mirror of a stream that Redis no longer knows (restarted empty, flushed,
